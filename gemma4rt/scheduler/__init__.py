@@ -1,0 +1,3 @@
+"""scheduler: owns every request's state and every KV page (one page pool per attention geometry,
+prefix cache). Receives AddRequest/AbortRequest and StepResult; emits StepPlan and TokenOutputs.
+CPU only: never imports model, ops or torch.cuda."""

@@ -1,0 +1,1 @@
+"""spec: speculative decoding with the Gemma 4 assistant (MTP) drafters."""

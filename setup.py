@@ -1,0 +1,59 @@
+"""Build script: the native extension gemma4rt._C is compiled from csrc/ when the importable torch
+has CUDA (nvcc found) or ROCm (hipcc found); otherwise the package installs as pure Python and every
+op runs its PyTorch reference (gemma4rt/ops/reference.py).
+
+Environment knobs:
+  GEMMA4RT_BUILD_EXT=0|1   force the extension off / on (on fails loudly if it cannot be built)
+  TORCH_CUDA_ARCH_LIST     target GPUs, e.g. "9.0a" (default: the GPUs of this machine, else 9.0a)
+  MAX_JOBS                 parallel compile jobs (ninja)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ext_modules():
+    flag = os.environ.get("GEMMA4RT_BUILD_EXT", "auto").lower()
+    if flag in ("0", "false", "no", "off"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension as ce
+    except Exception as exc:  # torch absent in an isolated build: pure-Python install
+        if flag in ("1", "true", "yes", "on"):
+            raise RuntimeError(f"GEMMA4RT_BUILD_EXT=1 but torch cannot be imported: {exc}")
+        return [], {}
+    is_rocm = torch.version.hip is not None
+    have_toolkit = (ce.ROCM_HOME is not None) if is_rocm else (ce.CUDA_HOME is not None and torch.version.cuda is not None)
+    if not have_toolkit:
+        if flag in ("1", "true", "yes", "on"):
+            raise RuntimeError("GEMMA4RT_BUILD_EXT=1 but no CUDA/ROCm toolkit matches the installed torch")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not sources:
+        return [], {}
+    if not is_rocm and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        if torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(
+                f"{a}.{b}a" if (a, b) == (9, 0) else f"{a}.{b}" for a, b in sorted(caps))
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
+    nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    if is_rocm:
+        nvcc = ["-O3", "-std=c++17"]
+    ext = ce.CUDAExtension(
+        name="gemma4rt._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+    )
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _ext_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
