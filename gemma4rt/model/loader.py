@@ -1,0 +1,180 @@
+"""Checkpoint loading: a local directory or a Hugging Face hub id → a Gemma4Model with weights.
+
+Reads sharded safetensors (with model.safetensors.index.json) memory-mapped, maps HF key names to
+our parameters (they share names below the prefix), converts to the working dtype, and names the
+missing or unexpected key and its file on error. `load_format="dummy"` fills random weights at the
+real geometry instead (for speed and memory measurements).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from gemma4rt.model_config import ConfigError, ModelConfig, load_model_config, parse_model_config
+
+log = logging.getLogger(__name__)
+
+# Weights of parts the text decoder does not own. They are consumed by the multimodal encoders where
+# those are built; a text-only load accepts and skips them.
+_MM_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.",
+                "model.vision_embedder.")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def resolve_model_path(model_path: str, revision: Optional[str] = None) -> str:
+    """A local directory as is; otherwise a hub id downloaded with huggingface_hub."""
+    if os.path.isdir(model_path):
+        return model_path
+    if os.path.exists(model_path):
+        raise CheckpointError(f"--model-path {model_path!r} is a file; pass the checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model_path, revision=revision,
+                                 allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"])
+    except Exception as exc:  # offline, unknown repo, gated, ...
+        raise CheckpointError(
+            f"could not find {model_path!r} locally nor download it from the Hugging Face hub ({type(exc).__name__}: "
+            f"{exc}). On a machine without internet, download the checkpoint elsewhere (e.g. "
+            f"`huggingface-cli download {model_path} --local-dir DIR`), copy it here and pass --model-path DIR; "
+            f"or use --load-format dummy with a built-in geometry name such as gemma-4-E4B-it.") from None
+
+
+def checkpoint_files(model_dir: str) -> dict[str, str]:
+    """Tensor name → file, from the index when sharded."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        return {k: os.path.join(model_dir, v) for k, v in wm.items()}
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{model_dir} holds no *.safetensors files")
+    from safetensors import safe_open
+    out = {}
+    for fn in files:
+        path = os.path.join(model_dir, fn)
+        with safe_open(path, framework="pt") as f:
+            for k in f.keys():
+                out[k] = path
+    return out
+
+
+def _strip_prefix(key: str, cfg: ModelConfig) -> Optional[str]:
+    """Checkpoint key → our parameter name, or None when the key belongs to no text parameter."""
+    for pre in ("model.language_model.", "language_model.model.", "model."):
+        if key.startswith(pre):
+            return "language_model." + key[len(pre):]
+    return None
+
+
+def _expected_ignored(name: str, cfg: ModelConfig) -> bool:
+    """Keys present in published files that we deliberately do not use."""
+    if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
+        return True
+    if name.startswith(_MM_PREFIXES):
+        return True
+    if ".self_attn." in name and ".layers." in name:
+        try:
+            idx = int(name.split(".layers.")[1].split(".")[0])
+        except ValueError:
+            return False
+        if idx < len(cfg.text.layers) and cfg.text.layers[idx].kv_shared:
+            tail = name.split(".self_attn.")[1]
+            return tail.split(".")[0] in ("k_proj", "v_proj", "k_norm", "v_norm")
+    return False
+
+
+def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: str, dtype: torch.dtype,
+                 device: torch.device, progress: bool = True) -> None:
+    from safetensors import safe_open
+    params = dict(model.named_parameters())
+    files = checkpoint_files(model_dir)
+    loaded: set[str] = set()
+    by_file: dict[str, list[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    it: Iterable = sorted(by_file.items())
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(files), desc="Loading weights", unit="tensor", leave=False,
+                       disable=not progress or len(files) < 50)
+        except ImportError:
+            bar = None
+    for path, keys in it:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in keys:
+                if bar is not None:
+                    bar.update(1)
+                name = _strip_prefix(key, cfg)
+                if _expected_ignored(key, cfg):
+                    continue
+                if name is None or name not in params:
+                    raise CheckpointError(
+                        f"unexpected tensor {key!r} in {os.path.basename(path)}: gemma4rt has no parameter for it "
+                        f"(architecture {cfg.architecture})")
+                t = f.get_tensor(key)
+                p = params[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise CheckpointError(f"tensor {key!r} in {os.path.basename(path)} has shape {tuple(t.shape)}, "
+                                          f"expected {tuple(p.shape)}")
+                set_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+                loaded.add(name)
+    if bar is not None:
+        bar.close()
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {model_dir} is missing {len(missing)} tensor(s), first: "
+            f"{_hf_name(missing[0], cfg)!r} (expected in {sorted(set(os.path.basename(v) for v in files.values()))})")
+
+
+def set_tensor(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    """Replace parameter `name` (e.g. built on the meta device) by tensor t."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    mod._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+
+
+def _hf_name(name: str, cfg: ModelConfig) -> str:
+    prefix = "model.language_model." if cfg.is_multimodal_checkpoint else "model."
+    return prefix + name[len("language_model."):]
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+    """Random weights at the real geometry: norms and scalars near 1, matrices N(0, 1/sqrt(fan_in))."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        shape = tuple(p.shape)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "layer_scalar" or name.endswith("per_expert_scale") or name.endswith("router.scale") \
+                or (len(shape) == 1):
+            t = 1.0 + 0.1 * (torch.rand(shape, generator=g) - 0.5)
+        else:
+            fan_in = shape[-1]
+            if str(device).startswith("cuda"):
+                set_tensor(model, name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in ** -0.5))
+                continue
+            t = torch.randn(shape, generator=g) * fan_in ** -0.5
+        set_tensor(model, name, t.to(device=device, dtype=dtype))
+
+
+def load_config(model_dir: Optional[str], builtin: Optional[dict] = None) -> ModelConfig:
+    if model_dir is not None:
+        return load_model_config(model_dir)
+    if builtin is None:
+        raise ConfigError("no checkpoint directory and no built-in geometry")
+    return parse_model_config(builtin)
+
+
+__all__ = ["CheckpointError", "resolve_model_path", "load_weights", "init_dummy_weights", "load_config",
+           "checkpoint_files"]

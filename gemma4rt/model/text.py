@@ -1,0 +1,266 @@
+"""The Gemma 4 text decoder (gemma4-architecture.md §3) over a paged KV cache.
+
+Parameters carry the Hugging Face names (without the `model.language_model.` / `model.` prefix) so
+the loader maps checkpoint keys one to one. All math goes through gemma4rt.ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma4rt import ops
+from gemma4rt.model.context import ForwardContext
+from gemma4rt.model_config import FULL, SLIDING, LayerSpec, TextConfig
+
+
+def _param(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer holding `weight` [out, in] (HF layout)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = _param(n_out, n_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Norm(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = _param(n)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        d, H, D, KVH = cfg.hidden_size, cfg.num_heads, spec.head_dim, spec.num_kv_heads
+        self.spec = spec
+        self.q_proj = Linear(d, H * D)
+        self.q_norm = Norm(D)
+        self.o_proj = Linear(H * D, d)
+        if not spec.kv_shared:
+            self.k_proj = Linear(d, KVH * D)
+            self.k_norm = Norm(D)
+            if not spec.k_eq_v:
+                self.v_proj = Linear(d, KVH * D)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float, sliding_window: Optional[int], block_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        spec = self.spec
+        T = x.shape[0]
+        D, KVH = spec.head_dim, spec.num_kv_heads
+        q = self.q_proj(x).view(T, -1, D)
+        q = ops.head_norm_rope(q, self.q_norm.weight, eps, cos, sin)
+        pool_name = "sliding" if spec.is_sliding else "full"
+        pool = ctx.kv[pool_name]
+        src = spec.kv_source
+        slot = pool.layer_slot[src]
+        k_cache, v_cache = pool.k[slot], pool.v[slot]
+        if not spec.kv_shared:
+            k_raw = self.k_proj(x).view(T, KVH, D)
+            v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
+            k = ops.head_norm_rope(k_raw, self.k_norm.weight, eps, cos, sin)
+            v = ops.head_norm_rope(v_raw, None, eps, None, None)
+            ops.store_kv(k, v, k_cache, v_cache, ctx.slot_mappings[pool_name])
+        o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
+                                ctx.seq_lens, sliding_window, block_ids, 1.0)
+        return self.o_proj(o.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(d, inter)
+        self.up_proj = Linear(d, inter)
+        self.down_proj = Linear(inter, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(ops.gelu_tanh_and_mul(gate_up))
+
+
+class Router(nn.Module):
+    def __init__(self, d: int, num_experts: int):
+        super().__init__()
+        self.proj = Linear(d, num_experts)
+        self.scale = _param(d)
+        self.per_expert_scale = _param(num_experts)
+
+
+class Experts(nn.Module):
+    def __init__(self, d: int, num_experts: int, inter: int):
+        super().__init__()
+        self.gate_up_proj = _param(num_experts, 2 * inter, d)
+        self.down_proj = _param(num_experts, d, inter)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        d = cfg.hidden_size
+        self.spec = spec
+        self.cfg = cfg
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = MLP(d, spec.intermediate_size)
+        self.input_layernorm = Norm(d)
+        self.post_attention_layernorm = Norm(d)
+        self.pre_feedforward_layernorm = Norm(d)
+        self.post_feedforward_layernorm = Norm(d)
+        self.layer_scalar = _param(1)
+        if cfg.has_ple:
+            P = cfg.hidden_size_per_layer_input
+            self.per_layer_input_gate = Linear(d, P)
+            self.per_layer_projection = Linear(P, d)
+            self.post_per_layer_input_norm = Norm(d)
+        if cfg.enable_moe_block:
+            self.router = Router(d, cfg.num_experts)
+            self.experts = Experts(d, cfg.num_experts, cfg.moe_intermediate_size)
+            self.post_feedforward_layernorm_1 = Norm(d)
+            self.post_feedforward_layernorm_2 = Norm(d)
+            self.pre_feedforward_layernorm_2 = Norm(d)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, cos, sin, ple: Optional[torch.Tensor],
+                block_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        cfg, eps = self.cfg, self.cfg.rms_norm_eps
+        window = cfg.sliding_window if self.spec.is_sliding else None
+        a = ops.rms_norm(x, self.input_layernorm.weight, eps)
+        a = self.self_attn(a, ctx, cos, sin, eps, window, block_ids if self.spec.is_sliding else None)
+        x = ops.norm_add_scale(a, x, self.post_attention_layernorm.weight, None, eps)
+        u = ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps)
+        m = self.mlp(u)
+        if cfg.enable_moe_block:
+            m1 = ops.rms_norm(m, self.post_feedforward_layernorm_1.weight, eps)
+            z = ops.rms_norm(x, None, eps)
+            z = (z.float() * self.router.scale.float() * (cfg.hidden_size ** -0.5)).to(x.dtype)
+            weights, ids = ops.moe_route(self.router.proj(z), cfg.top_k_experts, self.router.per_expert_scale)
+            v = ops.rms_norm(x, self.pre_feedforward_layernorm_2.weight, eps)
+            e = ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+            m = (m1.float() + ops.rms_norm(e, self.post_feedforward_layernorm_2.weight, eps).float()).to(x.dtype)
+        if ple is None:
+            return ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, self.layer_scalar, eps)
+        x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
+        g = F.linear(x, self.per_layer_input_gate.weight)
+        g = (F.gelu(g.float(), approximate="tanh") * ple.float()).to(x.dtype)
+        p = ops.rms_norm(self.per_layer_projection(g), self.post_per_layer_input_norm.weight, eps)
+        x = (x.float() + p.float()).to(x.dtype)
+        return (x.float() * self.layer_scalar.float()).to(x.dtype)
+
+
+class Gemma4TextModel(nn.Module):
+    """Embeddings → decoder layers → final norm. `logits()` applies the tied LM head + soft-cap."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = _param(cfg.vocab_size, d)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, s) for s in cfg.layers])
+        self.norm = Norm(d)
+        if cfg.has_ple:
+            L, P = cfg.num_layers, cfg.hidden_size_per_layer_input
+            self.embed_tokens_per_layer = nn.Module()
+            self.embed_tokens_per_layer.weight = _param(cfg.vocab_size_per_layer_input, L * P)
+            self.per_layer_model_projection = Linear(d, L * P)
+            self.per_layer_projection_norm = Norm(P)
+        self._inv_freq: dict = {}        # (device) -> {layer type: [D/2]}, built on first use
+        self.mm_token_ids: tuple[int, ...] = ()     # placeholders replaced by soft tokens
+
+    def inv_freq(self, device: torch.device) -> dict[str, torch.Tensor]:
+        key = str(device)
+        if key not in self._inv_freq:
+            with torch.device("cpu"):
+                self._inv_freq[key] = {
+                    lt: ops.rope_inv_freq(self._head_dim(lt), r.theta, r.partial_rotary_factor,
+                                          r.rope_type, r.factor).to(device)
+                    for lt, r in self.cfg.rope.items() if self._has_type(lt)}
+        return self._inv_freq[key]
+
+    def _has_type(self, lt: str) -> bool:
+        return any(l.layer_type == lt for l in self.cfg.layers)
+
+    def _head_dim(self, lt: str) -> int:
+        for l in self.cfg.layers:
+            if l.layer_type == lt:
+                return l.head_dim
+        return 256
+
+    def embed_scale(self) -> float:
+        return float(torch.tensor(math.sqrt(self.cfg.hidden_size), dtype=self.embed_tokens.weight.dtype))
+
+    def embed(self, ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings (soft tokens merged in) and the ids used for table lookups."""
+        ids = ctx.input_ids
+        lookup_ids = ids
+        if ctx.soft_rows is not None and ctx.soft_rows.numel():
+            lookup_ids = ids.clone()
+            lookup_ids[ctx.soft_rows] = self.cfg.pad_token_id
+        w = self.embed_tokens.weight
+        x = (F.embedding(lookup_ids, w) * torch.tensor(self.embed_scale(), dtype=w.dtype)).to(w.dtype)
+        if ctx.soft_rows is not None and ctx.soft_rows.numel():
+            x[ctx.soft_rows] = ctx.soft_embeds.to(x.dtype)
+        return x, lookup_ids
+
+    def per_layer_inputs(self, x0: torch.Tensor, lookup_ids: torch.Tensor) -> torch.Tensor:
+        """PLE (§3.3): ((RMSNorm(W_pmp·x0·d^-½) + E_ple[ids]·√P) · 2^-½) → [T, L, P]."""
+        cfg = self.cfg
+        T, L, P = x0.shape[0], cfg.num_layers, cfg.hidden_size_per_layer_input
+        w = self.embed_tokens_per_layer.weight
+        tok = F.embedding(lookup_ids, w) * torch.tensor(math.sqrt(P), dtype=w.dtype)
+        proj = self.per_layer_model_projection(x0) * (cfg.hidden_size ** -0.5)
+        proj = ops.rms_norm(proj.view(T, L, P), self.per_layer_projection_norm.weight, cfg.rms_norm_eps)
+        return ((proj + tok.view(T, L, P)) * (2.0 ** -0.5)).to(x0.dtype)
+
+    def forward(self, ctx: ForwardContext) -> torch.Tensor:
+        """Returns the final-normed hidden states of the rows in ctx.logits_indices: [N, d]."""
+        cfg = self.cfg
+        x, lookup_ids = self.embed(ctx)
+        ple = self.per_layer_inputs(x, lookup_ids) if cfg.has_ple else None
+        cs = {lt: ops.rope_cos_sin(ctx.positions, f) for lt, f in self.inv_freq(x.device).items()}
+        block_ids = ctx.block_ids if cfg.use_bidirectional_attention == "vision" else None
+        first_shared = cfg.first_kv_shared_layer
+        rows_sliced = False
+        for i, layer in enumerate(self.layers):
+            if (i == first_shared and cfg.num_kv_shared_layers and ctx.allow_shared_layer_skip
+                    and block_ids is None and ctx.logits_indices.numel() < ctx.num_tokens):
+                # YOCO-style: KV-shared layers only produce hidden states; run them only for the
+                # rows whose logits are needed (a suffix of each request's rows).
+                ctx, x, ple, cs = self._slice_rows(ctx, x, ple, cs)
+                rows_sliced = True
+            lt = layer.spec.layer_type
+            cos, sin = cs[lt]
+            x = layer(x, ctx, cos, sin, ple[:, i] if ple is not None else None, block_ids)
+        x = ops.rms_norm(x, self.norm.weight, cfg.rms_norm_eps)
+        return x if rows_sliced else x[ctx.logits_indices]
+
+    def _slice_rows(self, ctx: ForwardContext, x, ple, cs):
+        keep = ctx.logits_indices
+        cu = ctx.cu_seqlens_q
+        counts = torch.bucketize(keep, cu[1:], right=True)          # request of each kept row
+        n_keep = torch.bincount(counts, minlength=cu.numel() - 1)
+        new_cu = torch.zeros_like(cu)
+        new_cu[1:] = torch.cumsum(n_keep, 0).to(cu.dtype)
+        sub = ForwardContext(
+            input_ids=ctx.input_ids[keep], positions=ctx.positions[keep], cu_seqlens_q=new_cu,
+            seq_lens=ctx.seq_lens, page_tables=ctx.page_tables,
+            slot_mappings={k: v[keep] for k, v in ctx.slot_mappings.items()}, kv=ctx.kv,
+            logits_indices=torch.arange(keep.numel(), device=keep.device), block_ids=None,
+            allow_shared_layer_skip=False, extras=ctx.extras)
+        cs = {lt: (c[keep], s[keep]) for lt, (c, s) in cs.items()}
+        return sub, x[keep], (ple[keep] if ple is not None else None), cs
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head + final soft-cap, fp32: [N, V]."""
+        logits = F.linear(hidden, self.embed_tokens.weight)
+        return ops.softcap(logits, self.cfg.final_logit_softcapping)
+
+
+__all__ = ["Gemma4TextModel", "DecoderLayer", "Attention", "MLP", "FULL", "SLIDING"]

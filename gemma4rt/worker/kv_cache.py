@@ -1,0 +1,74 @@
+"""KV tensors of the paged hybrid cache: one pool per attention geometry.
+
+Pool "sliding" holds every cache-owning sliding layer, pool "full" every cache-owning full layer
+(KV-shared layers own none). A page holds `page_size` token slots for every layer of its pool:
+k, v: [num_layers_in_pool, num_pages, page_size, KVH, D].
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from gemma4rt.config import PoolSpec
+from gemma4rt.model.context import KVPool
+from gemma4rt.model_config import FULL, SLIDING, TextConfig
+
+POOL_OF_TYPE = {SLIDING: "sliding", FULL: "full"}
+
+
+def pool_layout(text: TextConfig) -> dict[str, tuple[list[int], int, int]]:
+    """pool name → (cache-owning layer indices, KV heads, head dim)."""
+    out = {}
+    for lt, name in POOL_OF_TYPE.items():
+        layers = text.cache_layers(lt)
+        if layers:
+            kvh, hd = text.geometry(lt)
+            out[name] = (layers, kvh, hd)
+    return out
+
+
+def bytes_per_token(text: TextConfig, dtype: torch.dtype) -> dict[str, int]:
+    """K+V bytes one token occupies in each pool."""
+    es = torch.empty((), dtype=dtype).element_size()
+    return {name: 2 * len(layers) * kvh * hd * es for name, (layers, kvh, hd) in pool_layout(text).items()}
+
+
+def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_tokens: int,
+               max_running: int, budget_bytes: Optional[int] = None) -> list[PoolSpec]:
+    """Size the pools. With a byte budget (GPU) the full pool gets what remains after giving the
+    sliding pool room for `max_running` windows; otherwise `max_total_tokens` bounds the full pool
+    and the sliding pool gets min(that, max_running windows)."""
+    layout = pool_layout(text)
+    bpt = bytes_per_token(text, dtype)
+    W = text.sliding_window
+    specs = []
+    win_pages = (W + page_size - 1) // page_size + 2
+    full_pages = max(4, (max_total_tokens + page_size - 1) // page_size)
+    sliding_pages = max(4, min(full_pages, max_running * win_pages))
+    if budget_bytes is not None:
+        s_bytes = sliding_pages * page_size * bpt.get("sliding", 0)
+        rest = max(0, budget_bytes - s_bytes)
+        if "full" in bpt and bpt["full"] > 0:
+            full_pages = max(4, rest // (page_size * bpt["full"]))
+        sliding_pages = max(4, min(sliding_pages, full_pages))
+    for name in layout:
+        n = sliding_pages if name == "sliding" else full_pages
+        specs.append(PoolSpec(name=name, num_pages=int(n), page_size=page_size,
+                              sliding_window=W if name == "sliding" else None,
+                              bytes_per_page=page_size * bpt[name]))
+    return specs
+
+
+def allocate_pools(text: TextConfig, specs: list[PoolSpec], dtype: torch.dtype,
+                   device: torch.device) -> dict[str, KVPool]:
+    layout = pool_layout(text)
+    pools = {}
+    for spec in specs:
+        layers, kvh, hd = layout[spec.name]
+        shape = (len(layers), spec.num_pages, spec.page_size, kvh, hd)
+        k = torch.zeros(shape, dtype=dtype, device=device)
+        v = torch.zeros(shape, dtype=dtype, device=device)
+        pools[spec.name] = KVPool(k=k, v=v, layer_slot={l: i for i, l in enumerate(layers)},
+                                  page_size=spec.page_size)
+    return pools

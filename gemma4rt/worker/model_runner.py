@@ -1,0 +1,288 @@
+"""ModelRunner: loads a Gemma 4 model, owns its KV tensors, and executes StepPlans.
+
+`execute(plan)` applies the plan to the persistent batch (per-request token ids, page tables and
+sampling state), builds one ForwardContext for all scheduled requests, runs the forward pass, and
+samples. The same code serves the offline LLM, the server's engine process, the CPU path (op
+references) and the GPU path (native ops).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from gemma4rt.config import EngineConfig, ModelInfo, PoolSpec
+from gemma4rt.model.context import ForwardContext
+from gemma4rt.model.gemma4 import Gemma4Model
+from gemma4rt.model.loader import init_dummy_weights, load_weights, resolve_model_path
+from gemma4rt.model_config import ModelConfig, load_model_config, parse_model_config
+from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, StepPlan, StepResult
+from gemma4rt.worker.kv_cache import allocate_pools, plan_pools
+from gemma4rt.worker.sampler import Sampler, SeqSamplingState, prompt_logprobs
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+           "float": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name in ("auto", "", None):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown --dtype {name!r} (use auto, bfloat16, float16 or float32)")
+    return _DTYPES[name]
+
+
+@dataclass
+class _Seq:
+    rid: str
+    token_ids: list[int]
+    num_prompt: int
+    pages: dict[str, list[int]]
+    sampling: SeqSamplingState
+    mm_items: list = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, engine_cfg: EngineConfig):
+        self.engine_cfg = engine_cfg
+        self.device = resolve_device(engine_cfg.device)
+        self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
+        torch.manual_seed(engine_cfg.seed)
+        self._rng = random.Random(engine_cfg.seed)
+        self.model_dir, self.config, gen_cfg = self._resolve_checkpoint(engine_cfg)
+        with torch.device("meta"):
+            model = Gemma4Model(self.config)
+        model.eval()
+        if self.model_dir is not None and engine_cfg.load_format != "dummy":
+            load_weights(model, self.config, self.model_dir, self.dtype, self.device)
+        else:
+            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed)
+        self.model = model
+        text = self.config.text
+        self.context_length = int(engine_cfg.context_length or text.max_position_embeddings)
+        cc = engine_cfg.cache
+        sc = engine_cfg.scheduler
+        budget = None
+        if self.device.type == "cuda":
+            budget = self._gpu_kv_budget(cc.mem_fraction_static)
+        max_tokens = cc.max_total_tokens or (self.context_length * 4 if budget is None else 1 << 40)
+        if budget is None:
+            max_tokens = min(max_tokens, 1 << 16) if not cc.max_total_tokens else max_tokens
+        self.pool_specs: list[PoolSpec] = plan_pools(text, cc.page_size, self.dtype, max_tokens,
+                                                     sc.max_running_requests, budget)
+        self.kv = allocate_pools(text, self.pool_specs, self.dtype, self.device)
+        for s in self.pool_specs:
+            log.info("KV pool %s: %d pages x %d tokens (%.1f MiB)", s.name, s.num_pages, s.page_size,
+                     s.num_pages * s.bytes_per_page / 2**20)
+        suppress = ()
+        if self.config.is_unified:
+            suppress = tuple(t for t in (self.config.eoi_token_id, self.config.eoa_token_id) if t is not None)
+        self.model_info = ModelInfo(
+            name=engine_cfg.served_model_name or (engine_cfg.model_path or "gemma4rt-demo"),
+            model_path=self.model_dir or (engine_cfg.model_path or ""),
+            context_length=self.context_length, vocab_size=text.vocab_size,
+            eos_token_ids=tuple(self.config.eos_token_ids), bos_token_id=text.bos_token_id,
+            pad_token_id=text.pad_token_id, suppress_token_ids=suppress,
+            image_token_id=self.config.image_token_id, audio_token_id=self.config.audio_token_id,
+            video_token_id=self.config.video_token_id, has_vision=False, has_audio=False,
+            bidirectional_vision=text.use_bidirectional_attention == "vision",
+            generation_defaults={k: gen_cfg[k] for k in ("temperature", "top_k", "top_p", "min_p",
+                                                         "repetition_penalty") if k in gen_cfg})
+        self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids)
+        self.seqs: dict[str, _Seq] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_checkpoint(self, cfg: EngineConfig) -> tuple[Optional[str], ModelConfig, dict]:
+        path = cfg.model_path
+        if path is None:
+            from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+            path = str(demo_checkpoint_path())
+            log.info("no --model-path given: serving the built-in demo model (a tiny random Gemma 4) at %s", path)
+        if cfg.load_format == "dummy" and not os.path.isdir(path):
+            from gemma4rt.configs import lookup_builtin_config
+            builtin = lookup_builtin_config(path)
+            if builtin is None:
+                raise ValueError(f"--load-format dummy: {path!r} is neither a directory nor a built-in "
+                                 f"geometry name (e.g. gemma-4-E4B-it)")
+            return None, parse_model_config(builtin), {}
+        model_dir = resolve_model_path(path, cfg.revision)
+        gen = {}
+        gp = os.path.join(model_dir, "generation_config.json")
+        if os.path.isfile(gp):
+            with open(gp) as f:
+                gen = json.load(f)
+        return model_dir, load_model_config(model_dir), gen
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Directory with the HF tokenizer and chat template (resolved on first use)."""
+        if getattr(self, "_tok_path", None) is None:
+            self._tok_path = self.engine_cfg.tokenizer_path or self._tokenizer_dir()
+        return self._tok_path
+
+    def _tokenizer_dir(self) -> str:
+        if self.model_dir and any(os.path.isfile(os.path.join(self.model_dir, f))
+                                  for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            return self.model_dir
+        from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+        log.warning("no tokenizer with this model: using the demo tokenizer (token-id requests only are meaningful)")
+        return str(demo_checkpoint_path())
+
+    def _gpu_kv_budget(self, frac: float) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        sc = self.engine_cfg.scheduler
+        text = self.config.text
+        chunk = max(sc.chunked_prefill_size, 2048)
+        act = chunk * (text.hidden_size * 4 + max(l.intermediate_size for l in text.layers) * 3) * 4
+        logits = sc.max_running_requests * text.vocab_size * 4 * 4
+        return int(max(0, frac * total - used - act - logits))
+
+    # ------------------------------------------------------------------ steps
+    def _add(self, nr: NewRequestData) -> None:
+        p = nr.sampling
+        seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
+        st = SeqSamplingState(params=p, seed=seed, prompt_ids=list(nr.token_ids[:nr.num_prompt_tokens]))
+        for t in nr.token_ids[nr.num_prompt_tokens:nr.num_prompt_tokens + nr.num_output_tokens]:
+            st.record(t)
+        self.seqs[nr.rid] = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens,
+                                 {k: list(v) for k, v in nr.pages.items()}, st, list(nr.mm_items))
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        for rid in plan.removed_rids:
+            self.seqs.pop(rid, None)
+        for nr in plan.new_requests:
+            self._add(nr)
+        if not plan.scheduled:
+            return StepResult(step_id=plan.step_id, sampled=[])
+        ctx, rows = self._build_context(plan.scheduled)
+        hidden = self.model(ctx)
+        logits = self.model.compute_logits(hidden)
+        return StepResult(step_id=plan.step_id, sampled=self._sample(plan.scheduled, logits, rows))
+
+    def _build_context(self, scheduled: list[ScheduledRequest]):
+        ids, pos, cu, lens, logit_rows = [], [], [0], [], []
+        slots = {name: [] for name in self.kv}
+        rows = []            # per request: (first logit row index, number of logit rows)
+        for sr in scheduled:
+            seq = self.seqs[sr.rid]
+            for name, pages in sr.new_pages.items():
+                seq.pages[name].extend(pages)
+            toks = seq.token_ids[sr.start:sr.start + sr.num_tokens] + list(sr.draft_token_ids)
+            n = len(toks)
+            base = cu[-1]
+            ids.extend(toks)
+            pos.extend(range(sr.start, sr.start + n))
+            cu.append(base + n)
+            lens.append(sr.start + n)
+            for name, pool in self.kv.items():
+                table = seq.pages[name]
+                S = pool.page_size
+                sl = slots[name]
+                for p in range(sr.start, sr.start + n):
+                    pg = table[p // S] if p // S < len(table) else -1
+                    sl.append(pg * S + p % S if pg >= 0 else -1)
+            want_prompt_lp = seq.sampling.params.prompt_logprobs and sr.start < seq.num_prompt
+            if want_prompt_lp:
+                first = len(logit_rows)
+                logit_rows.extend(range(base, base + n))
+                rows.append((first, n))
+            elif sr.sample or sr.draft_token_ids:
+                k = 1 + len(sr.draft_token_ids)
+                first = len(logit_rows)
+                logit_rows.extend(range(base + n - k, base + n))
+                rows.append((first, k))
+            else:
+                rows.append((len(logit_rows), 0))
+        dev = self.device
+        max_pages = {name: max(1, max(len(self.seqs[sr.rid].pages[name]) for sr in scheduled)) for name in self.kv}
+        tables = {}
+        for name in self.kv:
+            t = torch.full((len(scheduled), max_pages[name]), -1, dtype=torch.int32)
+            for b, sr in enumerate(scheduled):
+                pg = self.seqs[sr.rid].pages[name]
+                if pg:
+                    t[b, :len(pg)] = torch.tensor(pg, dtype=torch.int32)
+            tables[name] = t.to(dev)
+        ctx = ForwardContext(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(pos, dtype=torch.long, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            page_tables=tables,
+            slot_mappings={k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in slots.items()},
+            kv=self.kv,
+            logits_indices=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        return ctx, rows
+
+    def _sample(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, rows) -> list[SampledTokens]:
+        out: list[SampledTokens] = []
+        sample_rows, sample_states, sample_idx = [], [], []
+        for i, (sr, (first, n)) in enumerate(zip(scheduled, rows)):
+            seq = self.seqs[sr.rid]
+            st = SampledTokens(rid=sr.rid, token_ids=[])
+            p = seq.sampling.params
+            if p.prompt_logprobs and sr.start < seq.num_prompt and n:
+                end = min(sr.start + sr.num_tokens, seq.num_prompt)
+                nxt = seq.token_ids[sr.start + 1:end]          # prompt tokens predicted by these rows
+                lp, top = prompt_logprobs(logits[first:first + len(nxt)], nxt, p.top_logprobs) if nxt else ([], [])
+                head: list = [None] if sr.start == 0 else []
+                st.prompt_logprobs = head + lp
+                st.prompt_top_logprobs = head + top
+            if sr.sample:
+                sample_rows.append(first + n - 1)
+                sample_states.append(seq.sampling)
+                sample_idx.append(i)
+            out.append(st)
+        if sample_rows:
+            res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states)
+            for i, r in zip(sample_idx, res):
+                st = out[i]
+                seq = self.seqs[st.rid]
+                st.token_ids = r.token_ids
+                st.logprobs = r.logprobs
+                st.top_logprobs = r.top_logprobs
+                for t in r.token_ids:
+                    seq.token_ids.append(t)
+                    seq.sampling.record(t)
+        return out
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Soft-capped logits of every position of one sequence: [n, V] fp32. Uses pages from the
+        start of each pool, so call it only while no request is running (tests, offline scoring)."""
+        if self.seqs:
+            raise RuntimeError("score() needs an idle runner")
+        n = len(token_ids)
+        pages = {}
+        for spec in self.pool_specs:
+            need = (n + spec.page_size - 1) // spec.page_size
+            if need > spec.num_pages:
+                raise ValueError(f"sequence of {n} tokens does not fit the {spec.name} pool")
+            pages[spec.name] = list(range(need))
+        from gemma4rt.protocol import SamplingParams
+        rid = "__score__"
+        self._add(NewRequestData(rid=rid, token_ids=list(token_ids), num_prompt_tokens=n,
+                                 sampling=SamplingParams(), pages=pages))
+        try:
+            sr = ScheduledRequest(rid=rid, start=0, num_tokens=n, new_pages={}, sample=False)
+            ctx, _ = self._build_context([sr])
+            ctx.logits_indices = torch.arange(n, device=self.device)
+            return self.model.compute_logits(self.model(ctx))
+        finally:
+            self.seqs.pop(rid, None)

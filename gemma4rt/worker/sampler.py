@@ -1,0 +1,129 @@
+"""Batched sampling for one step: penalties, logit bias, suppressed and min-token-blocked ids,
+grammar masks, temperature / top-k / top-p / min-p / greedy, per-request seeds, and logprobs of
+the chosen and top-k tokens taken from the soft-capped distribution (before any penalty or
+temperature)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from gemma4rt import ops
+from gemma4rt.ops import reference as ref
+from gemma4rt.protocol import SamplingParams
+
+
+@dataclass
+class SeqSamplingState:
+    """Per-request sampling state kept by the worker across steps."""
+
+    params: SamplingParams
+    seed: int
+    prompt_ids: list[int]
+    output_counts: dict[int, int] = field(default_factory=dict)
+    num_output: int = 0
+    grammar: Optional[object] = None          # worker.grammar matcher, when constrained
+
+    def record(self, token_id: int) -> None:
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        self.num_output += 1
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: Optional[list[float]]
+    top_logprobs: Optional[list[list[tuple[int, float]]]]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    def _needs_penalties(self, p: SamplingParams) -> bool:
+        return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+    def sample(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> list[SampleResult]:
+        """logits: [N, V] fp32, soft-capped; one row per state. Returns one result per row."""
+        N, V = logits.shape
+        dev = logits.device
+        want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
+        raw = logits if want_lp else None
+        work = logits.clone() if want_lp else logits
+        # penalties, bias, suppression
+        pen_rows = [i for i, s in enumerate(states) if self._needs_penalties(s.params)]
+        if pen_rows:
+            idx = torch.tensor(pen_rows, device=dev)
+            counts = torch.zeros(len(pen_rows), V, dtype=torch.int32, device=dev)
+            pmask = torch.zeros(len(pen_rows), V, dtype=torch.bool, device=dev)
+            for j, i in enumerate(pen_rows):
+                s = states[i]
+                if s.output_counts:
+                    ids = torch.tensor(list(s.output_counts.keys()), device=dev)
+                    counts[j, ids] = torch.tensor(list(s.output_counts.values()), dtype=torch.int32, device=dev)
+                if s.params.repetition_penalty != 1.0 and s.prompt_ids:
+                    pmask[j, torch.tensor(s.prompt_ids, device=dev).clamp(0, V - 1)] = True
+            sub = work[idx]
+            ps = [states[i].params for i in pen_rows]
+            ref.apply_penalties(sub,
+                                counts, pmask,
+                                torch.tensor([p.repetition_penalty for p in ps], device=dev),
+                                torch.tensor([p.frequency_penalty for p in ps], device=dev),
+                                torch.tensor([p.presence_penalty for p in ps], device=dev))
+            work[idx] = sub
+        for i, s in enumerate(states):
+            p = s.params
+            if p.logit_bias:
+                for tid, b in p.logit_bias.items():
+                    if 0 <= int(tid) < V:
+                        work[i, int(tid)] += float(b)
+            blocked = list(p.suppress_token_ids)
+            if s.num_output < p.min_new_tokens:
+                blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
+            if blocked:
+                work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
+            if s.grammar is not None:
+                s.grammar.mask_logits(work, i)
+        temps = torch.tensor([s.params.temperature for s in states], device=dev, dtype=torch.float32)
+        greedy_all = all(s.params.is_greedy() for s in states)
+        if greedy_all:
+            chosen = torch.argmax(work, dim=-1)
+        else:
+            top_k = torch.tensor([s.params.top_k for s in states], device=dev)
+            top_p = torch.tensor([s.params.top_p for s in states], device=dev, dtype=torch.float32)
+            min_p = torch.tensor([s.params.min_p for s in states], device=dev, dtype=torch.float32)
+            temps = torch.where(torch.tensor([s.params.is_greedy() for s in states], device=dev),
+                                torch.zeros_like(temps), temps)
+            noise = torch.ones(N, V, device=dev)
+            for i, s in enumerate(states):
+                if not s.params.is_greedy():
+                    noise[i] = ref.exponential_noise(s.seed, s.num_output, V, dev)
+            chosen = ops.sample_from_logits(work, temps, top_k, top_p, min_p, noise)
+        chosen_list = chosen.tolist()
+        results = []
+        if want_lp:
+            kmax = max(s.params.top_logprobs for s in states)
+            clp, tv, ti = ref.logprobs_topk(raw, chosen, kmax)
+            clp, tv, ti = clp.tolist(), tv.tolist(), ti.tolist()
+        for i, s in enumerate(states):
+            lp = tl = None
+            if want_lp and (s.params.logprobs or s.params.top_logprobs):
+                lp = [clp[i]]
+                k = s.params.top_logprobs
+                tl = [[(ti[i][j], tv[i][j]) for j in range(k)]] if k else None
+            results.append(SampleResult([chosen_list[i]], lp, tl))
+        return results
+
+
+def prompt_logprobs(logits: torch.Tensor, next_ids: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Logprobs of the given next tokens under rows of (soft-capped) logits [n, V], plus top-k."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(next_ids, device=logits.device)
+    chosen = lp[torch.arange(len(next_ids), device=logits.device), ids].tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in next_ids]
+    if k > 0:
+        v, i = torch.topk(lp, k, dim=-1)
+        top = [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+    return chosen, top
