@@ -52,12 +52,31 @@ class Attention(nn.Module):
             if not spec.k_eq_v:
                 self.v_proj = Linear(d, KVH * D)
 
+    def fuse(self) -> None:
+        """Replace q/k/v projections by one [q|k|v] matrix (one GEMM per layer)."""
+        if self.spec.kv_shared or hasattr(self, "qkv_proj"):
+            return
+        parts = [self.q_proj.weight, self.k_proj.weight] + ([] if self.spec.k_eq_v else [self.v_proj.weight])
+        self.qkv_proj = Linear(1, 1)
+        self.qkv_proj.weight = nn.Parameter(torch.cat(parts, 0), requires_grad=False)
+        self.split = [p.shape[0] for p in parts]
+        del self.q_proj, self.k_proj
+        if not self.spec.k_eq_v:
+            del self.v_proj
+
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
                 eps: float, sliding_window: Optional[int], block_ids: Optional[torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         T = x.shape[0]
         D, KVH = spec.head_dim, spec.num_kv_heads
-        q = self.q_proj(x).view(T, -1, D)
+        k_raw = v_raw = None
+        if hasattr(self, "qkv_proj"):
+            parts = self.qkv_proj(x).split(self.split, dim=-1)
+            q = parts[0].view(T, -1, D)
+            k_raw = parts[1].view(T, KVH, D)
+            v_raw = k_raw if spec.k_eq_v else parts[2].view(T, KVH, D)
+        else:
+            q = self.q_proj(x).view(T, -1, D)
         q = ops.head_norm_rope(q, self.q_norm.weight, eps, cos, sin)
         pool_name = "sliding" if spec.is_sliding else "full"
         pool = ctx.kv[pool_name]
@@ -65,8 +84,9 @@ class Attention(nn.Module):
         slot = pool.layer_slot[src]
         k_cache, v_cache = pool.k[slot], pool.v[slot]
         if not spec.kv_shared:
-            k_raw = self.k_proj(x).view(T, KVH, D)
-            v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
+            if k_raw is None:
+                k_raw = self.k_proj(x).view(T, KVH, D)
+                v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
             k = ops.head_norm_rope(k_raw, self.k_norm.weight, eps, cos, sin)
             v = ops.head_norm_rope(v_raw, None, eps, None, None)
             ops.store_kv(k, v, k_cache, v_cache, ctx.slot_mappings[pool_name])
@@ -82,8 +102,20 @@ class MLP(nn.Module):
         self.up_proj = Linear(d, inter)
         self.down_proj = Linear(inter, d)
 
+    def fuse(self) -> None:
+        """Replace gate/up by one [gate|up] matrix (one GEMM, then the fused gelu-and-mul)."""
+        if hasattr(self, "gate_up_proj"):
+            return
+        self.gate_up_proj = Linear(1, 1)
+        self.gate_up_proj.weight = nn.Parameter(torch.cat([self.gate_proj.weight, self.up_proj.weight], 0),
+                                                requires_grad=False)
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        if hasattr(self, "gate_up_proj"):
+            gate_up = self.gate_up_proj(x)
+        else:
+            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         return self.down_proj(ops.gelu_tanh_and_mul(gate_up))
 
 
@@ -256,6 +288,12 @@ class Gemma4TextModel(nn.Module):
             allow_shared_layer_skip=False, extras=ctx.extras)
         cs = {lt: (c[keep], s[keep]) for lt, (c, s) in cs.items()}
         return sub, x[keep], (ple[keep] if ple is not None else None), cs
+
+    def fuse_projections(self) -> None:
+        """After loading: fused q/k/v and gate/up matrices (fewer, larger GEMMs)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head + final soft-cap, fp32: [N, V]."""

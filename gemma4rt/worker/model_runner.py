@@ -71,6 +71,8 @@ class ModelRunner:
             load_weights(model, self.config, self.model_dir, self.dtype, self.device)
         else:
             init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed)
+        if os.environ.get("GEMMA4RT_FUSE_PROJECTIONS", "1") != "0":
+            model.language_model.fuse_projections()
         self.model = model
         text = self.config.text
         self.context_length = int(engine_cfg.context_length or text.max_position_embeddings)
@@ -104,6 +106,7 @@ class ModelRunner:
                                                          "repetition_penalty") if k in gen_cfg})
         self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
+        self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
 
     # ------------------------------------------------------------------ setup
     def _resolve_checkpoint(self, cfg: EngineConfig) -> tuple[Optional[str], ModelConfig, dict]:
@@ -228,6 +231,10 @@ class ModelRunner:
             slot_mappings={k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in slots.items()},
             kv=self.kv,
             logits_indices=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+        if any(self.seqs[sr.rid].mm_items for sr in scheduled):
+            # soft tokens of images / audio in this step's rows, and bidirectional image blocks
+            from gemma4rt.worker.mm_inputs import attach_mm_inputs
+            attach_mm_inputs(self.model, ctx, [(sr, self.seqs[sr.rid]) for sr in scheduled], self.mm_cache)
         return ctx, rows
 
     def _sample(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, rows) -> list[SampledTokens]:
