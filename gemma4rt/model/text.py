@@ -267,6 +267,8 @@ class Gemma4TextModel(nn.Module):
                 # rows whose logits are needed (a suffix of each request's rows).
                 ctx, x, ple, cs = self._slice_rows(ctx, x, ple, cs)
                 rows_sliced = True
+                if x.shape[0] == 0:          # no logits wanted (a non-final prefill chunk)
+                    break
             lt = layer.spec.layer_type
             cos, sin = cs[lt]
             x = layer(x, ctx, cos, sin, ple[:, i] if ple is not None else None, block_ids)
