@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from gemma4rt.config import EngineConfig, ModelInfo, PoolSpec
@@ -179,58 +180,61 @@ class ModelRunner:
         return StepResult(step_id=plan.step_id, sampled=self._sample(plan.scheduled, logits, rows))
 
     def _build_context(self, scheduled: list[ScheduledRequest]):
-        ids, pos, cu, lens, logit_rows = [], [], [0], [], []
-        slots = {name: [] for name in self.kv}
+        """One ForwardContext for the scheduled requests (vectorised with numpy: the host cost of a
+        step must stay far below a GPU step)."""
+        B = len(scheduled)
+        seqs = [self.seqs[sr.rid] for sr in scheduled]
+        toks: list[int] = []
+        starts = np.empty(B, dtype=np.int64)
+        ns = np.empty(B, dtype=np.int64)
+        logit_rows: list[int] = []
         rows = []            # per request: (first logit row index, number of logit rows)
-        for sr in scheduled:
-            seq = self.seqs[sr.rid]
+        base = 0
+        for b, (sr, seq) in enumerate(zip(scheduled, seqs)):
             for name, pages in sr.new_pages.items():
                 seq.pages[name].extend(pages)
-            toks = seq.token_ids[sr.start:sr.start + sr.num_tokens] + list(sr.draft_token_ids)
-            n = len(toks)
-            base = cu[-1]
-            ids.extend(toks)
-            pos.extend(range(sr.start, sr.start + n))
-            cu.append(base + n)
-            lens.append(sr.start + n)
-            for name, pool in self.kv.items():
-                table = seq.pages[name]
-                S = pool.page_size
-                sl = slots[name]
-                for p in range(sr.start, sr.start + n):
-                    pg = table[p // S] if p // S < len(table) else -1
-                    sl.append(pg * S + p % S if pg >= 0 else -1)
-            want_prompt_lp = seq.sampling.params.prompt_logprobs and sr.start < seq.num_prompt
-            if want_prompt_lp:
-                first = len(logit_rows)
+            t = seq.token_ids[sr.start:sr.start + sr.num_tokens]
+            if sr.draft_token_ids:
+                t = t + list(sr.draft_token_ids)
+            n = len(t)
+            toks.extend(t)
+            starts[b], ns[b] = sr.start, n
+            if seq.sampling.params.prompt_logprobs and sr.start < seq.num_prompt:
+                rows.append((len(logit_rows), n))
                 logit_rows.extend(range(base, base + n))
-                rows.append((first, n))
             elif sr.sample or sr.draft_token_ids:
                 k = 1 + len(sr.draft_token_ids)
-                first = len(logit_rows)
+                rows.append((len(logit_rows), k))
                 logit_rows.extend(range(base + n - k, base + n))
-                rows.append((first, k))
             else:
                 rows.append((len(logit_rows), 0))
+            base += n
+        T = base
+        cu = np.zeros(B + 1, dtype=np.int64)
+        np.cumsum(ns, out=cu[1:])
+        req_of_row = np.repeat(np.arange(B), ns)
+        pos = np.arange(T, dtype=np.int64) + np.repeat(starts - cu[:-1], ns)
         dev = self.device
-        max_pages = {name: max(1, max(len(self.seqs[sr.rid].pages[name]) for sr in scheduled)) for name in self.kv}
-        tables = {}
-        for name in self.kv:
-            t = torch.full((len(scheduled), max_pages[name]), -1, dtype=torch.int32)
-            for b, sr in enumerate(scheduled):
-                pg = self.seqs[sr.rid].pages[name]
+        tables, slot_maps = {}, {}
+        for name, pool in self.kv.items():
+            S = pool.page_size
+            width = max(1, max(len(seq.pages[name]) for seq in seqs))
+            table = np.full((B, width), -1, dtype=np.int32)
+            for b, seq in enumerate(seqs):
+                pg = seq.pages[name]
                 if pg:
-                    t[b, :len(pg)] = torch.tensor(pg, dtype=torch.int32)
-            tables[name] = t.to(dev)
+                    table[b, :len(pg)] = pg
+            lp = pos // S
+            pages = np.where(lp < width, table[req_of_row, np.minimum(lp, width - 1)], -1)
+            slot_maps[name] = torch.from_numpy(np.where(pages >= 0, pages.astype(np.int64) * S + pos % S, -1)).to(dev)
+            tables[name] = torch.from_numpy(table).to(dev)
         ctx = ForwardContext(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            page_tables=tables,
-            slot_mappings={k: torch.tensor(v, dtype=torch.long, device=dev) for k, v in slots.items()},
-            kv=self.kv,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.long, device=dev))
+            input_ids=torch.tensor(toks, dtype=torch.long).to(dev),
+            positions=torch.from_numpy(pos).to(dev),
+            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy((starts + ns).astype(np.int32)).to(dev),
+            page_tables=tables, slot_mappings=slot_maps, kv=self.kv,
+            logits_indices=torch.tensor(logit_rows, dtype=torch.long).to(dev))
         if any(self.seqs[sr.rid].mm_items for sr in scheduled):
             # soft tokens of images / audio in this step's rows, and bidirectional image blocks
             from gemma4rt.worker.mm_inputs import attach_mm_inputs
