@@ -2,7 +2,7 @@
 
 Pool "sliding" holds every cache-owning sliding layer, pool "full" every cache-owning full layer
 (KV-shared layers own none). A page holds `page_size` token slots for every layer of its pool:
-k, v: [num_layers_in_pool, num_pages, page_size, KVH, D].
+k, v: [num_layers_in_pool, num_pages + 1, page_size, KVH, D] (the last page is scratch).
 """
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def allocate_pools(text: TextConfig, specs: list[PoolSpec], dtype: torch.dtype,
     pools = {}
     for spec in specs:
         layers, kvh, hd = layout[spec.name]
-        shape = (len(layers), spec.num_pages, spec.page_size, kvh, hd)
+        # one extra physical page past the scheduler's pages: a scratch page that padded rows of a
+        # captured CUDA graph may point at (the scheduler never hands it out)
+        shape = (len(layers), spec.num_pages + 1, spec.page_size, kvh, hd)
         k = torch.zeros(shape, dtype=dtype, device=device)
         v = torch.zeros(shape, dtype=dtype, device=device)
         pools[spec.name] = KVPool(k=k, v=v, layer_slot={l: i for i, l in enumerate(layers)},

@@ -48,6 +48,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 @dataclass
+class StepArrays:
+    """Host-side inputs of one step (see ForwardContext for the meaning of each)."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    cu_seqlens: np.ndarray
+    seq_lens: np.ndarray
+    page_tables: dict[str, np.ndarray]
+    slot_mappings: dict[str, np.ndarray]
+    logits_indices: np.ndarray
+
+
+@dataclass
 class _Seq:
     rid: str
     token_ids: list[int]
@@ -108,6 +121,10 @@ class ModelRunner:
         self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
+        self.graphs = None
+        if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
+            from gemma4rt.worker.cuda_graph import DecodeGraphs
+            self.graphs = DecodeGraphs.maybe_capture(self)
 
     # ------------------------------------------------------------------ setup
     def _resolve_checkpoint(self, cfg: EngineConfig) -> tuple[Optional[str], ModelConfig, dict]:
@@ -174,21 +191,26 @@ class ModelRunner:
             self._add(nr)
         if not plan.scheduled:
             return StepResult(step_id=plan.step_id, sampled=[])
-        ctx, rows = self._build_context(plan.scheduled)
-        hidden = self.model(ctx)
-        logits = self.model.compute_logits(hidden)
+        logits = None
+        if self.graphs is not None and self.graphs.can_run(plan.scheduled, self.seqs):
+            arr, rows = self._host_arrays(plan.scheduled)
+            logits = self.graphs.run(arr)
+        if logits is None:
+            ctx, rows = self._build_context(plan.scheduled)
+            hidden = self.model(ctx)
+            logits = self.model.compute_logits(hidden)
         return StepResult(step_id=plan.step_id, sampled=self._sample(plan.scheduled, logits, rows))
 
-    def _build_context(self, scheduled: list[ScheduledRequest]):
-        """One ForwardContext for the scheduled requests (vectorised with numpy: the host cost of a
-        step must stay far below a GPU step)."""
+    def _host_arrays(self, scheduled: list[ScheduledRequest]) -> tuple[StepArrays, list]:
+        """The step's inputs as host (numpy) arrays, vectorised: the host cost of a step must stay far
+        below a GPU step. Returns the arrays and, per request, (first logit row, number of rows)."""
         B = len(scheduled)
         seqs = [self.seqs[sr.rid] for sr in scheduled]
         toks: list[int] = []
         starts = np.empty(B, dtype=np.int64)
         ns = np.empty(B, dtype=np.int64)
         logit_rows: list[int] = []
-        rows = []            # per request: (first logit row index, number of logit rows)
+        rows = []
         base = 0
         for b, (sr, seq) in enumerate(zip(scheduled, seqs)):
             for name, pages in sr.new_pages.items():
@@ -214,7 +236,6 @@ class ModelRunner:
         np.cumsum(ns, out=cu[1:])
         req_of_row = np.repeat(np.arange(B), ns)
         pos = np.arange(T, dtype=np.int64) + np.repeat(starts - cu[:-1], ns)
-        dev = self.device
         tables, slot_maps = {}, {}
         for name, pool in self.kv.items():
             S = pool.page_size
@@ -226,15 +247,22 @@ class ModelRunner:
                     table[b, :len(pg)] = pg
             lp = pos // S
             pages = np.where(lp < width, table[req_of_row, np.minimum(lp, width - 1)], -1)
-            slot_maps[name] = torch.from_numpy(np.where(pages >= 0, pages.astype(np.int64) * S + pos % S, -1)).to(dev)
-            tables[name] = torch.from_numpy(table).to(dev)
+            slot_maps[name] = np.where(pages >= 0, pages.astype(np.int64) * S + pos % S, -1)
+            tables[name] = table
+        arr = StepArrays(input_ids=np.asarray(toks, dtype=np.int64), positions=pos, cu_seqlens=cu.astype(np.int32),
+                         seq_lens=(starts + ns).astype(np.int32), page_tables=tables, slot_mappings=slot_maps,
+                         logits_indices=np.asarray(logit_rows, dtype=np.int64))
+        return arr, rows
+
+    def _build_context(self, scheduled: list[ScheduledRequest]):
+        arr, rows = self._host_arrays(scheduled)
+        dev = self.device
+        t = lambda a: torch.from_numpy(a).to(dev, non_blocking=True)  # noqa: E731
         ctx = ForwardContext(
-            input_ids=torch.tensor(toks, dtype=torch.long).to(dev),
-            positions=torch.from_numpy(pos).to(dev),
-            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy((starts + ns).astype(np.int32)).to(dev),
-            page_tables=tables, slot_mappings=slot_maps, kv=self.kv,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.long).to(dev))
+            input_ids=t(arr.input_ids), positions=t(arr.positions), cu_seqlens_q=t(arr.cu_seqlens),
+            seq_lens=t(arr.seq_lens), page_tables={k: t(v) for k, v in arr.page_tables.items()},
+            slot_mappings={k: t(v) for k, v in arr.slot_mappings.items()}, kv=self.kv,
+            logits_indices=t(arr.logits_indices))
         if any(self.seqs[sr.rid].mm_items for sr in scheduled):
             # soft tokens of images / audio in this step's rows, and bidirectional image blocks
             from gemma4rt.worker.mm_inputs import attach_mm_inputs
