@@ -35,23 +35,29 @@ def bytes_per_token(text: TextConfig, dtype: torch.dtype) -> dict[str, int]:
 
 
 def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_tokens: int,
-               max_running: int, budget_bytes: Optional[int] = None) -> list[PoolSpec]:
-    """Size the pools. With a byte budget (GPU) the full pool gets what remains after giving the
-    sliding pool room for `max_running` windows; otherwise `max_total_tokens` bounds the full pool
-    and the sliding pool gets min(that, max_running windows)."""
+               max_running: int, budget_bytes: Optional[int] = None,
+               max_chunk_tokens: int = 0) -> list[PoolSpec]:
+    """Size the pools. The sliding pool needs a window per running request plus room for one
+    prefill chunk (all of a chunk's tokens are stored before attention reads them); with a byte
+    budget (GPU) the full pool gets what remains, otherwise `max_total_tokens` bounds it."""
     layout = pool_layout(text)
     bpt = bytes_per_token(text, dtype)
     W = text.sliding_window
     specs = []
     win_pages = (W + page_size - 1) // page_size + 2
     full_pages = max(4, (max_total_tokens + page_size - 1) // page_size)
-    sliding_pages = max(4, min(full_pages, max_running * win_pages))
+    chunk_pages = (max_chunk_tokens + page_size - 1) // page_size + win_pages
+    sliding_pages = max(4, chunk_pages, min(full_pages, max_running * win_pages))
     if budget_bytes is not None:
-        s_bytes = sliding_pages * page_size * bpt.get("sliding", 0)
-        rest = max(0, budget_bytes - s_bytes)
-        if "full" in bpt and bpt["full"] > 0:
-            full_pages = max(4, rest // (page_size * bpt["full"]))
-        sliding_pages = max(4, min(sliding_pages, full_pages))
+        # split the budget so that N requests of a typical context (avg_ctx) fit both pools
+        b_s, b_f = bpt.get("sliding", 0), bpt.get("full", 0)
+        avg_ctx = 2048
+        per_req = win_pages * page_size * b_s + avg_ctx * b_f
+        n = max(1, budget_bytes // max(1, per_req))
+        sliding_pages = max(4, chunk_pages, min(n, max_running) * win_pages)
+        rest = max(0, budget_bytes - sliding_pages * page_size * b_s)
+        if b_f > 0:
+            full_pages = max(4, rest // (page_size * b_f))
     for name in layout:
         n = sliding_pages if name == "sliding" else full_pages
         specs.append(PoolSpec(name=name, num_pages=int(n), page_size=page_size,

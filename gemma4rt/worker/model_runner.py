@@ -98,8 +98,10 @@ class ModelRunner:
         max_tokens = cc.max_total_tokens or (self.context_length * 4 if budget is None else 1 << 40)
         if budget is None:
             max_tokens = min(max_tokens, 1 << 16) if not cc.max_total_tokens else max_tokens
+        chunk = sc.chunked_prefill_size if sc.chunked_prefill_size > 0 else self.context_length
         self.pool_specs: list[PoolSpec] = plan_pools(text, cc.page_size, self.dtype, max_tokens,
-                                                     sc.max_running_requests, budget)
+                                                     sc.max_running_requests, budget,
+                                                     max_chunk_tokens=min(chunk, self.context_length))
         self.kv = allocate_pools(text, self.pool_specs, self.dtype, self.device)
         for s in self.pool_specs:
             log.info("KV pool %s: %d pages x %d tokens (%.1f MiB)", s.name, s.num_pages, s.page_size,
