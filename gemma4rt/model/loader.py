@@ -66,8 +66,28 @@ def checkpoint_files(model_dir: str) -> dict[str, str]:
     return out
 
 
+def _mm_part(key: str) -> Optional[str]:
+    """"vision" / "audio" for a multimodal checkpoint key, else None."""
+    if key.startswith(("model.vision_tower.", "model.embed_vision.", "model.vision_embedder.")):
+        return "vision"
+    if key.startswith(("model.audio_tower.", "model.embed_audio.")):
+        return "audio"
+    return None
+
+
 def _strip_prefix(key: str, cfg: ModelConfig) -> Optional[str]:
-    """Checkpoint key → our parameter name, or None when the key belongs to no text parameter."""
+    """Checkpoint key → our parameter name, or None when the key belongs to no parameter.
+
+    Multimodal keys map one to one below `model.`; the unified 12B's embedder is accepted under both its
+    checkpoint name (`model.vision_embedder.*`) and transformers' in-memory name (`model.embed_vision.patch_*`,
+    `model.embed_vision.multimodal_embedder.*`)."""
+    if _mm_part(key) is not None:
+        name = key[len("model."):]
+        if name.startswith("embed_vision.multimodal_embedder."):
+            return "embed_vision." + name[len("embed_vision.multimodal_embedder."):]
+        if name.startswith("embed_vision.") and not name.startswith("embed_vision.embedding_projection"):
+            return "vision_embedder." + name[len("embed_vision."):]
+        return name
     for pre in ("model.language_model.", "language_model.model.", "model."):
         if key.startswith(pre):
             return "language_model." + key[len(pre):]
@@ -79,7 +99,10 @@ def _expected_ignored(name: str, cfg: ModelConfig) -> bool:
     if name == "lm_head.weight" and cfg.text.tie_word_embeddings:
         return True
     if name.startswith(_MM_PREFIXES):
-        return True
+        part = _mm_part(name)
+        if (cfg.vision if part == "vision" else cfg.audio) is None:
+            return True          # a tower this model is not built with
+        return name.endswith(".pooler.scale")   # an inert key some exports carry (the pooler has no weights)
     if ".self_attn." in name and ".layers." in name:
         try:
             idx = int(name.split(".layers.")[1].split(".")[0])
@@ -145,8 +168,11 @@ def set_tensor(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 
 def _hf_name(name: str, cfg: ModelConfig) -> str:
-    prefix = "model.language_model." if cfg.is_multimodal_checkpoint else "model."
-    return prefix + name[len("language_model."):]
+    """Our parameter name -> the checkpoint key it comes from."""
+    if name.startswith("language_model."):
+        prefix = "model.language_model." if cfg.is_multimodal_checkpoint else "model."
+        return prefix + name[len("language_model."):]
+    return "model." + name
 
 
 @torch.no_grad()
@@ -156,6 +182,10 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
         leaf = name.rsplit(".", 1)[-1]
+        if len(shape) == 0:      # clipped-linear bounds of the encoders: no clipping
+            set_tensor(model, name, torch.tensor(float("-inf") if leaf.endswith("_min") else float("inf"),
+                                                 dtype=dtype, device=device))
+            continue
         if leaf == "layer_scalar" or name.endswith("per_expert_scale") or name.endswith("router.scale") \
                 or (len(shape) == 1):
             t = 1.0 + 0.1 * (torch.rand(shape, generator=g) - 0.5)

@@ -116,7 +116,8 @@ class ModelRunner:
             eos_token_ids=tuple(self.config.eos_token_ids), bos_token_id=text.bos_token_id,
             pad_token_id=text.pad_token_id, suppress_token_ids=suppress,
             image_token_id=self.config.image_token_id, audio_token_id=self.config.audio_token_id,
-            video_token_id=self.config.video_token_id, has_vision=False, has_audio=False,
+            video_token_id=self.config.video_token_id,
+            has_vision=bool(getattr(model, "has_vision", False)), has_audio=bool(getattr(model, "has_audio", False)),
             bidirectional_vision=text.use_bidirectional_attention == "vision",
             generation_defaults={k: gen_cfg[k] for k in ("temperature", "top_k", "top_p", "min_p",
                                                          "repetition_penalty") if k in gen_cfg})
