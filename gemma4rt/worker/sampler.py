@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 
-from gemma4rt import ops
 from gemma4rt.ops import reference as ref
+from gemma4rt.ops import sampling as ops_sampling
 from gemma4rt.protocol import SamplingParams
 
 
@@ -96,11 +96,11 @@ class Sampler:
             min_p = torch.tensor([s.params.min_p for s in states], device=dev, dtype=torch.float32)
             temps = torch.where(torch.tensor([s.params.is_greedy() for s in states], device=dev),
                                 torch.zeros_like(temps), temps)
-            noise = torch.ones(N, V, device=dev)
-            for i, s in enumerate(states):
-                if not s.params.is_greedy():
-                    noise[i] = ref.exponential_noise(s.seed, s.num_output, V, dev)
-            chosen = ops.sample_from_logits(work, temps, top_k, top_p, min_p, noise)
+            seeds = torch.tensor([s.seed for s in states], dtype=torch.int64, device=dev)
+            steps = torch.tensor([s.num_output for s in states], dtype=torch.int64, device=dev)
+            # one pass over the logits on the GPU (Philox noise keyed by (seed, step)); on the CPU
+            # the reference with exponential noise from a generator seeded by (seed, step)
+            chosen = ops_sampling.sample(work, temps, top_k, top_p, min_p, seeds, steps, None)
         chosen_list = chosen.tolist()
         results = []
         if want_lp:
