@@ -13,7 +13,28 @@ try:  # pragma: no cover - depends on the build
 except ImportError:
     NATIVE_AVAILABLE = False
 
+# Every native op is an out-variant returning nothing: its fake (meta) kernel does nothing, which
+# lets torch.compile / opcheck trace them.
+OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "head_norm_rope", "gelu_tanh_and_mul", "store_kv",
+       "paged_attention", "moe_route", "moe_align", "moe_experts", "sample")
+
+if NATIVE_AVAILABLE:  # pragma: no cover - depends on the build
+    def _fake(*args, **kwargs):
+        return None
+
+    for _name in OPS:
+        torch.library.register_fake(f"gemma4rt::{_name}")(_fake)
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
 
 def use_native(*tensors: torch.Tensor) -> bool:
     """True when the extension is loaded and every tensor lives on a CUDA/ROCm device."""
     return NATIVE_AVAILABLE and all(t.is_cuda for t in tensors if t is not None)
+
+
+def rows2d(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] -> a [rows, n] view (copying only when no such view exists) with unit last stride."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()

@@ -1,22 +1,103 @@
 """KV store and paged attention (prefill and decode). Native kernels in csrc/attention/; specs in
-reference.py."""
+reference.py.
+
+The native attention splits into a host-side plan (`plan_attention`: tile and split sizes from
+host-known bounds only — token count, request count, page-table width — never from device values)
+and a device-side run (`paged_attention_planned`) that a CUDA graph can capture."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from gemma4rt.ops import _native
 from gemma4rt.ops import reference as ref
+
+KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
+NATIVE_HEAD_DIMS = (256, 512)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
+    if (_native.use_native(k, v, k_cache, v_cache, slot_mapping) and k.dtype == k_cache.dtype == v.dtype ==
+            v_cache.dtype and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1):
+        kk = k if k.stride(-1) == 1 else k.contiguous()
+        vv = v if v.stride(-1) == 1 else v.contiguous()
+        torch.ops.gemma4rt.store_kv(kk, vv, k_cache, v_cache, slot_mapping.to(torch.int64).contiguous())
+        return
     ref.store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    num_splits: int     # key-range splits per (request, KV head, row tile); 1 = no merge step
+    split_size: int     # keys per split (multiple of KEYS_PER_STAGE)
+    max_tiles: int      # bound on the row tiles over all requests (grid x)
+    warps_m: int        # 1: 16 query rows per CTA (decode), 4: 64 rows (prefill)
+
+
+def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
+                   sliding_window: Optional[int] = None, num_sms: int = 132) -> AttentionPlan:
+    """Host-side plan from bounds the scheduler knows. Splits the key range when the
+    (request × KV head × row tile) grid would leave the GPU under-filled (decode over long contexts)."""
+    group = num_heads // num_kv_heads
+    warps_m = 1 if num_tokens <= 8 * max(num_seqs, 1) else 4
+    rows = 16 * warps_m
+    tiles_tok = -(-num_tokens * group // rows)
+    max_tiles = tiles_tok + num_seqs
+    span = max_seq_len if not sliding_window else min(max_seq_len, sliding_window + num_tokens)
+    span = max(span, 1)
+    est = max(1, min(max_tiles, max(num_seqs, tiles_tok))) * num_kv_heads
+    splits = 1
+    if est < 2 * num_sms:
+        splits = max(1, min(-(-2 * num_sms // est), span // 256))
+    split_size = -(-span // splits)
+    split_size = -(-split_size // KEYS_PER_STAGE) * KEYS_PER_STAGE
+    splits = -(-span // split_size)
+    return AttentionPlan(splits, split_size, max_tiles, warps_m)
+
+
+def attention_workspace(plan: AttentionPlan, num_tokens: int, num_heads: int, head_dim: int,
+                        device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = plan.num_splits if plan.num_splits > 1 else 0
+    return (torch.empty(n, num_tokens, num_heads, head_dim, dtype=torch.float32, device=device),
+            torch.empty(n, num_tokens, num_heads, dtype=torch.float32, device=device))
+
+
+def paged_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            page_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                            sliding_window: Optional[int], block_ids: Optional[torch.Tensor], scale: float,
+                            plan: AttentionPlan, out: torch.Tensor, ws_o: torch.Tensor,
+                            ws_lse: torch.Tensor) -> torch.Tensor:
+    """Device part: int32 metadata, caller-owned out and workspace; graph-capturable."""
+    torch.ops.gemma4rt.paged_attention(
+        q, k_cache, v_cache, page_table.to(torch.int32), cu_seqlens_q.to(torch.int32).contiguous(),
+        seq_lens.to(torch.int32).contiguous(), None if block_ids is None else block_ids.to(torch.int32).contiguous(),
+        int(sliding_window or 0), float(scale), plan.num_splits, plan.split_size, plan.max_tiles, plan.warps_m,
+        out, ws_o, ws_lse)
+    return out
+
+
+def native_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    return (_native.use_native(q, k_cache, v_cache) and q.dtype in _native.HALF_TYPES and
+            k_cache.dtype == q.dtype == v_cache.dtype and q.shape[-1] in NATIVE_HEAD_DIMS and
+            q.shape[1] % k_cache.shape[2] == 0 and all(s % 8 == 0 for s in q.stride()[:-1]) and
+            all(s % 8 == 0 for s in k_cache.stride()[:-1]) and all(s % 8 == 0 for s in v_cache.stride()[:-1]) and
+            q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     sliding_window: Optional[int] = None, block_ids: Optional[torch.Tensor] = None,
                     scale: float = 1.0) -> torch.Tensor:
+    if native_attention_ok(q, k_cache, v_cache) and q.shape[0] > 0:
+        T, H, D = q.shape
+        plan = plan_attention(T, seq_lens.shape[0], H, k_cache.shape[2], page_table.shape[1] * k_cache.shape[1],
+                              sliding_window)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        ws_o, ws_lse = attention_workspace(plan, T, H, D, q.device)
+        return paged_attention_planned(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, sliding_window,
+                                       block_ids, scale, plan, out, ws_o, ws_lse)
     return ref.paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens,
                                sliding_window, block_ids, scale)

@@ -39,7 +39,7 @@ def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_t
                max_chunk_tokens: int = 0) -> list[PoolSpec]:
     """Size the pools. The sliding pool needs a window per running request plus room for one
     prefill chunk (all of a chunk's tokens are stored before attention reads them); with a byte
-    budget (GPU) the full pool gets what remains, otherwise `max_total_tokens` bounds it."""
+    budget (GPU) the full pool gets what remains; `max_total_tokens` always bounds the full pool."""
     layout = pool_layout(text)
     bpt = bytes_per_token(text, dtype)
     W = text.sliding_window
@@ -57,7 +57,7 @@ def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_t
         sliding_pages = max(4, chunk_pages, min(n, max_running) * win_pages)
         rest = max(0, budget_bytes - sliding_pages * page_size * b_s)
         if b_f > 0:
-            full_pages = max(4, rest // (page_size * b_f))
+            full_pages = max(4, min(full_pages, rest // (page_size * b_f)))
     for name in layout:
         n = sliding_pages if name == "sliding" else full_pages
         specs.append(PoolSpec(name=name, num_pages=int(n), page_size=page_size,

@@ -95,9 +95,10 @@ class ModelRunner:
         budget = None
         if self.device.type == "cuda":
             budget = self._gpu_kv_budget(cc.mem_fraction_static)
-        max_tokens = cc.max_total_tokens or (self.context_length * 4 if budget is None else 1 << 40)
-        if budget is None:
-            max_tokens = min(max_tokens, 1 << 16) if not cc.max_total_tokens else max_tokens
+        # the full pool never needs more than every running request at full context
+        max_tokens = cc.max_total_tokens or (
+            min(self.context_length * 4, 1 << 16) if budget is None
+            else self.context_length * sc.max_running_requests)
         chunk = sc.chunked_prefill_size if sc.chunked_prefill_size > 0 else self.context_length
         self.pool_specs: list[PoolSpec] = plan_pools(text, cc.page_size, self.dtype, max_tokens,
                                                      sc.max_running_requests, budget,

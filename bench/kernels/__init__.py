@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks (one module per op family); run_all.py prints the table."""

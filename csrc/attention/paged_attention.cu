@@ -1,0 +1,286 @@
+// Paged attention for prefill and decode (one kernel): a CTA owns one request's tile of M query
+// rows (row = token·group + head-in-group, so the GQA heads that share a KV head are packed into
+// the MMA's M dimension), one KV head and one split of the key range. K/V pages stream through a
+// 2-stage cp.async pipeline into swizzled shared memory; QKᵀ and PV run on tensor cores
+// (mma.sync m16n8k16, fp32 accumulate), softmax online in fp32. Splits (decode over long contexts)
+// write normalised partials + log-sum-exp, combined by merge_kernel.
+#include "common/mma.cuh"
+#include "common/launchers.h"
+
+namespace g4 {
+namespace {
+
+constexpr int KB = 32;  // keys per pipeline stage
+
+template <typename T, int D, int WM>
+struct Cfg {
+  static constexpr int DW = D > 256 ? 256 : D;      // output columns per warp
+  static constexpr int DS = D / DW;                 // warps along D
+  static constexpr int M = 16 * WM;                 // query rows per CTA
+  static constexpr int NT = 32 * WM * DS;           // threads
+  static constexpr int SMEM = (M * D + 2 * 2 * KB * D) * 2;
+};
+
+template <typename T, int D, int WM>
+__global__ void __launch_bounds__(Cfg<T, D, WM>::NT)
+attn_kernel(const AttnParams p) {
+  using C = Cfg<T, D, WM>;
+  constexpr int M = C::M, DW = C::DW, NT = C::NT, CH = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* KVs = Qs + M * D;  // stage s: K at KVs + s*2*KB*D, V right after
+
+  const int kvh = blockIdx.y, split = blockIdx.z;
+  const int group = p.H / p.KVH;
+  // ---- which request / tile does this CTA own (device-side walk over cu_seqlens) ----
+  int b = -1, tile = 0, n_q = 0, q0 = 0;
+  {
+    int acc = 0;
+    for (int i = 0; i < p.B; ++i) {
+      const int a0 = p.cu_seqlens_q[i], a1 = p.cu_seqlens_q[i + 1];
+      const int nt = ((a1 - a0) * group + M - 1) / M;
+      if ((int)blockIdx.x < acc + nt) { b = i; tile = blockIdx.x - acc; n_q = a1 - a0; q0 = a0; break; }
+      acc += nt;
+    }
+  }
+  if (b < 0) return;
+  const int L = p.seq_lens[b];
+  const int first_q = L - n_q;
+  const int row0 = tile * M;
+  const int nrows = min(M, n_q * group - row0);
+  const int minq = first_q + row0 / group;
+  const int maxq = first_q + (row0 + nrows - 1) / group;
+  int k_lo = p.window > 0 ? max(0, minq - p.window + 1) : 0;
+  int k_hi = p.block_ids ? L : maxq + 1;
+  int ks = k_lo, ke = k_hi;
+  if (p.num_splits > 1) {
+    ks = k_lo + split * p.split_size;
+    ke = min(k_hi, ks + p.split_size);
+  }
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int wm = warp % WM, wd = warp / WM;
+  const int g = lane / 4, t4 = lane % 4;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.kc);
+  const T* vc = static_cast<const T*>(p.vc);
+  const int32_t* ptab = p.page_table + (int64_t)b * p.spt;
+
+  // ---- Q tile -> smem ----
+  for (int id = tid; id < M * CH; id += NT) {
+    const int r = id / CH, c = id % CH;
+    const bool ok = r < nrows;
+    const int rr = row0 + (ok ? r : 0);
+    const T* src = q + (int64_t)(q0 + rr / group) * p.sq_t + (int64_t)(kvh * group + rr % group) * p.sq_h + c * 8;
+    cp_async16(Qs + swz<D>(r, c * 8), src, ok);
+  }
+  auto load_kv = [&](int kb, int stage) {
+    T* Ks = KVs + stage * 2 * KB * D;
+    T* Vs = Ks + KB * D;
+    for (int id = tid; id < KB * CH; id += NT) {
+      const int r = id / CH, c = id % CH;
+      const int j = kb + r;
+      const bool ok = j < ke;
+      const int jj = ok ? j : ks;
+      const int64_t page = ptab[jj / p.page_size], slot = jj % p.page_size;
+      cp_async16(Ks + swz<D>(r, c * 8), kc + page * p.sk_p + slot * p.sk_s + (int64_t)kvh * p.sk_h + c * 8, ok);
+      cp_async16(Vs + swz<D>(r, c * 8), vc + page * p.sv_p + slot * p.sv_s + (int64_t)kvh * p.sv_h + c * 8, ok);
+    }
+  };
+  const int n_tiles = ke > ks ? (ke - ks + KB - 1) / KB : 0;
+  if (n_tiles > 0) load_kv(ks, 0);
+  cp_async_commit();
+
+  // per-thread rows: g and g+8 of this warp's 16
+  int qpos[2], qblk[2];
+  bool rvalid[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = wm * 16 + g + h * 8;
+    rvalid[h] = r < nrows;
+    const int tok = (row0 + (rvalid[h] ? r : 0)) / group;
+    qpos[h] = first_q + tok;
+    qblk[h] = p.block_ids ? p.block_ids[q0 + tok] : -1;
+  }
+  const float sl2 = p.scale * 1.4426950408889634f;
+  float o[DW / 8][4];
+#pragma unroll
+  for (int i = 0; i < DW / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
+
+  for (int it = 0; it < n_tiles; ++it) {
+    if (it + 1 < n_tiles) {
+      load_kv(ks + (it + 1) * KB, (it + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* Ks = KVs + (it & 1) * 2 * KB * D;
+    const T* Vs = Ks + KB * D;
+    const int kb = ks + it * KB;
+    // S = Q Kᵀ (16 rows x 32 keys per warp)
+    float s[KB / 8][4];
+#pragma unroll
+    for (int i = 0; i < KB / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll 4
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, Qs + swz<D>(wm * 16 + (lane % 16), kk * 16 + (lane / 16) * 8));
+#pragma unroll
+      for (int np = 0; np < KB / 16; ++np) {
+        uint32_t bf[4];
+        ldsm_x4(bf, Ks + swz<D>(np * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+        Mma<T>::run(s[2 * np], a, bf[0], bf[1]);
+        Mma<T>::run(s[2 * np + 1], a, bf[2], bf[3]);
+      }
+    }
+    // mask + online softmax (log2 domain)
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < KB / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const int j = kb + nt * 8 + 2 * t4 + (e & 1);
+        bool ok = rvalid[h] && j < ke;
+        if (ok) {
+          const bool win = p.window <= 0 || j > qpos[h] - p.window;
+          bool vis = j <= qpos[h] && win;
+          if (!vis && p.block_ids && qblk[h] >= 0 && j >= first_q && win)
+            vis = p.block_ids[q0 + (j - first_q)] == qblk[h];
+          ok = vis;
+        }
+        const float v = ok ? s[nt][e] * sl2 : -INFINITY;
+        s[nt][e] = v;
+        mx[h] = fmaxf(mx[h], v);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float mn = fmaxf(mrow[h], mx[h]);
+      const float mu = mn == -INFINITY ? 0.f : mn;
+      alpha[h] = exp2f(mrow[h] - mu);
+      lrow[h] *= alpha[h];
+      mrow[h] = mn;
+      mx[h] = mu;
+    }
+    uint32_t pa[KB / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < KB / 8; ++nt) {
+      const float p0 = exp2f(s[nt][0] - mx[0]), p1 = exp2f(s[nt][1] - mx[0]);
+      const float p2 = exp2f(s[nt][2] - mx[1]), p3 = exp2f(s[nt][3] - mx[1]);
+      lrow[0] += p0 + p1;
+      lrow[1] += p2 + p3;
+      pa[nt / 2][(nt % 2) * 2 + 0] = Mma<T>::pack(p0, p1);
+      pa[nt / 2][(nt % 2) * 2 + 1] = Mma<T>::pack(p2, p3);
+    }
+#pragma unroll
+    for (int i = 0; i < DW / 8; ++i) {
+      o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+      o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+    }
+    // O += P V for this warp's DW columns
+#pragma unroll
+    for (int kk = 0; kk < KB / 16; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < DW / 16; ++dp) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, Vs + swz<D>(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, wd * DW + dp * 16 + (lane / 16) * 8));
+        Mma<T>::run(o[2 * dp], pa[kk], bf[0], bf[1]);
+        Mma<T>::run(o[2 * dp + 1], pa[kk], bf[2], bf[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  // ---- finalize ----
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 1);
+    lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 2);
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (!rvalid[h]) continue;
+    const int r = row0 + wm * 16 + g + h * 8;
+    const int tok = q0 + r / group, head = kvh * group + r % group;
+    const float inv = lrow[h] > 0.f ? 1.f / lrow[h] : 0.f;
+    if (p.num_splits == 1) {
+      T* orow = out + (int64_t)tok * p.so_t + (int64_t)head * p.so_h + wd * DW;
+#pragma unroll
+      for (int nt = 0; nt < DW / 8; ++nt) {
+        orow[nt * 8 + 2 * t4] = from_f<T>(o[nt][2 * h] * inv);
+        orow[nt * 8 + 2 * t4 + 1] = from_f<T>(o[nt][2 * h + 1] * inv);
+      }
+    } else {
+      const int64_t base = ((int64_t)split * p.T + tok) * p.H + head;
+      float* orow = p.ws_o + base * D + wd * DW;
+#pragma unroll
+      for (int nt = 0; nt < DW / 8; ++nt)
+        *reinterpret_cast<float2*>(orow + nt * 8 + 2 * t4) = make_float2(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+      if (wd == 0 && t4 == 0) p.ws_lse[base] = lrow[h] > 0.f ? mrow[h] + log2f(lrow[h]) : -INFINITY;
+    }
+  }
+}
+
+// out[t, h] = Σ_s 2^(lse_s − max) O_s / Σ_s 2^(lse_s − max)
+template <typename T>
+__global__ void merge_kernel(const AttnParams p) {
+  const int64_t th = blockIdx.x;  // token * H + head
+  const int tok = (int)(th / p.H), head = (int)(th % p.H);
+  const int S = p.num_splits;
+  const int64_t stride = (int64_t)p.T * p.H;
+  float mx = -INFINITY;
+  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.ws_lse[s * stride + th]);
+  T* orow = static_cast<T*>(p.out) + (int64_t)tok * p.so_t + (int64_t)head * p.so_h;
+  for (int d = threadIdx.x * 4; d < p.D; d += blockDim.x * 4) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float l = p.ws_lse[s * stride + th];
+      if (l == -INFINITY) continue;
+      const float w = exp2f(l - mx);
+      const float4 v = *reinterpret_cast<const float4*>(p.ws_o + (s * stride + th) * p.D + d);
+      acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
+      den += w;
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) orow[d + i] = from_f<T>(acc[i] * inv);
+  }
+}
+
+template <typename T, int D, int WM>
+cudaError_t run(const AttnParams& p, cudaStream_t st) {
+  using C = Cfg<T, D, WM>;
+  auto kern = attn_kernel<T, D, WM>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess) return e;
+  dim3 grid(p.max_tiles, p.KVH, p.num_splits);
+  kern<<<grid, C::NT, C::SMEM, st>>>(p);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || p.num_splits == 1) return e;
+  merge_kernel<T><<<(unsigned)((int64_t)p.T * p.H), min(128, p.D / 4), 0, st>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_paged_attention(int dtype, const AttnParams& p, cudaStream_t st) {
+  if (p.T == 0 || p.max_tiles == 0) return cudaSuccess;
+  if (p.num_splits > 1 && (p.split_size % KB) != 0) return cudaErrorInvalidValue;
+#define G4_ATTN(T)                                                       \
+  if (p.D == 256) return p.warps_m == 1 ? run<T, 256, 1>(p, st) : run<T, 256, 4>(p, st); \
+  if (p.D == 512) return p.warps_m == 1 ? run<T, 512, 1>(p, st) : run<T, 512, 4>(p, st); \
+  return cudaErrorInvalidValue;
+  if (dtype == kBF16) { G4_ATTN(__nv_bfloat16) }
+  if (dtype == kF16) { G4_ATTN(__half) }
+#undef G4_ATTN
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace g4

@@ -1,0 +1,76 @@
+// Host-side entry points of every kernel (torch-free). Each returns the launch's cudaError_t.
+// Strides are in elements. Pointers are device pointers. dtype: g4::DType.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace g4 {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// ---- norms (csrc/norm) -------------------------------------------------------------------------
+// rows x n, row strides; weight may be null. mode 0: y = rms(x)·w
+// mode 1 (add_rms_norm): r = x + res -> res_out; y = rms(r)·w
+// mode 2 (norm_add_scale): y = (res + rms(x)·w) · scale  (scale may be null)
+cudaError_t launch_norm(int mode, int dtype, const void* x, int64_t sx, const void* res, int64_t sres,
+                        const void* w, const void* scale, int scale_dtype, void* y, int64_t sy,
+                        void* res_out, int64_t sres_out, int64_t rows, int n, float eps, cudaStream_t st);
+
+// ---- head norm + rope (csrc/rope) ------------------------------------------------------------------
+// x: [T, H, D] strides (st, sh, 1); cos/sin: [T, D/2] fp32 strides (sc, 1) (null = no rope).
+cudaError_t launch_head_norm_rope(int dtype, const void* x, int64_t sxt, int64_t sxh, const void* w,
+                                  const float* cos, const float* sin, int64_t sct, int64_t sst,
+                                  void* y, int64_t syt, int64_t syh, int64_t T, int H, int D, float eps,
+                                  cudaStream_t st);
+
+// ---- activation ----------------------------------------------------------------------------------
+cudaError_t launch_gelu_tanh_and_mul(int dtype, const void* x, int64_t sx, void* y, int64_t sy,
+                                     int64_t rows, int I, cudaStream_t st);
+
+// ---- attention (csrc/attention) --------------------------------------------------------------------
+cudaError_t launch_store_kv(int dtype, const void* k, int64_t skt, int64_t skh, const void* v,
+                            int64_t svt, int64_t svh, void* kc, const int64_t* kc_strides,
+                            void* vc, const int64_t* vc_strides, const int64_t* slot_mapping,
+                            int64_t T, int KVH, int D, int page_size, cudaStream_t st);
+
+struct AttnParams {
+  const void* q; int64_t sq_t, sq_h;          // [T, H, D]
+  const void* kc; const void* vc;             // [P, S, KVH, D]
+  int64_t sk_p, sk_s, sk_h, sv_p, sv_s, sv_h;
+  const int32_t* page_table; int64_t spt;     // [B, max_pages]
+  const int32_t* cu_seqlens_q;                // [B+1]
+  const int32_t* seq_lens;                    // [B]
+  const int32_t* block_ids;                   // [T] or null
+  void* out; int64_t so_t, so_h;              // [T, H, D]
+  float* ws_o; float* ws_lse;                 // [splits, T, H, D], [splits, T, H] (splits>1)
+  int T, H, KVH, D, B, page_size;
+  int window;                                 // <= 0: none
+  float scale;
+  int num_splits, split_size;                 // split_size: keys per split (multiple of 32)
+  int max_tiles;                              // grid bound on row tiles
+  int warps_m;                                // 1 (decode) or 4 (prefill)
+};
+cudaError_t launch_paged_attention(int dtype, const AttnParams& p, cudaStream_t st);
+
+// ---- moe (csrc/moe) ------------------------------------------------------------------------------------
+cudaError_t launch_moe_route(int dtype, const void* logits, int64_t sl, int64_t T, int E, int k,
+                             const void* scale, int scale_dtype, float* w_out, int32_t* ids_out,
+                             cudaStream_t st);
+// Sort the T·k (token, slot) pairs by expert into BM-row tiles. sorted: [cap_rows] (entry =
+// token·k + j, or −1 padding); tile_expert: [cap_tiles]; num_tiles: [1].
+cudaError_t launch_moe_align(const int32_t* ids, int64_t T, int k, int E, int BM, int32_t* sorted,
+                             int32_t* tile_expert, int32_t* num_tiles, int cap_tiles, cudaStream_t st);
+// h[row] = gelu(x[tok] Gᵀ) ⊙ (x[tok] Uᵀ) for sorted rows; then ybuf[t·k+j] = w · (h Dᵀ); out = Σ_j.
+cudaError_t launch_moe_experts(int dtype, const void* x, int64_t sx, const void* gate_up,
+                               const void* down, const float* weights, const int32_t* sorted,
+                               const int32_t* tile_expert, const int32_t* num_tiles, int cap_tiles,
+                               int BM, void* hbuf, float* ybuf, void* out, int64_t so, int64_t T,
+                               int k, int E, int d, int I, cudaStream_t st);
+
+// ---- sampling (csrc/sampling) ------------------------------------------------------------------------
+cudaError_t launch_sample(int dtype, const void* logits, int64_t sl, int64_t N, int V, float softcap,
+                          const float* temperature, const int32_t* top_k, const float* top_p,
+                          const float* min_p, const int64_t* seeds, const int64_t* steps,
+                          int64_t* out, cudaStream_t st);
+
+}  // namespace g4

@@ -1,0 +1,252 @@
+// The only TORCH_LIBRARY(gemma4rt): every op is an out-variant (writes caller-owned outputs),
+// allocates nothing, never synchronises and never reads device values on the host, so CUDA graphs
+// and torch.compile can hold them. Kernels live in csrc/<family>/*.cu behind g4::launch_*.
+#include <Python.h>
+
+#include "common/torch_utils.h"
+
+// `from gemma4rt import _C` loads this library (which registers the ops below) as a Python module.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "gemma4rt native ops (torch.ops.gemma4rt)",
+                                      -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace g4 {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+void check_weight(const optional<Tensor>& w, const Tensor& x, int64_t n) {
+  if (!w) return;
+  TORCH_CHECK(w->is_cuda() && w->is_contiguous() && w->numel() == n && w->scalar_type() == x.scalar_type(),
+              "weight must be a contiguous CUDA tensor of x's dtype with ", n, " elements");
+}
+
+void rms_norm_op(const Tensor& x, const optional<Tensor>& weight, double eps, Tensor& out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "rms_norm: x [rows, n]");
+  check_weight(weight, x, x.size(1));
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_norm(0, dtype_code(x), x.data_ptr(), x.stride(0), nullptr, 0, G4_OPT_PTR(weight), nullptr, 0,
+                           out.data_ptr(), out.stride(0), nullptr, 0, x.size(0), (int)x.size(1), (float)eps,
+                           stream_of(x)), "rms_norm");
+}
+
+void add_rms_norm_op(const Tensor& x, const Tensor& residual, const optional<Tensor>& weight, double eps, Tensor& out,
+                     Tensor& residual_out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(residual); G4_CHECK_LAST(out); G4_CHECK_LAST(residual_out);
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && out.sizes() == x.sizes() &&
+              residual_out.sizes() == x.sizes(), "add_rms_norm: shapes");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+              residual_out.scalar_type() == x.scalar_type(), "add_rms_norm: dtypes");
+  check_weight(weight, x, x.size(1));
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_norm(1, dtype_code(x), x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                           G4_OPT_PTR(weight), nullptr, 0, out.data_ptr(), out.stride(0), residual_out.data_ptr(),
+                           residual_out.stride(0), x.size(0), (int)x.size(1), (float)eps, stream_of(x)), "add_rms_norm");
+}
+
+void norm_add_scale_op(const Tensor& x, const Tensor& residual, const optional<Tensor>& weight,
+                       const optional<Tensor>& scale, double eps, Tensor& out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(residual); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && out.sizes() == x.sizes(), "norm_add_scale: shapes");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), "norm_add_scale: dtypes");
+  check_weight(weight, x, x.size(1));
+  if (scale) TORCH_CHECK(scale->is_cuda() && scale->numel() == 1 && scale->scalar_type() == at::kFloat, "scale: [1] fp32");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_norm(2, dtype_code(x), x.data_ptr(), x.stride(0), residual.data_ptr(), residual.stride(0),
+                           G4_OPT_PTR(weight), G4_OPT_PTR(scale), kF32, out.data_ptr(), out.stride(0), nullptr, 0,
+                           x.size(0), (int)x.size(1), (float)eps, stream_of(x)), "norm_add_scale");
+}
+
+void head_norm_rope_op(const Tensor& x, const optional<Tensor>& weight, double eps, const optional<Tensor>& cos,
+                       const optional<Tensor>& sin, Tensor& out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 3 && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(), "head_norm_rope: x [T, H, D]");
+  const int64_t D = x.size(2);
+  TORCH_CHECK(D % 2 == 0 && D <= 512, "head_norm_rope: even D <= 512");
+  check_weight(weight, x, D);
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin go together");
+  if (cos) {
+    TORCH_CHECK(cos->scalar_type() == at::kFloat && sin->scalar_type() == at::kFloat && cos->dim() == 2 &&
+                cos->size(0) == x.size(0) && cos->size(1) == D / 2 && sin->sizes() == cos->sizes() &&
+                cos->stride(1) == 1 && sin->stride(1) == 1, "cos/sin: [T, D/2] fp32");
+  }
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_head_norm_rope(dtype_code(x), x.data_ptr(), x.stride(0), x.stride(1), G4_OPT_PTR(weight),
+                                     cos ? cos->data_ptr<float>() : nullptr, sin ? sin->data_ptr<float>() : nullptr,
+                                     cos ? cos->stride(0) : 0, sin ? sin->stride(0) : 0, out.data_ptr(), out.stride(0),
+                                     out.stride(1), x.size(0), (int)x.size(1), (int)D, (float)eps, stream_of(x)),
+               "head_norm_rope");
+}
+
+void gelu_tanh_and_mul_op(const Tensor& x, Tensor& out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && out.dim() == 2 && out.size(0) == x.size(0) &&
+              out.size(1) == x.size(1) / 2 && out.scalar_type() == x.scalar_type(), "gelu_tanh_and_mul: [T, 2I] -> [T, I]");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_gelu_tanh_and_mul(dtype_code(x), x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
+                                        x.size(0), (int)out.size(1), stream_of(x)), "gelu_tanh_and_mul");
+}
+
+void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
+  G4_CHECK_CUDA(k); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache);
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
+              k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2), "store_kv: k/v [T, KVH, D], cache [P, S, KVH, D]");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
+              k.scalar_type() == v.scalar_type(), "store_kv: dtypes");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+              slot_mapping.numel() == k.size(0), "slot_mapping: [T] int64");
+  const int64_t ks[3] = {k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)};
+  const int64_t vs[3] = {v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)};
+  c10::cuda::CUDAGuard g(k.device());
+  check_launch(launch_store_kv(dtype_code(k), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0),
+                               v.stride(1), k_cache.data_ptr(), ks, v_cache.data_ptr(), vs,
+                               slot_mapping.data_ptr<int64_t>(), k.size(0), (int)k.size(1), (int)k.size(2),
+                               (int)k_cache.size(1), stream_of(k)), "store_kv");
+}
+
+void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& page_table,
+                        const Tensor& cu_seqlens_q, const Tensor& seq_lens, const optional<Tensor>& block_ids,
+                        int64_t sliding_window, double scale, int64_t num_splits, int64_t split_size,
+                        int64_t max_tiles, int64_t warps_m, Tensor& out, Tensor& ws_o, Tensor& ws_lse) {
+  G4_CHECK_CUDA(q); G4_CHECK_LAST(q); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache); G4_CHECK_LAST(out);
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && out.sizes() == q.sizes(),
+              "paged_attention: q [T, H, D], caches [P, S, KVH, D]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type() &&
+              out.scalar_type() == q.scalar_type(), "paged_attention: dtypes");
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && H % KVH == 0 && (D == 256 || D == 512), "paged_attention: D in {256, 512}, H % KVH == 0");
+  TORCH_CHECK(q.stride(0) % 8 == 0 && q.stride(1) % 8 == 0 && k_cache.stride(0) % 8 == 0 && k_cache.stride(1) % 8 == 0 &&
+              k_cache.stride(2) % 8 == 0 && v_cache.stride(0) % 8 == 0 && v_cache.stride(1) % 8 == 0 &&
+              v_cache.stride(2) % 8 == 0, "paged_attention: strides must be multiples of 8 elements");
+  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 && page_table.stride(1) == 1, "page_table: [B, pages] int32");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_q.is_contiguous() && seq_lens.scalar_type() == at::kInt &&
+              seq_lens.is_contiguous() && cu_seqlens_q.numel() == seq_lens.numel() + 1 &&
+              page_table.size(0) >= seq_lens.numel(), "cu_seqlens_q [B+1], seq_lens [B]: int32");
+  if (block_ids) TORCH_CHECK(block_ids->scalar_type() == at::kInt && block_ids->is_contiguous() && block_ids->numel() == T, "block_ids: [T] int32");
+  TORCH_CHECK(num_splits >= 1 && (warps_m == 1 || warps_m == 4), "paged_attention: plan");
+  if (num_splits > 1) {
+    TORCH_CHECK(ws_o.scalar_type() == at::kFloat && ws_o.is_contiguous() && ws_o.numel() >= num_splits * T * H * D &&
+                ws_lse.scalar_type() == at::kFloat && ws_lse.is_contiguous() && ws_lse.numel() >= num_splits * T * H,
+                "paged_attention: workspace [splits, T, H, D] / [splits, T, H] fp32");
+  }
+  AttnParams p{};
+  p.q = q.data_ptr(); p.sq_t = q.stride(0); p.sq_h = q.stride(1);
+  p.kc = k_cache.data_ptr(); p.vc = v_cache.data_ptr();
+  p.sk_p = k_cache.stride(0); p.sk_s = k_cache.stride(1); p.sk_h = k_cache.stride(2);
+  p.sv_p = v_cache.stride(0); p.sv_s = v_cache.stride(1); p.sv_h = v_cache.stride(2);
+  p.page_table = page_table.data_ptr<int32_t>(); p.spt = page_table.stride(0);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>(); p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.block_ids = block_ids ? block_ids->data_ptr<int32_t>() : nullptr;
+  p.out = out.data_ptr(); p.so_t = out.stride(0); p.so_h = out.stride(1);
+  p.ws_o = num_splits > 1 ? ws_o.data_ptr<float>() : nullptr;
+  p.ws_lse = num_splits > 1 ? ws_lse.data_ptr<float>() : nullptr;
+  p.T = (int)T; p.H = (int)H; p.KVH = (int)KVH; p.D = (int)D; p.B = (int)seq_lens.numel();
+  p.page_size = (int)k_cache.size(1); p.window = (int)sliding_window; p.scale = (float)scale;
+  p.num_splits = (int)num_splits; p.split_size = (int)split_size; p.max_tiles = (int)max_tiles; p.warps_m = (int)warps_m;
+  c10::cuda::CUDAGuard g(q.device());
+  check_launch(launch_paged_attention(dtype_code(q), p, stream_of(q)), "paged_attention");
+}
+
+void moe_route_op(const Tensor& logits, int64_t top_k, const optional<Tensor>& scale, Tensor& weights, Tensor& ids) {
+  G4_CHECK_CUDA(logits); G4_CHECK_LAST(logits);
+  TORCH_CHECK(logits.dim() == 2, "moe_route: logits [T, E]");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.numel() == T * top_k &&
+              ids.scalar_type() == at::kInt && ids.is_contiguous() && ids.numel() == T * top_k, "moe_route: outputs [T, k]");
+  if (scale) TORCH_CHECK(scale->is_contiguous() && scale->numel() == E && scale->scalar_type() == at::kFloat, "per_expert_scale [E] fp32");
+  c10::cuda::CUDAGuard g(logits.device());
+  check_launch(launch_moe_route(dtype_code(logits), logits.data_ptr(), logits.stride(0), T, (int)E, (int)top_k,
+                                G4_OPT_PTR(scale), kF32, weights.data_ptr<float>(), ids.data_ptr<int32_t>(),
+                                stream_of(logits)), "moe_route");
+}
+
+void moe_align_op(const Tensor& ids, int64_t num_experts, int64_t block_m, Tensor& sorted, Tensor& tile_expert,
+                  Tensor& num_tiles) {
+  G4_CHECK_CUDA(ids);
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kInt && ids.is_contiguous(), "moe_align: ids [T, k] int32");
+  TORCH_CHECK(sorted.scalar_type() == at::kInt && tile_expert.scalar_type() == at::kInt && num_tiles.scalar_type() == at::kInt &&
+              sorted.numel() == tile_expert.numel() * block_m && num_tiles.numel() >= 1, "moe_align: outputs");
+  c10::cuda::CUDAGuard g(ids.device());
+  check_launch(launch_moe_align(ids.data_ptr<int32_t>(), ids.size(0), (int)ids.size(1), (int)num_experts, (int)block_m,
+                                sorted.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(), num_tiles.data_ptr<int32_t>(),
+                                (int)tile_expert.numel(), stream_of(ids)), "moe_align");
+}
+
+void moe_experts_op(const Tensor& x, const Tensor& gate_up, const Tensor& down, const Tensor& weights,
+                    const Tensor& sorted, const Tensor& tile_expert, const Tensor& num_tiles, int64_t block_m,
+                    Tensor& out, Tensor& hbuf, Tensor& ybuf) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && gate_up.dim() == 3 && down.dim() == 3 && gate_up.is_contiguous() && down.is_contiguous(),
+              "moe_experts: x [T, d], gate_up [E, 2I, d], down [E, d, I] contiguous");
+  const int64_t T = x.size(0), d = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
+  TORCH_CHECK(gate_up.size(2) == d && down.size(0) == E && down.size(1) == d && down.size(2) == I, "moe_experts: shapes");
+  TORCH_CHECK(gate_up.scalar_type() == x.scalar_type() && down.scalar_type() == x.scalar_type() &&
+              out.scalar_type() == x.scalar_type() && hbuf.scalar_type() == x.scalar_type(), "moe_experts: dtypes");
+  const int64_t k = weights.size(1);
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.size(0) == T, "weights [T, k] fp32");
+  TORCH_CHECK(hbuf.is_contiguous() && hbuf.numel() >= sorted.numel() * I && ybuf.scalar_type() == at::kFloat &&
+              ybuf.is_contiguous() && ybuf.numel() >= T * k * d && out.sizes() == x.sizes(), "moe_experts: buffers");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_moe_experts(dtype_code(x), x.data_ptr(), x.stride(0), gate_up.data_ptr(), down.data_ptr(),
+                                  weights.data_ptr<float>(), sorted.data_ptr<int32_t>(), tile_expert.data_ptr<int32_t>(),
+                                  num_tiles.data_ptr<int32_t>(), (int)tile_expert.numel(), (int)block_m, hbuf.data_ptr(),
+                                  ybuf.data_ptr<float>(), out.data_ptr(), out.stride(0), T, (int)k, (int)E, (int)d,
+                                  (int)I, stream_of(x)), "moe_experts");
+}
+
+void sample_op(const Tensor& logits, const Tensor& temperature, const Tensor& top_k, const Tensor& top_p,
+               const Tensor& min_p, const Tensor& seeds, const Tensor& steps, double softcap, Tensor& out) {
+  G4_CHECK_CUDA(logits); G4_CHECK_LAST(logits);
+  TORCH_CHECK(logits.dim() == 2, "sample: logits [N, V]");
+  const int64_t N = logits.size(0);
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat && top_p.scalar_type() == at::kFloat && min_p.scalar_type() == at::kFloat &&
+              top_k.scalar_type() == at::kInt && seeds.scalar_type() == at::kLong && steps.scalar_type() == at::kLong &&
+              out.scalar_type() == at::kLong, "sample: parameter dtypes (f32 temperature/top_p/min_p, i32 top_k, i64 seeds/steps/out)");
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&temperature, &top_k, &top_p, &min_p, &seeds, &steps, &out})
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N, "sample: per-row tensors [N]");
+  c10::cuda::CUDAGuard g(logits.device());
+  check_launch(launch_sample(dtype_code(logits), logits.data_ptr(), logits.stride(0), N, (int)logits.size(1), (float)softcap,
+                             temperature.data_ptr<float>(), top_k.data_ptr<int32_t>(), top_p.data_ptr<float>(),
+                             min_p.data_ptr<float>(), seeds.data_ptr<int64_t>(), steps.data_ptr<int64_t>(),
+                             out.data_ptr<int64_t>(), stream_of(logits)), "sample");
+}
+
+}  // namespace
+}  // namespace g4
+
+TORCH_LIBRARY(gemma4rt, m) {
+  m.def("rms_norm(Tensor x, Tensor? weight, float eps, Tensor(a!) out) -> ()");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, Tensor(a!) out, Tensor(b!) residual_out) -> ()");
+  m.def("norm_add_scale(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, float eps, Tensor(a!) out) -> ()");
+  m.def("head_norm_rope(Tensor x, Tensor? weight, float eps, Tensor? cos, Tensor? sin, Tensor(a!) out) -> ()");
+  m.def("gelu_tanh_and_mul(Tensor x, Tensor(a!) out) -> ()");
+  m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
+        "Tensor seq_lens, Tensor? block_ids, int sliding_window, float scale, int num_splits, int split_size, "
+        "int max_tiles, int warps_m, Tensor(a!) out, Tensor(b!) ws_o, Tensor(c!) ws_lse) -> ()");
+  m.def("moe_route(Tensor logits, int top_k, Tensor? per_expert_scale, Tensor(a!) weights, Tensor(b!) ids) -> ()");
+  m.def("moe_align(Tensor ids, int num_experts, int block_m, Tensor(a!) sorted, Tensor(b!) tile_expert, "
+        "Tensor(c!) num_tiles) -> ()");
+  m.def("moe_experts(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor sorted, Tensor tile_expert, "
+        "Tensor num_tiles, int block_m, Tensor(a!) out, Tensor(b!) hbuf, Tensor(c!) ybuf) -> ()");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seeds, "
+        "Tensor steps, float softcap, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
+  m.impl("rms_norm", &g4::rms_norm_op);
+  m.impl("add_rms_norm", &g4::add_rms_norm_op);
+  m.impl("norm_add_scale", &g4::norm_add_scale_op);
+  m.impl("head_norm_rope", &g4::head_norm_rope_op);
+  m.impl("gelu_tanh_and_mul", &g4::gelu_tanh_and_mul_op);
+  m.impl("store_kv", &g4::store_kv_op);
+  m.impl("paged_attention", &g4::paged_attention_op);
+  m.impl("moe_route", &g4::moe_route_op);
+  m.impl("moe_align", &g4::moe_align_op);
+  m.impl("moe_experts", &g4::moe_experts_op);
+  m.impl("sample", &g4::sample_op);
+}

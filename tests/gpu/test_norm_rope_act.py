@@ -1,0 +1,132 @@
+"""Native norms, head-norm+RoPE and gelu-and-mul vs the references (odd sizes, strided views,
+bf16/fp16/fp32, poisoned outputs, opcheck, CUDA-graph replay)."""
+import pytest
+import torch
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_util import require_native  # noqa: E402
+
+require_native()
+
+from gpu_util import DEV, assert_close, graph_replay, poison  # noqa: E402
+from gemma4rt.ops import activation, norm, rope  # noqa: E402
+from gemma4rt.ops import reference as ref  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SIZES = [(1, 2816), (7, 5376), (33, 1000), (5, 130), (3, 77)]
+
+
+def _x(rows, n, dtype, strided):
+    if strided:  # a row-strided view: every other row of a wider buffer, offset columns
+        big = torch.randn(rows * 2, n + 24, device=DEV, dtype=dtype) * 2
+        return big[::2, 8:8 + n]
+    return torch.randn(rows, n, device=DEV, dtype=dtype) * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_rms_norm(dtype, rows, n, strided):
+    x = _x(rows, n, dtype, strided)
+    w = torch.randn(n, device=DEV, dtype=dtype)
+    for weight in (w, None):
+        out = poison(rows, n, dtype=dtype)
+        torch.ops.gemma4rt.rms_norm(x, weight, 1e-6, out)
+        assert_close(out, ref.rms_norm(x, weight, 1e-6), dtype, "rms_norm")
+        assert_close(norm.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6), dtype, "rms_norm wrapper")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_add_rms_norm(dtype, rows, n):
+    x, r = _x(rows, n, dtype, True), _x(rows, n, dtype, False)
+    w = torch.randn(n, device=DEV, dtype=dtype)
+    out, r_out = poison(rows, n, dtype=dtype), poison(rows, n, dtype=dtype)
+    torch.ops.gemma4rt.add_rms_norm(x, r, w, 1e-6, out, r_out)
+    ey, er = ref.add_rms_norm(x, r, w, 1e-6)
+    assert_close(r_out, er, dtype, "residual")
+    assert_close(out, ey, dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_norm_add_scale(dtype, rows, n):
+    x, r = _x(rows, n, dtype, True), _x(rows, n, dtype, False)
+    w = torch.randn(n, device=DEV, dtype=dtype)
+    for scale in (torch.tensor([0.37], device=DEV), None):
+        out = poison(rows, n, dtype=dtype)
+        torch.ops.gemma4rt.norm_add_scale(x, r, w, scale, 1e-6, out)
+        assert_close(out, ref.norm_add_scale(x, r, w, scale, 1e-6), dtype, "norm_add_scale")
+        assert_close(norm.norm_add_scale(x, r, w, scale, 1e-6), ref.norm_add_scale(x, r, w, scale, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,D", [(1, 8, 256), (13, 4, 512), (5, 3, 128), (9, 2, 72)])
+@pytest.mark.parametrize("mode", ["rope", "norope", "vnorm"])
+def test_head_norm_rope(dtype, T, H, D, mode):
+    big = torch.randn(T, H + 3, D, device=DEV, dtype=dtype)
+    x = big[:, 1:1 + H]  # strided over heads (as a slice of a fused qkv projection)
+    w = None if mode == "vnorm" else torch.randn(D, device=DEV, dtype=dtype)
+    cos = sin = None
+    if mode == "rope":
+        inv = ref.rope_inv_freq(D, 1e6, 0.25, "proportional")
+        cos, sin = ref.rope_cos_sin(torch.randint(0, 9000, (T,), device=DEV), inv.to(DEV))
+    out = poison(T, H, D, dtype=dtype)
+    torch.ops.gemma4rt.head_norm_rope(x, w, 1e-6, cos, sin, out)
+    assert_close(out, ref.head_norm_rope(x, w, 1e-6, cos, sin), dtype, "head_norm_rope")
+    assert_close(rope.head_norm_rope(x, w, 1e-6, cos, sin), ref.head_norm_rope(x, w, 1e-6, cos, sin), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I", [(1, 704), (37, 2112), (6, 100), (3, 37)])
+def test_gelu_tanh_and_mul(dtype, T, I):
+    x = torch.randn(T, 2 * I, device=DEV, dtype=dtype) * 3
+    out = poison(T, I, dtype=dtype)
+    torch.ops.gemma4rt.gelu_tanh_and_mul(x, out)
+    assert_close(out, ref.gelu_tanh_and_mul(x), dtype, "gelu_tanh_and_mul")
+    assert_close(activation.gelu_tanh_and_mul(x), ref.gelu_tanh_and_mul(x), dtype)
+
+
+def test_opcheck():
+    d = torch.bfloat16
+    x, r = torch.randn(4, 256, device=DEV, dtype=d), torch.randn(4, 256, device=DEV, dtype=d)
+    w = torch.randn(256, device=DEV, dtype=d)
+    o1, o2 = torch.empty_like(x), torch.empty_like(x)
+    torch.library.opcheck(torch.ops.gemma4rt.rms_norm.default, (x, w, 1e-6, o1))
+    torch.library.opcheck(torch.ops.gemma4rt.add_rms_norm.default, (x, r, w, 1e-6, o1, o2))
+    torch.library.opcheck(torch.ops.gemma4rt.norm_add_scale.default, (x, r, w, torch.ones(1, device=DEV), 1e-6, o1))
+    torch.library.opcheck(torch.ops.gemma4rt.gelu_tanh_and_mul.default, (x, torch.empty(4, 128, device=DEV, dtype=d)))
+    q = torch.randn(3, 2, 256, device=DEV, dtype=d)
+    cos, sin = torch.rand(3, 128, device=DEV), torch.rand(3, 128, device=DEV)
+    torch.library.opcheck(torch.ops.gemma4rt.head_norm_rope.default, (q, w, 1e-6, cos, sin, torch.empty_like(q)))
+
+
+def test_cuda_graph_replay():
+    d = torch.bfloat16
+    x, r = torch.randn(9, 2816, device=DEV, dtype=d), torch.randn(9, 2816, device=DEV, dtype=d)
+    w = torch.randn(2816, device=DEV, dtype=d)
+    sc = torch.tensor([0.5], device=DEV)
+    q = torch.randn(9, 4, 256, device=DEV, dtype=d)
+    cos, sin = torch.rand(9, 128, device=DEV), torch.rand(9, 128, device=DEV)
+    gu = torch.randn(9, 1408, device=DEV, dtype=d)
+
+    def fn():
+        y, res = norm.add_rms_norm(x, r, w, 1e-6)
+        return y, res, norm.norm_add_scale(x, r, w, sc, 1e-6), rope.head_norm_rope(q, w[:256], 1e-6, cos, sin), \
+            activation.gelu_tanh_and_mul(gu)
+
+    def refill():
+        for t in (x, r, q, gu):
+            t.copy_(torch.randn_like(t))
+        cos.copy_(torch.rand_like(cos))
+
+    y, res, nas, hq, act = graph_replay(fn, None, refill)
+    ey, er = ref.add_rms_norm(x, r, w, 1e-6)
+    assert_close(y, ey, d, "graph y")
+    assert_close(res, er, d, "graph residual")
+    assert_close(nas, ref.norm_add_scale(x, r, w, sc, 1e-6), d, "graph norm_add_scale")
+    assert_close(hq, ref.head_norm_rope(q, w[:256], 1e-6, cos, sin), d, "graph head_norm_rope")
+    assert_close(act, ref.gelu_tanh_and_mul(gu), d, "graph gelu")
