@@ -170,20 +170,27 @@ class DecoderLayer(nn.Module):
         m = self.mlp(u)
         if cfg.enable_moe_block:
             m1 = ops.rms_norm(m, self.post_feedforward_layernorm_1.weight, eps)
-            z = ops.rms_norm(x, None, eps)
-            z = (z.float() * self.router.scale.float() * (cfg.hidden_size ** -0.5)).to(x.dtype)
+            # router input: weightless norm of the raw residual × scale × d^-½, as one weighted norm
+            z = ops.rms_norm(x, self._router_norm_weight(), eps)
             weights, ids = ops.moe_route(self.router.proj(z), cfg.top_k_experts, self.router.per_expert_scale)
             v = ops.rms_norm(x, self.pre_feedforward_layernorm_2.weight, eps)
             e = ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
-            m = (m1.float() + ops.rms_norm(e, self.post_feedforward_layernorm_2.weight, eps).float()).to(x.dtype)
+            m = ops.norm_add_scale(e, m1, self.post_feedforward_layernorm_2.weight, None, eps)   # m1 + norm(e)
         if ple is None:
             return ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, self.layer_scalar, eps)
         x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
         g = F.linear(x, self.per_layer_input_gate.weight)
         g = (F.gelu(g.float(), approximate="tanh") * ple.float()).to(x.dtype)
-        p = ops.rms_norm(self.per_layer_projection(g), self.post_per_layer_input_norm.weight, eps)
-        x = (x.float() + p.float()).to(x.dtype)
-        return (x.float() * self.layer_scalar.float()).to(x.dtype)
+        # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
+        return ops.norm_add_scale(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight,
+                                  self.layer_scalar, eps)
+
+    def _router_norm_weight(self) -> torch.Tensor:
+        w = getattr(self, "_router_w", None)
+        if w is None or w.device != self.router.scale.device:
+            w = (self.router.scale.float() * (self.cfg.hidden_size ** -0.5)).to(self.router.scale.dtype)
+            self._router_w = w
+        return w
 
 
 class Gemma4TextModel(nn.Module):

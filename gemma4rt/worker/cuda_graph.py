@@ -41,6 +41,9 @@ class DecodeGraphs:
         self.scratch = {name: pool.k.shape[1] - 1 for name, pool in runner.kv.items()}
         ctx_len = runner.context_length
         self.width = {name: (ctx_len + pool.page_size - 1) // pool.page_size for name, pool in runner.kv.items()}
+        # context buckets: the attention plan (split-KV sizes) follows the page-table width, so short
+        # contexts get their own graphs instead of planning for the whole context length
+        self.ctx_buckets = sorted({min(ctx_len, c) for c in (4096, ctx_len)})
         B = max_bs
         self.input_ids = torch.zeros(B, dtype=torch.long, device=dev)
         self.positions = torch.zeros(B, dtype=torch.long, device=dev)
@@ -50,8 +53,8 @@ class DecodeGraphs:
                        for n, w in self.width.items()}
         self.slots = {n: torch.full((B,), -1, dtype=torch.long, device=dev) for n in self.width}
         self.logits_indices = torch.arange(B, dtype=torch.long, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
         # pinned host staging buffers
         self.h_ids = torch.zeros(B, dtype=torch.long).pin_memory()
@@ -67,19 +70,33 @@ class DecodeGraphs:
         if not ops.NATIVE_AVAILABLE:
             log.warning("CUDA graphs off: the native extension is not built (the op references sync the host)")
             return None
+        from gemma4rt.ops.attention import NATIVE_HEAD_DIMS
+        head_dims = {l.head_dim for l in runner.config.text.layers}
+        if runner.dtype not in (torch.bfloat16, torch.float16) or not head_dims <= set(NATIVE_HEAD_DIMS):
+            log.warning("CUDA graphs off: the native attention covers bf16/fp16 with head dims %s, this model "
+                        "has %s in %s", NATIVE_HEAD_DIMS, sorted(head_dims), runner.dtype)
+            return None
         max_bs = min(runner.engine_cfg.cuda_graph_max_bs, runner.engine_cfg.scheduler.max_running_requests)
         g = cls(runner, max_bs)
         try:
             g.capture()
-        except Exception:
-            log.exception("CUDA graph capture failed; decode runs eagerly")
+        except Exception as e:
+            # keep no traceback (it would pin the runner and its KV pools in memory)
+            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
+            g.graphs.clear()
+            g.outputs.clear()
+            g.runner = None
+            torch.cuda.synchronize()
             return None
         return g
 
-    def _ctx(self, b: int) -> ForwardContext:
+    def _w(self, name: str, c: int) -> int:
+        return (c + self.runner.kv[name].page_size - 1) // self.runner.kv[name].page_size
+
+    def _ctx(self, b: int, c: int) -> ForwardContext:
         return ForwardContext(
             input_ids=self.input_ids[:b], positions=self.positions[:b], cu_seqlens_q=self.cu[:b + 1],
-            seq_lens=self.seq_lens[:b], page_tables={n: t[:b] for n, t in self.tables.items()},
+            seq_lens=self.seq_lens[:b], page_tables={n: t[:b, :self._w(n, c)] for n, t in self.tables.items()},
             slot_mappings={n: t[:b] for n, t in self.slots.items()}, kv=self.runner.kv,
             logits_indices=self.logits_indices[:b])
 
@@ -89,20 +106,21 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
-                ctx = self._ctx(b)
-                for _ in range(2):                         # warm up (autotuning, lazy init) outside capture
-                    model.compute_logits(model(ctx))
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    out = model.compute_logits(model(ctx))
-                if self.pool is None:
-                    self.pool = g.pool()
-                self.graphs[b] = g
-                self.outputs[b] = out
+            for c in reversed(self.ctx_buckets):
+                for b in reversed(self.buckets):
+                    ctx = self._ctx(b, c)
+                    for _ in range(2):                     # warm up (autotuning, lazy init) outside capture
+                        model.compute_logits(model(ctx))
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                        out = model.compute_logits(model(ctx))
+                    if self.pool is None:
+                        self.pool = g.pool()
+                    self.graphs[(b, c)] = g
+                    self.outputs[(b, c)] = out
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s and contexts %s", self.buckets, self.ctx_buckets)
 
     def can_run(self, scheduled, seqs) -> bool:
         if not scheduled or len(scheduled) > self.max_bs:
@@ -118,9 +136,10 @@ class DecodeGraphs:
     def run(self, arr) -> Optional[torch.Tensor]:
         B = int(arr.input_ids.shape[0])
         b = next(x for x in self.buckets if x >= B)
-        for name, t in arr.page_tables.items():
-            if t.shape[1] > self.width[name]:
-                return None                                  # longer than the context: eager path
+        c = next((x for x in self.ctx_buckets
+                  if all(t.shape[1] <= self._w(n, x) for n, t in arr.page_tables.items())), None)
+        if c is None:
+            return None                                      # longer than the context: eager path
         self.h_ids[:B] = torch.from_numpy(arr.input_ids)
         self.h_ids[B:b] = 0
         self.h_pos[:B] = torch.from_numpy(arr.positions)
@@ -141,5 +160,5 @@ class DecodeGraphs:
             hs[:B] = torch.from_numpy(arr.slot_mappings[name])
             hs[B:b] = -1
             self.slots[name][:b].copy_(hs[:b], non_blocking=True)
-        self.graphs[b].replay()
-        return self.outputs[b][:B]
+        self.graphs[(b, c)].replay()
+        return self.outputs[(b, c)][:B]
