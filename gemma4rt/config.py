@@ -83,8 +83,10 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     disable_cuda_graph: bool = False
+    ple_on_host: bool = False            # E2B/E4B: keep the per-layer-embedding table in pinned host memory
     cuda_graph_max_bs: int = 160
     revision: Optional[str] = None
+    runner: str = "auto"                 # auto (the model) | noop (fake tokens, no model: tests, benchmarks)
 
     def replace(self, **kw) -> "EngineConfig":
         return dataclasses.replace(self, **kw)

@@ -40,7 +40,8 @@ class ForwardContext:
     block_ids: Optional[torch.Tensor] = None
     soft_embeds: Optional[torch.Tensor] = None
     soft_rows: Optional[torch.Tensor] = None
-    # rows whose hidden states the KV-shared layers must still compute (None: all rows)
+    # PLE token rows E_ple[ids] [T, L·P], gathered on the host when the table lives there
+    ple_token_rows: Optional[torch.Tensor] = None
     allow_shared_layer_skip: bool = True
     extras: dict = field(default_factory=dict)
 

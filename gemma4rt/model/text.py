@@ -248,12 +248,22 @@ class Gemma4TextModel(nn.Module):
             x[ctx.soft_rows] = ctx.soft_embeds.to(x.dtype)
         return x, lookup_ids
 
-    def per_layer_inputs(self, x0: torch.Tensor, lookup_ids: torch.Tensor) -> torch.Tensor:
-        """PLE (§3.3): ((RMSNorm(W_pmp·x0·d^-½) + E_ple[ids]·√P) · 2^-½) → [T, L, P]."""
+    def ple_token_rows(self, lookup_ids: torch.Tensor) -> torch.Tensor:
+        """Token part of PLE before scaling: E_ple[ids] → [T, L·P]. When the table lives in (pinned)
+        host memory the ids are gathered there and only the rows travel to the GPU."""
+        w = self.embed_tokens_per_layer.weight
+        if w.device != lookup_ids.device:
+            return F.embedding(lookup_ids.to(w.device), w).to(lookup_ids.device, non_blocking=True)
+        return F.embedding(lookup_ids, w)
+
+    def per_layer_inputs(self, x0: torch.Tensor, lookup_ids: torch.Tensor,
+                         token_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """PLE (§3.3): ((RMSNorm(W_pmp·x0·d^-½) + E_ple[ids]·√P) · 2^-½) → [T, L, P].
+        token_rows: E_ple[ids] gathered by the caller (PLE table kept in host memory)."""
         cfg = self.cfg
         T, L, P = x0.shape[0], cfg.num_layers, cfg.hidden_size_per_layer_input
-        w = self.embed_tokens_per_layer.weight
-        tok = F.embedding(lookup_ids, w) * torch.tensor(math.sqrt(P), dtype=w.dtype)
+        rows = token_rows if token_rows is not None else self.ple_token_rows(lookup_ids)
+        tok = rows.to(x0.dtype) * torch.tensor(math.sqrt(P), dtype=x0.dtype)
         proj = self.per_layer_model_projection(x0) * (cfg.hidden_size ** -0.5)
         proj = ops.rms_norm(proj.view(T, L, P), self.per_layer_projection_norm.weight, cfg.rms_norm_eps)
         return ((proj + tok.view(T, L, P)) * (2.0 ** -0.5)).to(x0.dtype)
@@ -262,7 +272,7 @@ class Gemma4TextModel(nn.Module):
         """Returns the final-normed hidden states of the rows in ctx.logits_indices: [N, d]."""
         cfg = self.cfg
         x, lookup_ids = self.embed(ctx)
-        ple = self.per_layer_inputs(x, lookup_ids) if cfg.has_ple else None
+        ple = self.per_layer_inputs(x, lookup_ids, ctx.ple_token_rows) if cfg.has_ple else None
         cs = {lt: ops.rope_cos_sin(ctx.positions, f) for lt, f in self.inv_freq(x.device).items()}
         block_ids = ctx.block_ids if cfg.use_bidirectional_attention == "vision" else None
         first_shared = cfg.first_kv_shared_layer

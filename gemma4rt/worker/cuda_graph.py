@@ -53,6 +53,10 @@ class DecodeGraphs:
                        for n, w in self.width.items()}
         self.slots = {n: torch.full((B,), -1, dtype=torch.long, device=dev) for n in self.width}
         self.logits_indices = torch.arange(B, dtype=torch.long, device=dev)
+        self.ple_rows = None
+        if runner.ple_host_table is not None:
+            self.ple_rows = torch.zeros(B, runner.ple_host_table.shape[1], dtype=runner.ple_host_table.dtype,
+                                        device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.pool = None
@@ -98,7 +102,8 @@ class DecodeGraphs:
             input_ids=self.input_ids[:b], positions=self.positions[:b], cu_seqlens_q=self.cu[:b + 1],
             seq_lens=self.seq_lens[:b], page_tables={n: t[:b, :self._w(n, c)] for n, t in self.tables.items()},
             slot_mappings={n: t[:b] for n, t in self.slots.items()}, kv=self.runner.kv,
-            logits_indices=self.logits_indices[:b])
+            logits_indices=self.logits_indices[:b],
+            ple_token_rows=None if self.ple_rows is None else self.ple_rows[:b])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -160,5 +165,7 @@ class DecodeGraphs:
             hs[:B] = torch.from_numpy(arr.slot_mappings[name])
             hs[B:b] = -1
             self.slots[name][:b].copy_(hs[:b], non_blocking=True)
+        if self.ple_rows is not None:
+            self.ple_rows[:B].copy_(self.runner.ple_rows_from_host(arr.input_ids), non_blocking=True)
         self.graphs[(b, c)].replay()
         return self.outputs[(b, c)][:B]

@@ -85,6 +85,16 @@ class ModelRunner:
             load_weights(model, self.config, self.model_dir, self.dtype, self.device)
         else:
             init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed)
+        self.ple_host_table = None
+        if engine_cfg.ple_on_host and self.config.text.has_ple and self.device.type == "cuda":
+            # 2.3-2.8 B parameters that are only gathered: keep them in pinned host memory
+            from gemma4rt.model.loader import set_tensor
+            name = "language_model.embed_tokens_per_layer.weight"
+            w = model.get_parameter(name).detach().to("cpu").pin_memory()
+            set_tensor(model, name, w)
+            self.ple_host_table = w
+            torch.cuda.empty_cache()
+            log.info("PLE table (%.2f GB) kept in pinned host memory", w.numel() * w.element_size() / 1e9)
         if os.environ.get("GEMMA4RT_FUSE_PROJECTIONS", "1") != "0":
             model.language_model.fuse_projections()
         self.model = model
@@ -267,11 +277,30 @@ class ModelRunner:
             seq_lens=t(arr.seq_lens), page_tables={k: t(v) for k, v in arr.page_tables.items()},
             slot_mappings={k: t(v) for k, v in arr.slot_mappings.items()}, kv=self.kv,
             logits_indices=t(arr.logits_indices))
+        if self.ple_host_table is not None:
+            ctx.ple_token_rows = self.ple_rows_from_host(arr.input_ids).to(dev, non_blocking=True)
         if any(self.seqs[sr.rid].mm_items for sr in scheduled):
             # soft tokens of images / audio in this step's rows, and bidirectional image blocks
             from gemma4rt.worker.mm_inputs import attach_mm_inputs
             attach_mm_inputs(self.model, ctx, [(sr, self.seqs[sr.rid]) for sr in scheduled], self.mm_cache)
         return ctx, rows
+
+    def ple_rows_from_host(self, input_ids: np.ndarray) -> torch.Tensor:
+        """E_ple rows of a step's tokens gathered from the host table into pinned memory
+        (multimodal placeholders look up the pad row, as the model does)."""
+        ids = torch.from_numpy(input_ids)
+        mm = self.model.language_model.mm_token_ids
+        if mm:
+            ids = torch.where(torch.isin(ids, torch.tensor(mm)), self.config.text.pad_token_id, ids)
+        table = self.ple_host_table
+        buf = getattr(self, "_ple_pinned", None)
+        if buf is None or buf.shape[0] < ids.shape[0]:
+            # reused between steps: a step's copy has finished before the next step's gather
+            buf = torch.empty(max(ids.shape[0], 256), table.shape[1], dtype=table.dtype, pin_memory=True)
+            self._ple_pinned = buf
+        out = buf[:ids.shape[0]]
+        torch.index_select(table, 0, ids, out=out)
+        return out
 
     def _sample(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, rows) -> list[SampledTokens]:
         out: list[SampledTokens] = []

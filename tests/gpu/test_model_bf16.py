@@ -86,3 +86,28 @@ def test_decode_cuda_graphs_equal_eager_decode():
     print(f"[graphs-vs-eager] E2B bf16: {same}/{total} greedy tokens identical")
     # bf16 arithmetic order may differ between the two paths; near-ties can flip a late token
     assert outs[True][0][:8] == outs[False][0][:8] and same >= 0.9 * total
+
+
+def test_ple_table_in_host_memory_gives_the_same_logits():
+    """--ple-on-host (E2B geometry): the PLE table in pinned host memory, rows gathered on the host,
+    gives the logits of the on-device table, eager prefill and graph decode alike."""
+    if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
+        pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "model"))
+    from _driver import greedy_generate
+    from gemma4rt.config import CacheConfig, SchedulerConfig
+    _free()
+    res = {}
+    ids = [2] + list(range(1000, 1100))
+    for host in (False, True):
+        r = ModelRunner(EngineConfig(model_path="gemma-4-E2B-it", load_format="dummy", device="cuda",
+                                     dtype="bfloat16", ple_on_host=host, cuda_graph_max_bs=4,
+                                     cache=CacheConfig(max_total_tokens=1 << 14),
+                                     scheduler=SchedulerConfig(max_running_requests=4)))
+        assert (r.ple_host_table is not None) == host
+        res[host] = (r.score(ids).float().cpu(), greedy_generate(r, [ids], 8))
+        del r
+        _free()
+    assert torch.equal(res[True][0], res[False][0])
+    assert res[True][1] == res[False][1]
