@@ -105,3 +105,6 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 16, "audio": 4})
     allow_private_media_urls: bool = False
+    mm_processor_kwargs: dict = field(default_factory=dict)     # {"max_soft_tokens": 280}
+    media_fetch_timeout: float = 10.0
+    max_media_bytes: int = 20 * 2**20

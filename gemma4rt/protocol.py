@@ -21,8 +21,8 @@ import msgspec
 class GrammarSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A constraint on the generated text, compiled by the worker's grammar backend.
 
-    kind: "json_schema" | "json_object" | "regex" | "ebnf" | "structural"; value: the schema JSON
-    text / regex / grammar text. If `after_token_ids` is non-empty, the constraint applies only once
+    kind: "json_schema" | "json_object" | "regex" | "ebnf" | "tool_call"; value: the schema JSON
+    text / regex / grammar text / tool list (worker/grammar.py). If `after_token_ids` is non-empty, the constraint applies only once
     one of these token ids has been generated (e.g. the end of the reasoning channel)."""
 
     kind: str
@@ -157,6 +157,7 @@ class SampledTokens(msgspec.Struct, kw_only=True, array_like=True):
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
     prompt_logprobs: Optional[list[Optional[float]]] = None
     prompt_top_logprobs: Optional[list[Optional[list[tuple[int, float]]]]] = None
+    error: Optional[str] = None       # this request failed (e.g. its grammar did not compile)
 
 
 class StepResult(msgspec.Struct, kw_only=True):
@@ -209,7 +210,17 @@ class WorkerFailed(msgspec.Struct, kw_only=True):
     reason: str
 
 
+class EngineReady(msgspec.Struct, kw_only=True):
+    """Engine process -> main process, once the model is loaded and the KV pools exist."""
+
+    model_info: dict                       # config.ModelInfo as a dict (msgspec.structs/asdict)
+    pool_pages: dict[str, int]             # pool name -> pages
+    pool_page_size: dict[str, int]         # pool name -> tokens per page
+    tokenizer_path: str
+    pid: int = 0
+
+
 MESSAGE_TYPES = (
     AddRequest, AbortRequest, FlushCache, Shutdown, StepPlan, StepResult, TokenOutputs,
-    SchedulerStats, WorkerFailed,
+    SchedulerStats, WorkerFailed, EngineReady,
 )

@@ -1,0 +1,201 @@
+"""SGLang-native and utility routes: /generate, /v1/tokenize, /v1/detokenize, /abort_request,
+/flush_cache, /health, /health_generate, /v1/models, /metrics, /get_load."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from gemma4rt.frontend.common import SSE, check_capacity, client_gone, error_status, fan_in, now, read_json
+from gemma4rt.frontend.completions import prompts_to_ids
+from gemma4rt.frontend.errors import APIError, bad_request
+from gemma4rt.frontend.frontdoor import SeqOptions
+from gemma4rt.frontend.structured import from_extras
+from gemma4rt.frontend.sampling import build_sampling, field, stop_strings
+from gemma4rt.protocol import AddRequest, SamplingParams
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    st = request.app["state"]
+    fd = st.frontdoor
+    body = await read_json(request)
+    if body.get("input_ids") is not None:
+        prompts = await prompts_to_ids(st, body, "input_ids")
+        single = not isinstance(body["input_ids"][0], list)
+    elif body.get("text") is not None:
+        prompts = await prompts_to_ids(st, body, "text")
+        single = isinstance(body["text"], str)
+    else:
+        raise bad_request("Either 'text' or 'input_ids' is required.", param="text")
+    spd = field(body, "sampling_params", "dict", {}) or {}
+    stream = field(body, "stream", "bool", False)
+    max_new = field(spd, "max_new_tokens", "int", 128, lo=0)
+    want_lp = field(body, "return_logprob", "bool", False)
+    top_n = field(body, "top_logprobs_num", "int", 0, lo=0, hi=20)
+    grammar = from_extras(spd)
+    check_capacity(fd, len(prompts))
+    adds, opts = [], []
+    base_rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("gen")
+    for pi, ids in enumerate(prompts):
+        sp = build_sampling(body, spd, st.model_info, len(ids), max(max_new, 1), logprobs=want_lp, top_logprobs=top_n,
+                            grammar=grammar)
+        adds.append(AddRequest(rid=base_rid if single else f"{base_rid}-{pi}", prompt_token_ids=ids, sampling=sp))
+        opts.append(SeqOptions(stop=stop_strings(spd), include_stop=field(spd, "no_stop_trim", "bool", False),
+                               skip_special_tokens=field(spd, "skip_special_tokens", "bool", True)))
+    gen = fan_in(fd, adds, opts, client_gone(request))
+    texts = [""] * len(adds)
+    ids_out = [[] for _ in adds]
+    lps = [[] for _ in adds]
+
+    def result(i, ch, fin):
+        meta = {"id": adds[i].rid, "finish_reason": ({"type": fin, "matched": ch.matched_stop} if fin else None),
+                "prompt_tokens": ch.num_prompt_tokens or len(adds[i].prompt_token_ids),
+                "completion_tokens": ch.num_output_tokens, "cached_tokens": ch.num_cached_tokens}
+        if want_lp:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps[i], ids_out[i])]
+        return {"text": texts[i], "output_ids": ids_out[i], "meta_info": meta}
+
+    if stream:
+        sse = SSE(request)
+        await sse.start()
+        try:
+            async for i, ch in gen:
+                if ch.finish_reason == "error":
+                    await sse.send(error_status(fd, ch).body())
+                    break
+                texts[i] += ch.text
+                ids_out[i] += ch.token_ids
+                lps[i] += ch.logprobs or []
+                if not await sse.send(result(i, ch, ch.finish_reason)):
+                    break
+        finally:
+            await gen.aclose()
+        return await sse.done()
+    res = [None] * len(adds)
+    async for i, ch in gen:
+        if ch.finish_reason == "error":
+            await gen.aclose()
+            raise error_status(fd, ch)
+        texts[i] += ch.text
+        ids_out[i] += ch.token_ids
+        lps[i] += ch.logprobs or []
+        if ch.finish_reason:
+            res[i] = result(i, ch, ch.finish_reason)
+    return web.json_response(res[0] if single else res)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    body = await read_json(request)
+    if body.get("messages") is not None:
+        from gemma4rt.frontend.chat import _messages
+        kwargs = dict(field(body, "chat_template_kwargs", "dict", {}) or {})
+        kwargs.setdefault("add_generation_prompt", field(body, "add_generation_prompt", "bool", True))
+        _, ids = await st.tokenizer.render_chat(_messages(body), field(body, "tools", "list", None), kwargs)
+    else:
+        p = body.get("prompt")
+        if not isinstance(p, str):
+            raise bad_request("'prompt' (a string) or 'messages' is required.", param="prompt")
+        ids = await st.tokenizer.encode(p, add_bos=field(body, "add_special_tokens", "bool", True))
+    return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": st.model_info.context_length})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    body = await read_json(request)
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise bad_request("'tokens' must be a list of token ids.", param="tokens")
+    if any(not 0 <= t < st.model_info.vocab_size for t in ids):
+        raise bad_request("'tokens' holds an id outside the vocabulary.", param="tokens")
+    return web.json_response({"prompt": st.tokenizer.decode(ids, skip_special_tokens=False)})
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    body = await read_json(request)
+    if field(body, "abort_all", "bool", False):
+        return web.json_response({"aborted": st.frontdoor.abort_all()})
+    rid = body.get("rid")
+    if not isinstance(rid, str):
+        raise bad_request("'rid' (a string) or 'abort_all' is required.", param="rid")
+    fd = st.frontdoor
+    hit = [r for r in list(fd.queues) if r == rid or r.startswith(rid + "-")]
+    for r in hit:
+        fd.abort_external(r)
+    return web.json_response({"aborted": len(hit)})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    request.app["state"].frontdoor.flush_cache()
+    return web.json_response({"success": True, "message": "Cache flushed."})
+
+
+async def health(request: web.Request) -> web.Response:
+    fd = request.app["state"].frontdoor
+    if not fd.healthy:
+        return web.Response(status=503, text="engine is not running" if fd.engine_dead else "shutting down")
+    return web.Response(status=200, text="")
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    fd = st.frontdoor
+    if not fd.healthy:
+        return web.Response(status=503)
+    add = AddRequest(rid=fd.new_rid("health"), prompt_token_ids=[st.model_info.bos_token_id],
+                     sampling=SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))
+
+    async def one():
+        async for ch in fd.generate(add, SeqOptions()):
+            if ch.finish_reason:
+                return ch.finish_reason != "error"
+    try:
+        ok = await asyncio.wait_for(one(), 20.0)
+    except asyncio.TimeoutError:
+        ok = False
+    return web.Response(status=200 if ok else 503)
+
+
+def _card(st, name: str) -> dict:
+    return {"id": name, "object": "model", "created": st.created, "owned_by": "gemma4rt",
+            "root": st.model_info.model_path or name, "max_model_len": st.model_info.context_length}
+
+
+async def models(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    return web.json_response({"object": "list", "data": [_card(st, st.served_name)]})
+
+
+async def model_card(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    name = request.match_info["model"]
+    if name not in st.model_names:
+        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    return web.json_response(_card(st, name))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    if st.metrics is None:
+        raise APIError(404, "Metrics are off; start the server with --enable-metrics.")
+    return web.Response(body=st.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def get_load(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    s = st.frontdoor.stats
+    d = {"num_open_requests": st.frontdoor.num_open(), "healthy": st.frontdoor.healthy}
+    if s is not None:
+        d.update(num_running=s.num_running, num_waiting=s.num_waiting, pool_usage=s.pool_usage,
+                 pool_pages=s.pool_pages, prefix_hit_tokens=s.prefix_hit_tokens,
+                 prefix_query_tokens=s.prefix_query_tokens, num_preemptions=s.num_preemptions)
+    return web.json_response(d)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    st = request.app["state"]
+    return web.json_response({"model_path": st.model_info.model_path, "served_model_name": st.served_name,
+                              "is_generation": True, "context_length": st.model_info.context_length,
+                              "created": now()}, dumps=json.dumps)

@@ -1,0 +1,144 @@
+"""Request-body validation shared by the routes: typed field access (400 naming the field, never
+422; unknown fields ignored) and the mapping of OpenAI/SGLang sampling fields to SamplingParams."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from gemma4rt.frontend.errors import bad_request, context_error, prompt_too_long
+from gemma4rt.protocol import GrammarSpec, SamplingParams
+
+_MISSING = object()
+MAX_N = 128
+MAX_TOP_LOGPROBS = 20
+
+
+def field(body: dict, name: str, kind: str, default: Any = None, lo=None, hi=None) -> Any:
+    """kind: int | float | bool | str | list | dict | any."""
+    v = body.get(name, _MISSING)
+    if v is _MISSING or v is None:
+        return default
+    ok = {
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+        "list": isinstance(v, list),
+        "dict": isinstance(v, dict),
+        "any": True,
+    }[kind]
+    if kind == "int" and isinstance(v, float) and v.is_integer():
+        v, ok = int(v), True
+    if not ok:
+        raise bad_request(f"'{name}' must be of type {kind}, got {type(v).__name__}.", param=name)
+    if lo is not None and v < lo:
+        raise bad_request(f"'{name}' must be >= {lo}, got {v}.", param=name)
+    if hi is not None and v > hi:
+        raise bad_request(f"'{name}' must be <= {hi}, got {v}.", param=name)
+    return float(v) if kind == "float" else v
+
+
+def stop_strings(body: dict, name: str = "stop") -> list[str]:
+    v = body.get(name)
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v] if v else []
+    if isinstance(v, list) and all(isinstance(s, str) for s in v):
+        if len(v) > 16:
+            raise bad_request(f"'{name}' may hold at most 16 strings.", param=name)
+        return [s for s in v if s]
+    raise bad_request(f"'{name}' must be a string or a list of strings.", param=name)
+
+
+def int_list(body: dict, name: str) -> list[int]:
+    v = body.get(name)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise bad_request(f"'{name}' must be a list of integers.", param=name)
+    return v
+
+
+def logit_bias(body: dict, vocab_size: int) -> Optional[dict[int, float]]:
+    v = field(body, "logit_bias", "dict")
+    if not v:
+        return None
+    out = {}
+    for k, b in v.items():
+        try:
+            t = int(k)
+        except (TypeError, ValueError):
+            raise bad_request(f"'logit_bias' keys must be token ids, got {k!r}.", param="logit_bias")
+        if not 0 <= t < vocab_size:
+            raise bad_request(f"'logit_bias' token id {t} is out of range.", param="logit_bias")
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not -100 <= b <= 100:
+            raise bad_request("'logit_bias' values must be numbers in [-100, 100].", param="logit_bias")
+        out[t] = float(b)
+    return out
+
+
+def check_token_ids(ids: list[int], vocab_size: int, name: str) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise bad_request(f"'{name}' holds token id {t}, outside the vocabulary (0..{vocab_size - 1}).",
+                              param=name)
+
+
+def build_sampling(body: dict, src: dict, model_info, num_prompt_tokens: int,
+                   max_tokens: Optional[int], *, logprobs: bool = False, top_logprobs: int = 0,
+                   prompt_logprobs: bool = False, grammar: Optional[GrammarSpec] = None) -> SamplingParams:
+    """src: where sampling fields live (the body itself, or /generate's sampling_params)."""
+    ctx = model_info.context_length
+    if num_prompt_tokens >= ctx:
+        raise prompt_too_long(num_prompt_tokens, ctx)
+    if max_tokens is None:
+        max_new = ctx - num_prompt_tokens
+    else:
+        if num_prompt_tokens + max_tokens > ctx:
+            raise context_error(num_prompt_tokens, max_tokens, ctx)
+        max_new = max_tokens
+    d = model_info.generation_defaults or {}
+    vocab = model_info.vocab_size
+    stop_ids = int_list(src, "stop_token_ids")
+    check_token_ids(stop_ids, vocab, "stop_token_ids")
+    min_tokens = field(src, "min_tokens", "int", None, lo=0)
+    if min_tokens is None:
+        min_tokens = field(src, "min_new_tokens", "int", 0, lo=0)
+    top_k = field(src, "top_k", "int", d.get("top_k", -1))
+    if top_k is not None and top_k < -1:
+        raise bad_request("'top_k' must be -1 (off) or >= 1.", param="top_k")
+    return SamplingParams(
+        max_new_tokens=max_new,
+        min_new_tokens=min(min_tokens, max_new),
+        temperature=field(src, "temperature", "float", float(d.get("temperature", 1.0)), lo=0.0, hi=2.0),
+        top_p=_top_p(field(src, "top_p", "float", float(d.get("top_p", 1.0)), lo=0.0, hi=1.0)),
+        top_k=top_k if top_k and top_k > 0 else -1,
+        min_p=field(src, "min_p", "float", float(d.get("min_p", 0.0)), lo=0.0, hi=1.0),
+        repetition_penalty=field(src, "repetition_penalty", "float", float(d.get("repetition_penalty", 1.0)),
+                                 lo=0.01, hi=10.0),
+        frequency_penalty=field(src, "frequency_penalty", "float", 0.0, lo=-2.0, hi=2.0),
+        presence_penalty=field(src, "presence_penalty", "float", 0.0, lo=-2.0, hi=2.0),
+        seed=field(src, "seed", "int", None),
+        stop_token_ids=stop_ids,
+        ignore_eos=field(src, "ignore_eos", "bool", False),
+        logprobs=logprobs or top_logprobs > 0,
+        top_logprobs=top_logprobs,
+        prompt_logprobs=prompt_logprobs,
+        logit_bias=logit_bias(src, vocab),
+        suppress_token_ids=list(model_info.suppress_token_ids),
+        grammar=grammar,
+    )
+
+
+def _top_p(v: float) -> float:
+    if v <= 0.0:
+        raise bad_request("'top_p' must be in (0, 1].", param="top_p")
+    return v
+
+
+def with_seed(sp: SamplingParams, i: int) -> SamplingParams:
+    """The i-th choice of an n > 1 request: seed + i when a seed is given."""
+    import msgspec
+    if sp.seed is None or i == 0:
+        return sp
+    return msgspec.structs.replace(sp, seed=sp.seed + i)

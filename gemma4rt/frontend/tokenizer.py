@@ -1,0 +1,79 @@
+"""The tokenizer side of the front door: HF tokenizer, chat template, encode/decode in a thread pool."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from gemma4rt.frontend.errors import bad_request
+
+log = logging.getLogger(__name__)
+THREAD_POOL_MIN_CHARS = 2048      # shorter texts are tokenized inline (cheaper than a thread hop)
+
+
+class TokenizerManager:
+    def __init__(self, path: str, chat_template: Optional[str] = None, bos_token_id: Optional[int] = None,
+                 num_threads: int = 2):
+        from transformers import AutoTokenizer
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if chat_template:
+            with open(chat_template, encoding="utf-8") as f:
+                self.tok.chat_template = f.read()
+        elif not getattr(self.tok, "chat_template", None):
+            p = os.path.join(path, "chat_template.jinja")
+            if os.path.isfile(p):
+                with open(p, encoding="utf-8") as f:
+                    self.tok.chat_template = f.read()
+        self.bos_token_id = bos_token_id if bos_token_id is not None else self.tok.bos_token_id
+        self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenize")
+        self.vocab_size = len(self.tok)
+        self._piece_cache: dict[int, str] = {}
+
+    async def _run(self, fn, *args, big: bool = True):
+        if not big:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- encode ------------------------------------------------------------------------------
+    def _encode(self, text: str, add_bos: bool) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    async def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return await self._run(self._encode, text, add_bos, big=len(text) >= THREAD_POOL_MIN_CHARS)
+
+    def _render(self, messages, tools, kwargs) -> str:
+        if not getattr(self.tok, "chat_template", None):
+            raise bad_request("This model has no chat template; use /v1/completions or pass --chat-template.")
+        try:
+            return self.tok.apply_chat_template(messages, tools=tools or None, tokenize=False, **kwargs)
+        except Exception as e:      # template raise_exception and friends are client mistakes
+            raise bad_request(f"Cannot render the chat template: {e}", param="messages")
+
+    async def render_chat(self, messages: list, tools: Optional[list], kwargs: dict) -> tuple[str, list[int]]:
+        def work():
+            text = self._render(messages, tools, kwargs)
+            return text, self.tok.encode(text, add_special_tokens=False)
+        return await self._run(work, big=True)
+
+    # -- decode ------------------------------------------------------------------------------
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token (for logprob entries)."""
+        s = self._piece_cache.get(token_id)
+        if s is None:
+            s = self.tok.decode([token_id], skip_special_tokens=False)
+            self._piece_cache[token_id] = s
+        return s
+
+    def piece_bytes(self, token_id: int) -> list[int]:
+        return list(self.piece(token_id).encode("utf-8", errors="replace"))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,397 @@
+"""The scheduler core: continuous batching with chunked prefill, paged KV per pool, prefix cache,
+preemption by recompute. Synchronous and CPU only; the engine (or the scheduler actor) calls it
+between steps: add_request/abort_request, then schedule() -> StepPlan, then process_result()."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from gemma4rt.config import CacheConfig, ModelInfo, PoolSpec, SchedulerConfig
+from gemma4rt.protocol import (
+    AddRequest, NewRequestData, RequestOutput, ScheduledRequest, SchedulerStats, StepPlan,
+    StepResult, TokenOutputs,
+)
+from gemma4rt.scheduler.pages import PagePool
+from gemma4rt.scheduler.paging import INF, PageOps, _cdiv
+from gemma4rt.scheduler.request import Request, Status
+
+class Scheduler(PageOps):
+    def __init__(self, sched_cfg: SchedulerConfig, cache_cfg: CacheConfig, pools: list[PoolSpec],
+                 model_info: ModelInfo):
+        if not pools:
+            raise ValueError("at least one KV page pool is needed")
+        self.cfg = sched_cfg
+        self.model_info = model_info
+        self.pools: dict[str, PagePool] = {p.name: PagePool(p) for p in pools}
+        self.full_pools = [p for p in self.pools.values() if p.window is None]
+        self.sliding_pools = [p for p in self.pools.values() if p.window is not None]
+        sizes = {p.page_size for p in self.pools.values()}
+        self.page_size = min(sizes)
+        # prefix keys are per page; pools with different page sizes cannot share them
+        self.prefix_enabled = not cache_cfg.disable_radix_cache and len(sizes) == 1
+        self.budget = sched_cfg.chunked_prefill_size if sched_cfg.chunked_prefill_size > 0 else INF
+        self.max_running = max(1, sched_cfg.max_running_requests)
+        self.context_length = model_info.context_length
+        self.eos_ids = frozenset(model_info.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.removed: list[str] = []
+        self.pending: list[RequestOutput] = []
+        self.inflight: list[tuple[Request, ScheduledRequest]] = []
+        self.step_id = 0
+        self._order = 0
+        self.prefix_hit_tokens = 0
+        self.prefix_query_tokens = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------------------
+    # admission and abort
+    # ------------------------------------------------------------------------------------------
+    def add_request(self, req: AddRequest) -> Optional[str]:
+        """Queue a request; returns an error message instead if it can never run."""
+        if req.rid in self.requests:
+            return f"Duplicate request id {req.rid!r}."
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            return "The prompt is empty."
+        if n >= self.context_length:
+            return (f"The input ({n} tokens) is longer than the model's context length "
+                    f"({self.context_length} tokens).")
+        if not self._can_ever_fit(n + 1):
+            return (f"The input ({n} tokens) does not fit in the KV cache "
+                    f"({self.capacity_tokens()} tokens).")
+        sp = req.sampling
+        stops = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
+        self._order += 1
+        r = Request(req, stops, self._order)
+        self.requests[r.rid] = r
+        self.waiting.append(r)
+        return None
+
+    def capacity_tokens(self) -> int:
+        return min(p.num_pages * p.page_size for p in (self.full_pools or self.sliding_pools))
+
+    def _can_ever_fit(self, num_tokens: int) -> bool:
+        for p in self.full_pools:
+            if _cdiv(num_tokens, p.page_size) > p.num_pages:
+                return False
+        for p in self.sliding_pools:
+            chunk = min(num_tokens, self.budget)
+            need = min(_cdiv(num_tokens, p.page_size), _cdiv(p.window - 1 + chunk, p.page_size) + 1)
+            if need > p.num_pages:
+                return False
+        return True
+
+    def abort_request(self, rid: str) -> bool:
+        r = self.requests.get(rid)
+        if r is None:
+            return False
+        self._finish(r, "abort")
+        self.pending.append(self._output(r, []))
+        return True
+
+    def flush_cache(self) -> bool:
+        for p in self.pools.values():
+            p.flush()
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            pool_usage={n: p.usage() for n, p in self.pools.items()},
+            pool_pages={n: p.num_pages for n, p in self.pools.items()},
+            prefix_hit_tokens=self.prefix_hit_tokens, prefix_query_tokens=self.prefix_query_tokens,
+            num_preemptions=self.num_preemptions)
+
+    def pop_outputs(self) -> TokenOutputs:
+        """Outputs produced outside a step (aborts, requests that can never fit)."""
+        out, self.pending = self.pending, []
+        return TokenOutputs(outputs=out)
+
+    # ------------------------------------------------------------------------------------------
+    # planning
+    # ------------------------------------------------------------------------------------------
+    def _chunk_end(self, r: Request, start: int, end: int) -> int:
+        """Never end a chunk strictly inside a bidirectional (image) block: end before it, or
+        extend over it when the chunk starts at the block."""
+        for (a, b) in r.bidi_spans:
+            if a < end < b:
+                end = a if a > start else b
+        return end
+
+    def _plan_chunk(self, r: Request, budget: int) -> Optional[int]:
+        """Allocate pages for r's next prefill chunk within `budget` tokens; returns its end, or
+        None when the pages are not there."""
+        start = r.num_computed
+        L = len(r.token_ids)
+        end = self._chunk_end(r, start, min(L, start + max(budget, 1)))
+        if end > start and self._alloc_to(r, end):
+            return end
+        fit = self._max_end(r)
+        if fit <= start:
+            return None
+        end = self._chunk_end(r, start, min(end, fit))
+        if end <= start or end > fit or not self._alloc_to(r, end):
+            return None
+        return end
+
+    def _victim(self, scheduled: set) -> Optional[Request]:
+        for v in reversed(self.running):
+            if v.rid not in scheduled:
+                return v
+        return None
+
+    def _preempt(self, r: Request) -> None:
+        self._release_pages(r)
+        if r.known_to_worker:
+            self.removed.append(r.rid)
+        self.running.remove(r)
+        r.reset_for_recompute()
+        self.waiting.appendleft(r)
+        self.num_preemptions += 1
+
+    def _new_request_data(self, r: Request) -> NewRequestData:
+        return NewRequestData(
+            rid=r.rid, token_ids=list(r.token_ids), num_prompt_tokens=r.num_prompt_tokens,
+            sampling=r.sampling, pages={n: list(t) for n, t in r.pages.items()},
+            mm_items=r.mm_items, num_output_tokens=r.num_output_tokens)
+
+    def schedule(self) -> Optional[StepPlan]:
+        budget = self.budget
+        chosen: list[tuple[Request, int, int, bool]] = []       # (request, start, num, sample)
+        scheduled: set = set()
+        running = self.running
+        # 1) decodes first
+        i = 0
+        sliding = bool(self.sliding_pools)
+        while i < len(running):
+            r = running[i]
+            start = r.num_computed
+            if start < len(r.token_ids) - 1:          # still in prefill
+                i += 1
+                continue
+            if sliding and start >= r.slide_check:
+                self._release_window(r)
+            end = start + 1 + len(r.draft_token_ids) if r.draft_token_ids else start + 1
+            if end > r.cap and not self._alloc_to(r, end):
+                v = self._victim(scheduled)
+                if v is r and len(running) == 1:
+                    # alone and still out of pages: the cache bounds its length, like the context
+                    r.finish_reason = "length"
+                    self._finish(r, "length")
+                    self.pending.append(self._output(r, []))
+                    continue
+                self._preempt(v)
+                continue
+            chosen.append((r, start, 1, True))         # drafts ride along in draft_token_ids
+            scheduled.add(r.rid)
+            budget -= end - start
+            i += 1
+        if not self.waiting and len(chosen) == len(running):      # pure decode step
+            return self._finish_plan(chosen, [])
+        # 2) running requests in the middle of a chunked prefill
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            if r.rid in scheduled:
+                i += 1
+                continue
+            if self.sliding_pools:
+                self._release_window(r)
+            end = self._plan_chunk(r, budget)
+            if end is None:
+                v = self._victim(scheduled)
+                if v is None:
+                    break
+                if v is r and not scheduled and len(running) == 1:
+                    self._fail(r, "The request does not fit in the KV cache.")
+                    continue
+                self._preempt(v)
+                continue
+            n = end - r.num_computed
+            chosen.append((r, r.num_computed, n, end == len(r.token_ids)))
+            scheduled.add(r.rid)
+            budget -= n
+            i += 1
+        # 3) admit waiting requests, first come first served
+        new_reqs: list[NewRequestData] = []
+        while self.waiting and budget > 0 and len(running) < self.max_running:
+            r = self.waiting[0]
+            if self.prefix_enabled and r.num_computed == 0 and not r.pages:
+                self._match_prefix(r)
+            end = self._plan_chunk(r, budget)
+            if end is None:
+                if not running:
+                    self.waiting.popleft()
+                    self._fail(r, "The request does not fit in the KV cache.")
+                    continue
+                self._release_pages(r)
+                r.reset_for_recompute()
+                break
+            self.waiting.popleft()
+            if not r.ever_admitted:
+                r.ever_admitted = True
+                r.num_cached_tokens = r.num_computed
+                self.prefix_hit_tokens += r.num_computed
+                self.prefix_query_tokens += r.num_prompt_tokens
+            r.status = Status.RUNNING
+            running.append(r)
+            n = end - r.num_computed
+            chosen.append((r, r.num_computed, n, end == len(r.token_ids)))
+            scheduled.add(r.rid)
+            budget -= n
+        return self._finish_plan(chosen, new_reqs)
+
+    def _finish_plan(self, chosen: list, new_reqs: list) -> Optional[StepPlan]:
+        if not chosen:
+            return None
+        sched = []
+        inflight = self.inflight
+        SR = ScheduledRequest
+        for (r, start, n, sample) in chosen:
+            if r.known_to_worker and not r.pages_dirty:
+                sr = SR(rid=r.rid, start=start, num_tokens=n, new_pages={}, sample=sample,
+                        draft_token_ids=list(r.draft_token_ids) if sample and r.draft_token_ids else [])
+                sched.append(sr)
+                inflight.append((r, sr))
+                continue
+            new_pages = {}
+            if not r.known_to_worker:
+                new_reqs.append(self._new_request_data(r))
+                r.known_to_worker = True
+                r.num_sent_pages = {k: len(t) for k, t in r.pages.items()}
+            else:
+                for k, t in r.pages.items():
+                    sent = r.num_sent_pages.get(k, 0)
+                    if len(t) > sent:
+                        new_pages[k] = t[sent:]
+                        r.num_sent_pages[k] = len(t)
+            r.pages_dirty = False
+            sr = SR(rid=r.rid, start=start, num_tokens=n, new_pages=new_pages, sample=sample,
+                    draft_token_ids=list(r.draft_token_ids) if sample and r.draft_token_ids else [])
+            sched.append(sr)
+            inflight.append((r, sr))
+        self.step_id += 1
+        removed, self.removed = self.removed, []
+        return StepPlan(step_id=self.step_id, new_requests=new_reqs, scheduled=sched,
+                        removed_rids=removed)
+
+    # ------------------------------------------------------------------------------------------
+    # results
+    # ------------------------------------------------------------------------------------------
+    def _output(self, r: Request, new: list[int], s=None, n: int = 0) -> RequestOutput:
+        o = RequestOutput(rid=r.rid, new_token_ids=new, finish_reason=r.finish_reason,
+                          matched_stop=r.matched_stop, num_prompt_tokens=r.num_prompt_tokens,
+                          num_cached_tokens=r.num_cached_tokens, error=r.error)
+        if s is not None:
+            if s.logprobs is not None:
+                o.logprobs = s.logprobs[:n]
+            if s.top_logprobs is not None:
+                o.top_logprobs = s.top_logprobs[:n]
+            if s.prompt_logprobs is not None:
+                o.prompt_logprobs = s.prompt_logprobs
+                o.prompt_top_logprobs = s.prompt_top_logprobs
+        return o
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        if r.status == Status.RUNNING:
+            self.running.remove(r)
+        elif r.status == Status.WAITING:
+            try:
+                self.waiting.remove(r)
+            except ValueError:
+                pass
+        r.status = Status.FINISHED
+        self._release_pages(r)
+        if r.known_to_worker:
+            self.removed.append(r.rid)
+            r.known_to_worker = False
+        self.requests.pop(r.rid, None)
+
+    def _fail(self, r: Request, msg: str) -> None:
+        r.error = msg
+        self._finish(r, "error")
+        self.pending.append(self._output(r, []))
+
+    def process_result(self, result: StepResult) -> TokenOutputs:
+        outputs, self.pending = self.pending, []
+        inflight, self.inflight = self.inflight, []
+        if result.error is not None:
+            for r, _ in inflight:
+                if r.status == Status.RUNNING:
+                    r.error = f"Worker error: {result.error}"
+                    self._finish(r, "error")
+                    outputs.append(self._output(r, []))
+            return TokenOutputs(outputs=outputs)
+        sampled = result.sampled
+        by_rid = None
+        ctx = self.context_length
+        ps = self.page_size
+        prefix = self.prefix_enabled
+        RUNNING = Status.RUNNING
+        for k, (r, sr) in enumerate(inflight):
+            if r.status is not RUNNING:
+                continue
+            if k < len(sampled) and sampled[k].rid == r.rid:
+                s = sampled[k]
+            else:
+                if by_rid is None:
+                    by_rid = {x.rid: x for x in sampled}
+                s = by_rid.get(r.rid)
+            if not sr.sample:
+                r.num_computed = sr.start + sr.num_tokens
+                if self.prefix_enabled:
+                    self._register(r)
+                if s is not None and s.prompt_logprobs is not None:
+                    outputs.append(self._output(r, [], s, 0))
+                continue
+            if s is None or not s.token_ids:
+                self._fail(r, s.error if s is not None and s.error else "The worker returned no token.")
+                outputs.append(self.pending.pop())
+                continue
+            sp = r.sampling
+            toks = r.token_ids
+            got = s.token_ids
+            if len(got) == 1:                            # the common case, no loop
+                t = got[0]
+                nout = len(toks) - r.num_prompt_tokens
+                toks.append(t)
+                new = got
+                if t in r.stop_ids and nout >= sp.min_new_tokens:
+                    r.finish_reason = "stop"
+                    r.matched_stop = t
+                elif nout + 1 >= sp.max_new_tokens or len(toks) >= ctx:
+                    r.finish_reason = "length"
+            else:
+                new = []
+                for t in got:
+                    nout = len(toks) - r.num_prompt_tokens
+                    toks.append(t)
+                    new.append(t)
+                    if t in r.stop_ids and nout >= sp.min_new_tokens:
+                        r.finish_reason = "stop"
+                        r.matched_stop = t
+                        break
+                    if nout + 1 >= sp.max_new_tokens or len(toks) >= ctx:
+                        r.finish_reason = "length"
+                        break
+            r.num_computed = len(toks) - 1
+            if r.draft_token_ids:
+                r.draft_token_ids = []
+            if prefix and r.num_computed // ps > r.num_registered:
+                self._register(r)
+            fin = r.finish_reason
+            if fin is not None:
+                self._finish(r, fin)
+            if s.logprobs is None and s.prompt_logprobs is None:
+                outputs.append(RequestOutput(rid=r.rid, new_token_ids=new, finish_reason=fin,
+                                             matched_stop=r.matched_stop, num_prompt_tokens=r.num_prompt_tokens,
+                                             num_cached_tokens=r.num_cached_tokens))
+            else:
+                outputs.append(self._output(r, new, s, len(new)))
+        return TokenOutputs(outputs=outputs)

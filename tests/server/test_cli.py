@@ -1,0 +1,53 @@
+"""Command-line parsing (SGLang names, aliases, ignored flags) and the --chat-template override."""
+import asyncio
+
+import pytest
+
+from gemma4rt.cli import parse_args
+
+
+def test_flags_and_aliases():
+    eng, srv, warn = parse_args(["--model", "/m", "--tp-size", "1", "--max-model-len", "1000",
+                                 "--gpu-memory-utilization", "0.5", "--chunked-prefill-size", "-1",
+                                 "--disable-radix-cache", "--port", "1234", "--api-key", "k", "--enable-metrics",
+                                 "--reasoning-parser", "gemma4", "--random-seed", "7", "--page-size", "32"])
+    assert eng.model_path == "/m" and eng.parallel.tp == 1 and eng.context_length == 1000 and eng.seed == 7
+    assert eng.cache.mem_fraction_static == 0.5 and eng.cache.disable_radix_cache and eng.cache.page_size == 32
+    assert eng.scheduler.chunked_prefill_size == -1
+    assert srv.port == 1234 and srv.api_key == "k" and srv.enable_metrics and srv.reasoning_parser == "gemma4"
+    assert warn == []
+    eng, srv, _ = parse_args(["--tensor-parallel-size", "1", "--model-path", "x"])
+    assert eng.parallel.tp == 1 and srv.port == 30000 and srv.host == "127.0.0.1" and eng.model_path == "x"
+    for bad in (["--tp", "2"], ["--kv-cache-dtype", "fp8_e4m3"], ["--limit-mm-per-prompt", "[1]"],
+                ["--limit-mm-per-prompt", '{"video": 1}'], ["--mm-processor-kwargs", '{"max_soft_tokens": 99}']):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+    _, srv, _ = parse_args(["--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs",
+                            '{"max_soft_tokens": 560}', "--allow-private-media-urls"])
+    assert srv.limit_mm_per_prompt == {"image": 2} and srv.mm_processor_kwargs == {"max_soft_tokens": 560}
+    assert srv.allow_private_media_urls
+    assert parse_args([])[0].model_path is None
+
+
+def test_ignored_sglang_flags_warn_unknown_fail():
+    eng, _, warn = parse_args(["--attention-backend", "fa3", "--enable-mixed-chunk", "--grammar-backend=xgrammar",
+                               "--port", "5"])
+    assert len(warn) == 3 and any("--attention-backend" in w for w in warn)
+    with pytest.raises(SystemExit):
+        parse_args(["--no-such-flag", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--tool-call-parser", "hermes"])
+
+
+def test_chat_template_override(tmp_path):
+    from gemma4rt.frontend.tokenizer import TokenizerManager
+    from gemma4rt.worker.noop_runner import noop_tokenizer_path
+    p = tmp_path / "t.jinja"
+    p.write_text("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}")
+    tm = TokenizerManager(noop_tokenizer_path(), chat_template=str(p))
+    text, ids = asyncio.run(tm.render_chat([{"role": "user", "content": "hi"}], None, {}))
+    assert text == "[user]hi" and tm.decode(ids) == "[user]hi"
+    default = TokenizerManager(noop_tokenizer_path())
+    text, _ = asyncio.run(default.render_chat([{"role": "user", "content": "hi"}], None,
+                                              {"add_generation_prompt": True}))
+    assert text.startswith("<bos>") and "<|turn>user\nhi<turn|>" in text

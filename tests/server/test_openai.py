@@ -1,0 +1,156 @@
+"""The OpenAI surface of a real server process (NoopRunner engine), through the openai SDK with
+strict response validation."""
+import json
+
+import openai
+import pytest
+
+MSG = [{"role": "user", "content": "Say something."}]
+
+
+def test_models(client, server):
+    ms = client.models.list()
+    assert [m.id for m in ms.data] == ["gemma4rt-noop"]
+    assert client.models.retrieve("gemma4rt-noop").id == "gemma4rt-noop"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_chat_basic(client):
+    r = client.chat.completions.create(model="gemma4rt-noop", messages=MSG, max_tokens=6, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.role == "assistant"
+    assert isinstance(c.message.content, str) and c.message.content
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 6
+    r2 = client.chat.completions.create(model="default", messages=MSG, max_tokens=6, temperature=0)
+    assert r2.choices[0].message.content == c.message.content            # greedy is deterministic
+
+
+def test_completions_basic(client, server):
+    r = client.completions.create(model="gemma4rt-noop", prompt="Once upon", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    tok = json.loads(server.post("/v1/tokenize", {"prompt": "Once upon"})[1])["tokens"]
+    assert tok[0] == 2 and tok.count(2) == 1 and r.usage.prompt_tokens == len(tok)   # one <bos> prepended
+    r2 = client.completions.create(model="gemma4rt-noop", prompt="<bos>Once upon", max_tokens=1, temperature=0)
+    assert r2.usage.prompt_tokens == len(tok)                                         # not twice
+    batch = client.completions.create(model="gemma4rt-noop", prompt=["a b", "c d"], max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.usage.completion_tokens == 6
+    ids = client.completions.create(model="gemma4rt-noop", prompt=[2, 10, 11], max_tokens=2, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+
+
+def test_chat_stream_with_usage(client):
+    chunks = list(client.chat.completions.create(
+        model="gemma4rt-noop", messages=MSG, max_tokens=7, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    fins = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(fins) == 1 and fins[0].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    whole = client.chat.completions.create(model="gemma4rt-noop", messages=MSG, max_tokens=7, temperature=0)
+    assert text == whole.choices[0].message.content
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_stream(client, loose_client):
+    chunks = list(loose_client.completions.create(model="gemma4rt-noop", prompt="x", max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(model="gemma4rt-noop", prompt="x", max_tokens=5, temperature=0)
+    assert text == whole.choices[0].text
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(model="gemma4rt-noop", messages=MSG, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and isinstance(e.bytes, list)
+    s = list(client.chat.completions.create(model="gemma4rt-noop", messages=MSG, max_tokens=4, temperature=0,
+                                            logprobs=True, top_logprobs=2, stream=True))
+    n = sum(len(c.choices[0].logprobs.content) for c in s if c.choices and c.choices[0].logprobs)
+    assert n == 4
+
+
+def test_completion_logprobs_and_echo(client, server):
+    r = client.completions.create(model="gemma4rt-noop", prompt="hello", max_tokens=3, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.token_logprobs) == 3 and len(lp.top_logprobs) == 3
+    assert lp.text_offset == sorted(lp.text_offset)
+    # echo: prompt logprobs come first and the first is null (the strict SDK types reject null)
+    st, body, _ = server.post("/v1/completions", {"prompt": "hello", "max_tokens": 3, "temperature": 0,
+                                                  "echo": True, "logprobs": 1})
+    assert st == 200
+    c = json.loads(body)["choices"][0]
+    assert c["text"].startswith("hello")
+    n_prompt = json.loads(body)["usage"]["prompt_tokens"]
+    assert len(c["logprobs"]["tokens"]) == n_prompt + 3
+    assert c["logprobs"]["token_logprobs"][0] is None and c["logprobs"]["token_logprobs"][1] is not None
+
+
+def test_n_and_seed(client):
+    kw = dict(model="gemma4rt-noop", messages=MSG, max_tokens=8, temperature=1.0, seed=1234, n=3)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    ta = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert ta == [c.message.content for c in b.choices]                   # reproducible
+    assert len(set(ta)) > 1                                                  # seed + i per choice
+    assert a.usage.completion_tokens == 24
+    s = list(client.chat.completions.create(**kw, stream=True))
+    assert sorted(c.choices[0].index for c in s if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+
+
+def test_stop_strings(client, loose_client):
+    base = dict(model="gemma4rt-noop", prompt="abc", temperature=0)
+    full = client.completions.create(**base, max_tokens=20).choices[0].text
+    stop = full[5:8]
+    cut = full[:full.find(stop)]
+    r = client.completions.create(**base, max_tokens=20, stop=[stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(**base, max_tokens=20, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert r.choices[0].text == cut + stop
+    s = list(loose_client.completions.create(**base, max_tokens=20, stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in s if c.choices) == cut
+    assert [c.choices[0].finish_reason for c in s if c.choices and c.choices[0].finish_reason] == ["stop"]
+
+
+def test_prefix_cache_hit(client):
+    msgs = [{"role": "user", "content": "A long shared prefix " * 20}]
+    a = client.chat.completions.create(model="gemma4rt-noop", messages=msgs, max_tokens=6, temperature=0)
+    b = client.chat.completions.create(model="gemma4rt-noop", messages=msgs, max_tokens=6, temperature=0)
+    assert b.usage.prompt_tokens_details.cached_tokens > 0
+    assert b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_sampling_fields_accepted(client):
+    r = client.chat.completions.create(
+        model="gemma4rt-noop", messages=MSG, max_completion_tokens=3, temperature=0.7, top_p=0.9,
+        frequency_penalty=0.5, presence_penalty=0.1, logit_bias={"10": 1.0},
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "min_tokens": 2,
+                    "stop_token_ids": [7], "ignore_eos": True, "unknown_field_is_ignored": 1})
+    assert r.usage.completion_tokens <= 3
+
+
+def test_native_generate_and_tokenize(server):
+    st, body, _ = server.post("/v1/tokenize", {"prompt": "hello"})
+    ids = json.loads(body)["tokens"]
+    assert st == 200 and ids[0] == 2
+    st, body, _ = server.post("/v1/detokenize", {"tokens": ids})
+    assert json.loads(body)["prompt"] == "<bos>hello"
+    st, body, _ = server.post("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    out = json.loads(body)
+    assert st == 200 and out["meta_info"]["completion_tokens"] == 4
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    st, body, _ = server.post("/generate", {"text": "hello", "stream": True,
+                                            "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    events = [json.loads(l[6:]) for l in body.decode().split("\n\n") if l.startswith("data: {")]
+    assert events[-1]["text"] == out["text"]                               # cumulative text
+    assert all(out["text"].startswith(e["text"]) for e in events)

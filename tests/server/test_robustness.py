@@ -1,0 +1,184 @@
+"""Bad inputs, concurrency and client disconnects against the shared NoopRunner server."""
+import asyncio
+import json
+import re
+import socket
+import time
+
+import pytest
+
+
+def _ok_after(server):
+    st, body, _ = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 2})
+    assert st == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
+
+
+def _err(body: bytes) -> dict:
+    e = json.loads(body)["error"]
+    assert set(e) >= {"message", "type", "param", "code"}
+    return e
+
+
+CHAT = "/v1/chat/completions"
+MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"messages": MSGS, "temperature": "hot"}, "temperature"),
+    ({"messages": MSGS, "temperature": 5}, "temperature"),
+    ({"messages": MSGS, "max_tokens": 0}, "max_tokens"),
+    ({"messages": MSGS, "n": 0}, "n"),
+    ({"messages": MSGS, "top_logprobs": 3}, "top_logprobs"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ({"messages": MSGS, "stop": 5}, "stop"),
+    ({"messages": MSGS, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+      }, "messages"),
+])
+def test_invalid_fields_are_400(server, body, param):
+    st, raw, _ = server.post(CHAT, body)
+    assert st == 400, raw
+    assert _err(raw)["param"] == param
+    _ok_after(server)
+
+
+def test_media_part_message(server):
+    st, raw, _ = server.post(CHAT, {"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]})
+    assert st == 400 and "messages[0].content[0]" in _err(raw)["message"] and "text only" in _err(raw)["message"]
+
+
+def test_context_overflow_wording(server):
+    st, raw, _ = server.post("/v1/completions", {"prompt": [2, 10, 11, 12], "max_tokens": 65536})
+    assert st == 400
+    m = _err(raw)["message"]
+    assert "maximum context length of 65536 tokens" in m
+    assert re.search(r"4 tokens from the input messages and 65536 tokens for the completion", m)
+    st, raw, _ = server.post("/v1/completions", {"prompt": [5] * 65536, "max_tokens": 1})
+    assert st == 400 and "longer than the model's context length" in _err(raw)["message"]
+    _ok_after(server)
+
+
+def test_unknown_model_404_and_aliases(server):
+    st, raw, _ = server.post(CHAT, {"model": "gpt-4o", "messages": MSGS})
+    assert st == 404 and _err(raw)["code"] == "model_not_found"
+    for name in ("default", "gemma4rt-noop"):
+        assert server.post(CHAT, {"model": name, "messages": MSGS, "max_tokens": 1})[0] == 200
+
+
+def test_body_limits_and_json(server):
+    st, raw, _ = server.post(CHAT, {"messages": [{"role": "user", "content": "x" * 300000}]})
+    assert st == 413 and _err(raw)
+    st, raw, _ = server.request("POST", CHAT, raw=b"{not json", headers={"Content-Type": "application/json"})
+    assert st == 400 and "JSON" in _err(raw)["message"]
+    st, raw, _ = server.request("POST", CHAT, raw=b"a=b", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert st == 400
+    st, raw, _ = server.request("POST", CHAT, raw=b"[1,2]", headers={"Content-Type": "application/json"})
+    assert st == 400
+    assert server.get("/nope")[0] == 404
+    _ok_after(server)
+
+
+def test_64_concurrent_streams(server):
+    from openai import AsyncOpenAI
+
+    async def main():
+        c = AsyncOpenAI(base_url=server.url + "/v1", api_key="x", _strict_response_validation=True, max_retries=0)
+
+        async def one(i):
+            n = 0
+            fin = None
+            s = await c.chat.completions.create(model="default", messages=[{"role": "user", "content": f"q{i}"}],
+                                                max_tokens=12, stream=True, temperature=0.5, seed=i)
+            async for ch in s:
+                if ch.choices and ch.choices[0].finish_reason:
+                    fin = ch.choices[0].finish_reason
+                n += 1
+            return fin, n
+        res = await asyncio.gather(*[one(i) for i in range(64)])
+        await c.close()
+        return res
+    res = asyncio.run(main())
+    assert len(res) == 64 and all(f == "length" for f, _ in res)
+    server.wait_idle()
+
+
+def _metric(server, name, label=""):
+    text = server.get("/metrics")[1].decode()
+    tot = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and label in line:
+            tot += float(line.rsplit(" ", 1)[1])
+    return tot
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+    aborted0 = _metric(server, "sglang:num_requests_total", 'finish_reason="abort"')
+    body = json.dumps({"prompt": "go", "max_tokens": 60000, "ignore_eos": True, "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data:") < 5:
+        got += s.recv(4096)
+    t_end = time.time() + 5
+    while server.load().get("num_running", 0) == 0 and time.time() < t_end:
+        time.sleep(0.02)                     # stats come every 50 ms while steps run
+    d = server.load()
+    assert d["num_running"] == 1 and d["pool_usage"]["full"] > 0
+    s.close()
+    t0 = time.time()
+    d = server.wait_idle(10)
+    assert time.time() - t0 < 10 and all(u == 0 for u in d["pool_usage"].values())
+    assert _metric(server, "sglang:num_requests_total", 'finish_reason="abort"') == aborted0 + 1
+
+
+def test_disconnect_non_streaming_aborts(server):
+    aborted0 = _metric(server, "sglang:num_requests_total", 'finish_reason="abort"')
+    body = json.dumps({"prompt": "go", "max_tokens": 60000, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    t_end = time.time() + 5
+    while server.load().get("num_running", 0) == 0 and time.time() < t_end:
+        time.sleep(0.02)
+    assert server.load()["num_running"] == 1
+    s.close()
+    t0 = time.time()
+    server.wait_idle(10)
+    assert time.time() - t0 < 5                       # aborted, not run to its 60000 tokens
+    assert _metric(server, "sglang:num_requests_total", 'finish_reason="abort"') == aborted0 + 1
+
+
+def test_metrics_names(server):
+    text = server.get("/metrics")[1].decode()
+    for name in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:prompt_tokens_total",
+                 "sglang:generation_tokens_total", "sglang:time_to_first_token_seconds",
+                 "sglang:inter_token_latency_seconds", "sglang:e2e_request_latency_seconds",
+                 'sglang:token_usage{model_name="gemma4rt-noop",pool="full"}', "sglang:cache_hit_rate",
+                 "sglang:num_requests_total"):
+        assert name in text, name
+    assert _metric(server, "sglang:generation_tokens_total") > 0
+
+
+def test_abort_request_endpoint_and_flush(server):
+    import threading
+    res = {}
+
+    def run():
+        res["r"] = server.post("/v1/completions", {"prompt": "go", "max_tokens": 60000, "ignore_eos": True})
+    t = threading.Thread(target=run)
+    t.start()
+    t_end = time.time() + 5
+    while server.load().get("num_running", 0) == 0 and time.time() < t_end:
+        time.sleep(0.02)
+    st, raw, _ = server.post("/abort_request", {"abort_all": True})
+    assert st == 200 and json.loads(raw)["aborted"] == 1
+    t.join(10)
+    st, raw, _ = res["r"]
+    assert st == 200 and json.loads(raw)["choices"][0]["finish_reason"] == "abort"
+    assert server.post("/flush_cache", {})[0] == 200
+    server.wait_idle()
