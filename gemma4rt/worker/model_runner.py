@@ -23,6 +23,7 @@ from gemma4rt.model.gemma4 import Gemma4Model
 from gemma4rt.model.loader import init_dummy_weights, load_weights, resolve_model_path
 from gemma4rt.model_config import ModelConfig, load_model_config, parse_model_config
 from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, StepPlan, StepResult
+from gemma4rt.worker.constrained import GrammarSlots
 from gemma4rt.worker.kv_cache import allocate_pools, plan_pools
 from gemma4rt.worker.sampler import Sampler, SeqSamplingState, prompt_logprobs
 
@@ -133,6 +134,7 @@ class ModelRunner:
             generation_defaults={k: gen_cfg[k] for k in ("temperature", "top_k", "top_p", "min_p",
                                                          "repetition_penalty") if k in gen_cfg})
         self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids)
+        self.grammars = GrammarSlots(self._load_tokenizer, text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
         self.graphs = None
@@ -169,6 +171,10 @@ class ModelRunner:
             self._tok_path = self.engine_cfg.tokenizer_path or self._tokenizer_dir()
         return self._tok_path
 
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
     def _tokenizer_dir(self) -> str:
         if self.model_dir and any(os.path.isfile(os.path.join(self.model_dir, f))
                                   for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
@@ -192,8 +198,11 @@ class ModelRunner:
         p = nr.sampling
         seed = p.seed if p.seed is not None else self._rng.getrandbits(62)
         st = SeqSamplingState(params=p, seed=seed, prompt_ids=list(nr.token_ids[:nr.num_prompt_tokens]))
-        for t in nr.token_ids[nr.num_prompt_tokens:nr.num_prompt_tokens + nr.num_output_tokens]:
+        generated = nr.token_ids[nr.num_prompt_tokens:nr.num_prompt_tokens + nr.num_output_tokens]
+        for t in generated:
             st.record(t)
+        if p.grammar is not None:
+            st.grammar = self.grammars.start(p.grammar, generated)   # compiles in the background
         self.seqs[nr.rid] = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens,
                                  {k: list(v) for k, v in nr.pages.items()}, st, list(nr.mm_items))
 
@@ -322,10 +331,20 @@ class ModelRunner:
                 sample_idx.append(i)
             out.append(st)
         if sample_rows:
-            res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states)
-            for i, r in zip(sample_idx, res):
+            # grammar masks on the CPU while the GPU still runs the forward pass
+            bitmask, mask_rows, errors = self.grammars.fill([s.grammar for s in sample_states])
+            res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states,
+                                      bitmask, mask_rows)
+            for j, (i, r) in enumerate(zip(sample_idx, res)):
                 st = out[i]
                 seq = self.seqs[st.rid]
+                g = seq.sampling.grammar
+                err = errors.get(j)
+                if err is None and g is not None and g.matcher is not None:
+                    err = self.grammars.accept(g, r.token_ids[0])
+                if err is not None:
+                    st.error = err
+                    continue
                 st.token_ids = r.token_ids
                 st.logprobs = r.logprobs
                 st.top_logprobs = r.top_logprobs

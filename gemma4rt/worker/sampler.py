@@ -23,7 +23,7 @@ class SeqSamplingState:
     prompt_ids: list[int]
     output_counts: dict[int, int] = field(default_factory=dict)
     num_output: int = 0
-    grammar: Optional[object] = None          # worker.grammar matcher, when constrained
+    grammar: Optional[object] = None          # worker.constrained.SeqGrammar, when constrained
 
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
@@ -45,8 +45,10 @@ class Sampler:
     def _needs_penalties(self, p: SamplingParams) -> bool:
         return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
-    def sample(self, logits: torch.Tensor, states: list[SeqSamplingState]) -> list[SampleResult]:
-        """logits: [N, V] fp32, soft-capped; one row per state. Returns one result per row."""
+    def sample(self, logits: torch.Tensor, states: list[SeqSamplingState],
+               bitmask: Optional[torch.Tensor] = None, mask_rows: Optional[list[int]] = None) -> list[SampleResult]:
+        """logits: [N, V] fp32, soft-capped; one row per state. bitmask / mask_rows: grammar masks
+        (worker.constrained.GrammarSlots.fill) for the constrained rows. One result per row."""
         N, V = logits.shape
         dev = logits.device
         want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
@@ -84,8 +86,9 @@ class Sampler:
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
                 work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
-            if s.grammar is not None:
-                s.grammar.mask_logits(work, i)
+        if mask_rows:
+            from gemma4rt.worker.grammar import apply_bitmask
+            apply_bitmask(work, bitmask, mask_rows)
         temps = torch.tensor([s.params.temperature for s in states], device=dev, dtype=torch.float32)
         greedy_all = all(s.params.is_greedy() for s in states)
         if greedy_all:

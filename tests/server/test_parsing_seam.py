@@ -1,0 +1,36 @@
+"""The chat route's parser seam (frontend/parsing.py) with the gemma4 reasoning parser."""
+from gemma4rt.frontend.parsing import OutputParser, parsers_available
+
+
+def test_reasoning_split_streaming_equals_whole():
+    text = "<|channel>thought\nI think.<channel|>The answer."
+    whole = OutputParser(True, False, thinking=True, tools=None).feed(text, final=True)
+    assert whole.reasoning == "I think." and whole.content == "The answer."
+    p = OutputParser(True, False, thinking=True, tools=None)
+    parts = [p.feed(text[i:i + 3]) for i in range(0, len(text), 3)] + [p.feed("", final=True)]
+    assert "".join(x.reasoning for x in parts) == whole.reasoning
+    assert "".join(x.content for x in parts) == whole.content
+
+
+def test_no_parser_is_passthrough():
+    p = OutputParser(False, False, thinking=False, tools=None)
+    assert not p.active and p.feed("<|channel>x", final=True).content == "<|channel>x"
+    assert parsers_available(None, None) == {"reasoning": False, "tool": False}
+
+
+def test_tool_calls_through_the_seam():
+    from gemma4rt.parsers import tool_calls as tc
+    call = tc.to_gemma_tool_call("get_weather", {"location": "Paris"})
+    text = "Sure. " + call
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    p = OutputParser(True, True, thinking=False, tools=tools)
+    parts = [p.feed(text[i:i + 4]) for i in range(0, len(text), 4)] + [p.feed("", final=True)]
+    assert "".join(x.content for x in parts).strip() == "Sure."
+    calls = p.whole_tool_calls()
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    import json
+    assert json.loads(calls[0]["function"]["arguments"]) == {"location": "Paris"}
+    assert calls[0]["id"].startswith("call_") and p.num_calls_ok == 1
+    deltas = [d for x in parts for d in x.tool_calls]
+    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["type"] == "function"
+    assert "".join(d["function"].get("arguments", "") for d in deltas) == calls[0]["function"]["arguments"]
