@@ -10,6 +10,8 @@
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit)
 #     targets  batch-1 TPOT at ~1k context for the five models (ours; transformers' for E2B)
 #     serving  the cookbook-style throughput run for E2B against a server started here
+#     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
+#              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,6 +79,40 @@ if has serving && [ "$(left)" -gt 90 ]; then
   timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models E2B --skip-latency \
     --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
+fi
+
+image_run() {   # $1 = model name
+  local m=$1 port=30177 log="$OUT/image_server_$1.log" ok=0
+  $PY -m gemma4rt.server --model-path "$m" --load-format dummy --port $port --log-level warning \
+    --context-length 8192 --max-running-requests 128 >"$log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 1 $(( $(left) - 60 ))); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && { ok=1; break; }
+    kill -0 $pid 2>/dev/null || break
+    sleep 1
+  done
+  if [ $ok = 1 ]; then
+    echo "$m server up ($(elapsed)s)"
+    for c in 1 100; do
+      local n=$([ $c = 1 ] && echo 3 || echo 100)
+      [ "$(left)" -gt 40 ] || { echo "skip $m c=$c: time"; continue; }
+      timeout $(( $(left) - 20 )) $PY -m bench.serving --backend sglang-oai-chat --port $port --dataset-name image \
+        --image-count 2 --image-resolution 720p --random-input-len 128 --random-output-len 1024 \
+        --random-range-ratio 1.0 --num-prompts $n --max-concurrency $c --max-duration $(( $(left) - 40 )) \
+        --tag "images $m c=$c" --output-file "$OUT/images.jsonl" >"$OUT/images_${m}_c$c.log" 2>&1
+      echo "$m c=$c rc=$?"; grep -E "Successful|throughput|TTFT|TPOT|Failed" "$OUT/images_${m}_c$c.log" | head -12
+    done
+  else
+    echo "$m server did not start"; tail -20 "$log"
+  fi
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  SUMMARY+=("images[$m]: server_ok=$ok")
+}
+if has images; then
+  for m in ${IMAGE_MODELS:-gemma-4-E4B-it gemma-4-26B-A4B-it}; do
+    [ "$(left)" -gt 120 ] || { echo "skip images $m: time"; continue; }
+    echo "== image serving ($m)"; image_run "$m"
+  done
 fi
 
 echo
