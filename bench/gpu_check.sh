@@ -49,7 +49,9 @@ fi
 
 run_pytest() {   # $1 = name, rest = pytest args
   local name=$1; shift
-  timeout $(( $(left) > 60 ? $(left) - 30 : 30 )) $PY -m pytest "$@" -q -p no:cacheprovider -rs --tb=short \
+  local t=$(( $(left) > 60 ? $(left) - 30 : 30 ))
+  [ -n "${TESTS_MAX_S:-}" ] && [ "$TESTS_MAX_S" -lt "$t" ] && t=$TESTS_MAX_S
+  timeout $t $PY -m pytest "$@" -q -p no:cacheprovider -rs --tb=short \
     2>&1 | tee "$OUT/pytest_$name.log" | grep -vE "^\s*$" | tail -40
   SUMMARY+=("tests[$name]: $(grep -E "passed|failed|error" "$OUT/pytest_$name.log" | tail -1)")
 }
