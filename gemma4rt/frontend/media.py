@@ -10,6 +10,7 @@ Every failure names the part (`messages[i].content[j]`) and is a 400; the server
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +18,7 @@ from typing import Optional
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.mm_fetch import FetchPolicy, LoadedMedia, MediaError, load_part
 
+log = logging.getLogger(__name__)
 IMAGE_PARTS = {"image_url", "input_image", "image"}
 AUDIO_PARTS = {"audio_url", "input_audio", "audio"}
 VIDEO_PARTS = {"video_url", "video"}
@@ -50,6 +52,22 @@ def collect_parts(messages: list[dict]) -> list[MediaPart]:
     return out
 
 
+MEDIA_TOKENS = {"image_token_id": "<|image|>", "audio_token_id": "<|audio|>", "boi_token_id": "<|image>",
+                "eoi_token_id": "<image|>", "boa_token_id": "<|audio>", "eoa_token_id": "<audio|>"}
+
+
+def _adopt_tokenizer_ids(pre, tokenizer) -> None:
+    """With a tokenizer that is not the checkpoint's (a dummy real-size model served with the demo
+    tokenizer), find the placeholders by the tokenizer's own ids. The model places soft tokens by
+    offset, so the ids at those positions do not matter to it."""
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in MEDIA_TOKENS.items()}
+    if ids["image_token_id"] == pre.ids.get("image_token_id") or any(
+            v is None or v == tokenizer.unk_token_id for v in ids.values()):
+        return
+    log.warning("the tokenizer's media token ids differ from the model config's: using the tokenizer's")
+    pre.ids.update(ids)
+
+
 class MediaInput:
     def __init__(self, pre, policy: FetchPolicy, limits: dict):
         self.pre = pre
@@ -57,7 +75,7 @@ class MediaInput:
         self.limits = dict(limits)
 
     @classmethod
-    def for_server(cls, model_info, eng_cfg, srv) -> Optional["MediaInput"]:
+    def for_server(cls, model_info, eng_cfg, srv, tokenizer=None) -> Optional["MediaInput"]:
         if not (model_info.has_vision or model_info.has_audio):
             return None
         from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
@@ -71,6 +89,8 @@ class MediaInput:
             if cfg is None:
                 return None
             pre = MediaPreprocessor(cfg, None, budget)
+        if tokenizer is not None:
+            _adopt_tokenizer_ids(pre, tokenizer)
         policy = FetchPolicy(timeout_s=srv.media_fetch_timeout, max_bytes=srv.max_media_bytes,
                              allow_private=srv.allow_private_media_urls)
         return cls(pre, policy, srv.limit_mm_per_prompt)

@@ -26,6 +26,7 @@ class TokenizerManager:
             if os.path.isfile(p):
                 with open(p, encoding="utf-8") as f:
                     self.tok.chat_template = f.read()
+        self.tok.model_max_length = 1 << 40      # the server checks lengths against the model's context
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.tok.bos_token_id
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenize")
         self.vocab_size = len(self.tok)

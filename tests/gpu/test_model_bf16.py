@@ -27,7 +27,7 @@ def _compare(path_or_name, load_format="auto", n_tokens=64, seed=0):
     ref_logits = ref.score(ids).float()
     ref_sd = {k: v for k, v in ref.model.state_dict().items()}
     del ref
-    torch.cuda.empty_cache()
+    _free()                       # the runner's KV pools sit in reference cycles: collect them first
     fast = ModelRunner(EngineConfig(device="cuda", dtype="bfloat16", **kw))
     # same weights: copy the fp32 weights (rounded) into the bf16 model
     fsd = fast.model.state_dict()
@@ -60,32 +60,69 @@ def test_real_geometry_e2b_bf16_matches_fp32():
 
 
 def test_decode_cuda_graphs_equal_eager_decode():
-    """A real geometry (E2B, bf16, dummy weights): greedy decode through the captured graphs gives
-    the tokens of the eager path, batched requests of different lengths included."""
+    """A real geometry (E2B, bf16, dummy weights): decode steps through the captured graphs give the
+    logits of the eager path on the same (teacher-forced) tokens, batched requests of different
+    lengths included. (Greedy tokens alone are a poor check with random weights: their logits are
+    nearly flat, so bf16 near-ties flip.)"""
     if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
         pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "model"))
-    from _driver import greedy_generate
     from gemma4rt.config import CacheConfig, SchedulerConfig
     _free()
-    outs = {}
-    for graphs in (True, False):
+    g = torch.Generator().manual_seed(1)
+    prompts = [[2] + torch.randint(1000, 100000, (n,), generator=g).tolist() for n in (700, 33, 5)]
+    logits, tokens = {}, None
+    for graphs in (False, True):          # eager first: its greedy tokens are forced on the graph run
         r = ModelRunner(EngineConfig(model_path="gemma-4-E2B-it", load_format="dummy", device="cuda",
                                      dtype="bfloat16", disable_cuda_graph=not graphs, cuda_graph_max_bs=8,
                                      cache=CacheConfig(max_total_tokens=1 << 15),
                                      scheduler=SchedulerConfig(max_running_requests=8)))
         assert (r.graphs is not None) == graphs
-        g = torch.Generator().manual_seed(1)
-        prompts = [[2] + torch.randint(1000, 100000, (n,), generator=g).tolist() for n in (700, 33, 5)]
-        outs[graphs] = greedy_generate(r, prompts, 24)
+        logits[graphs], out = _forced_decode(r, prompts, 24, tokens)
+        tokens = tokens or out
         del r
         _free()
-    same = sum(a == b for x, y in zip(outs[True], outs[False]) for a, b in zip(x, y))
-    total = sum(len(x) for x in outs[True])
-    print(f"[graphs-vs-eager] E2B bf16: {same}/{total} greedy tokens identical")
-    # bf16 arithmetic order may differ between the two paths; near-ties can flip a late token
-    assert outs[True][0][:8] == outs[False][0][:8] and same >= 0.9 * total
+    rels = [((a - b).norm() / b.norm()).item() for a, b in zip(logits[True], logits[False])]
+    top1 = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(logits[True], logits[False]))
+    total = sum(b.shape[0] for b in logits[False])
+    print(f"[graphs-vs-eager] E2B bf16, 23 decode steps x 3 requests: max rel logit diff {max(rels):.2e}, "
+          f"top-1 agreement {top1}/{total}")
+    # the same kernels run in both paths; only the batch padding of the graph differs
+    assert max(rels) < 2e-2 and top1 >= 0.9 * total
+
+
+def _forced_decode(runner, prompts, n_steps, forced=None):
+    """Prefill, then n_steps - 1 decode steps of all prompts together; with `forced`, each step's
+    input is forced's token instead of the sampled one. Returns (per decode step [B, V] logits on
+    the CPU, the sampled tokens per prompt)."""
+    from gemma4rt.protocol import NewRequestData, SamplingParams, ScheduledRequest, StepPlan
+    seen = []
+    orig = runner.sampler.sample
+    runner.sampler.sample = lambda lg, st, *a, **k: (seen.append(lg.float().cpu().clone()), orig(lg, st, *a, **k))[1]
+    params = SamplingParams(temperature=0.0, max_new_tokens=n_steps, min_new_tokens=n_steps)
+    nxt = {spec.name: 0 for spec in runner.pool_specs}
+    new = []
+    for i, p in enumerate(prompts):
+        pages = {}
+        for spec in runner.pool_specs:
+            need = (len(p) + n_steps + spec.page_size - 1) // spec.page_size
+            pages[spec.name] = list(range(nxt[spec.name], nxt[spec.name] + need))
+            nxt[spec.name] += need
+        new.append(NewRequestData(rid=f"r{i}", token_ids=list(p), num_prompt_tokens=len(p), sampling=params,
+                                  pages=pages))
+    out = [[] for _ in prompts]
+    for step in range(n_steps):
+        sched = [ScheduledRequest(rid=f"r{i}", start=0 if step == 0 else len(p) + step - 1,
+                                  num_tokens=len(p) if step == 0 else 1, new_pages={}, sample=True)
+                 for i, p in enumerate(prompts)]
+        res = runner.execute(StepPlan(step_id=step, new_requests=new if step == 0 else [], scheduled=sched,
+                                      removed_rids=[]))
+        for s in res.sampled:
+            i = int(s.rid[1:])
+            out[i].extend(s.token_ids)
+            if forced is not None:
+                runner.seqs[s.rid].token_ids[-1] = forced[i][step]
+    runner.sampler.sample = orig
+    return seen[1:], out
 
 
 def test_ple_table_in_host_memory_gives_the_same_logits():

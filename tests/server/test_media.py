@@ -136,3 +136,28 @@ def test_limit_mm_per_prompt(srv):
     msgs[0]["content"] = [img, img, {"type": "text", "text": "Two."}]
     st, body, _ = srv.post("/v1/chat/completions", {"model": "default", "messages": msgs, "max_tokens": 2})
     assert st == 200, body
+
+
+def test_dummy_real_geometry_with_the_demo_tokenizer():
+    """`--load-format dummy` at a real geometry serves with the demo tokenizer, whose media token ids
+    differ from the config's: placeholders are found by the tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from gemma4rt.configs import lookup_builtin_config
+    from gemma4rt.frontend.media import _adopt_tokenizer_ids, collect_parts
+    from gemma4rt.frontend.mm_fetch import LoadedMedia
+    from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
+    from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+
+    tok = AutoTokenizer.from_pretrained(str(demo_checkpoint_path()))
+    pre = MediaPreprocessor(lookup_builtin_config("gemma-4-E4B-it"), None, BUDGET)
+    assert pre.ids["image_token_id"] != tok.convert_tokens_to_ids("<|image|>")
+    _adopt_tokenizer_ids(pre, tok)
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                         {"type": "text", "text": "Hi"}]}]
+    collect_parts(msgs)
+    ids = tok.encode(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)
+    exp = pre.expand_prompt(ids, [LoadedMedia("image", image(720, 1280, 4), "d", 0)])
+    (item,) = exp.mm_items
+    assert 0 < item.num_tokens <= BUDGET and exp.token_ids[item.offset - 1] == tok.convert_tokens_to_ids("<|image>")
