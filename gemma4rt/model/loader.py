@@ -177,7 +177,8 @@ def _hf_name(name: str, cfg: ModelConfig) -> str:
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
-    """Random weights at the real geometry: norms and scalars near 1, matrices N(0, 1/sqrt(fan_in))."""
+    """Random weights at the real geometry: norms and scalars near 1 (q/k norms near head_dim^-1/4),
+    matrices N(0, 1/sqrt(fan_in))."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
@@ -189,6 +190,11 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
         if leaf == "layer_scalar" or name.endswith("per_expert_scale") or name.endswith("router.scale") \
                 or (len(shape) == 1):
             t = 1.0 + 0.1 * (torch.rand(shape, generator=g) - 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                # attention scale is 1.0: unit q/k norms would give logits of std sqrt(head_dim), an
+                # almost hard argmax whose winner flips with bf16 rounding (a chaotic random model);
+                # head_dim^-1/4 on each side gives unit-variance logits, as trained weights do
+                t = t * shape[-1] ** -0.25
         else:
             fan_in = shape[-1]
             if str(device).startswith("cuda"):

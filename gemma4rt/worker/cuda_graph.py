@@ -133,8 +133,8 @@ class DecodeGraphs:
         for sr in scheduled:
             if sr.num_tokens != 1 or sr.draft_token_ids or not sr.sample:
                 return False
-            seq = seqs[sr.rid]
-            if seq.mm_items or seq.sampling.params.prompt_logprobs:
+            # a decode step (past the prompt) never touches media rows or prompt logprobs
+            if sr.start < seqs[sr.rid].num_prompt:
                 return False
         return True
 
