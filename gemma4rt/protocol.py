@@ -158,6 +158,8 @@ class SampledTokens(msgspec.Struct, kw_only=True, array_like=True):
     prompt_logprobs: Optional[list[Optional[float]]] = None
     prompt_top_logprobs: Optional[list[Optional[list[tuple[int, float]]]]] = None
     error: Optional[str] = None       # this request failed (e.g. its grammar did not compile)
+    deferred: bool = False            # no token this step (its grammar is still compiling): the
+                                      # scheduler repeats the step's last position later
 
 
 class StepResult(msgspec.Struct, kw_only=True):

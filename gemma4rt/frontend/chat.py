@@ -6,8 +6,8 @@ import json
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
-    SSE, chat_logprobs, check_capacity, check_model, client_gone, error_status, fan_in, new_id, now,
-    read_json, usage,
+    SSE, chat_logprobs, check_capacity, check_model, client_gone, error_status, fan_in, first_then_rest,
+    new_id, now, read_json, usage,
 )
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
@@ -183,11 +183,7 @@ async def _whole(st, gen, parsers, cid, created, model, n, want_lp):
 
 async def _stream(request, st, gen, parsers, cid, created, model, n, include_usage, want_lp):
     fd = st.frontdoor
-    # pull the first chunk before answering 200, so early errors are plain HTTP errors
-    first = await gen.__anext__()
-    if first[1].finish_reason == "error":
-        await gen.aclose()
-        raise error_status(fd, first[1])
+    chunks = await first_then_rest(fd, gen)
     sse = SSE(request)
     await sse.start()
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -202,16 +198,8 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, include_usa
         await sse.send(chunk(i, {"role": "assistant", "content": ""}))
     n_prompt = n_cached = 0
     n_out = [0] * n
-    pending = [first]
     try:
-        while True:
-            if pending:
-                i, ch = pending.pop()
-            else:
-                try:
-                    i, ch = await gen.__anext__()
-                except StopAsyncIteration:
-                    break
+        async for i, ch in chunks:
             if ch.finish_reason == "error":
                 await sse.send(fd_error(fd, ch))
                 break

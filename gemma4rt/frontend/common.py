@@ -98,6 +98,21 @@ async def fan_in(fd, adds: list[AddRequest], opts: list[SeqOptions],
                 t.cancel()
 
 
+async def first_then_rest(fd, gen):
+    """Pull the first chunk before the caller answers 200, so that an early error is a plain HTTP
+    error (raised as APIError). Returns an iterator over that chunk and the rest."""
+    first = await gen.__anext__()
+    if first[1].finish_reason == "error":
+        await gen.aclose()
+        raise error_status(fd, first[1])
+
+    async def chunks():
+        yield first
+        async for x in gen:
+            yield x
+    return chunks()
+
+
 def client_gone(request: web.Request) -> Callable[[], bool]:
     """A check for a vanished client. aiohttp may not read the socket while a handler runs, so a
     client's FIN can go unnoticed: peek at the socket (on a dup of its fd) for EOF."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
-    SSE, check_capacity, check_model, client_gone, error_status, fan_in, new_id, now, read_json, usage,
+    SSE, check_capacity, check_model, client_gone, error_status, fan_in, first_then_rest, new_id, now, read_json, usage,
 )
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
@@ -115,25 +115,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
 
     if stream:
-        first = await gen.__anext__()
-        if first[1].finish_reason == "error":
-            await gen.aclose()
-            raise error_status(fd, first[1])
+        chunks = await first_then_rest(fd, gen)
         sse = SSE(request)
         await sse.start()
         base = {"id": cid, "object": "text_completion", "created": created, "model": model}
         n_prompt = {}
         n_cached = {}
-        pending = [first]
         try:
-            while True:
-                if pending:
-                    i, ch = pending.pop()
-                else:
-                    try:
-                        i, ch = await gen.__anext__()
-                    except StopAsyncIteration:
-                        break
+            async for i, ch in chunks:
                 if ch.finish_reason == "error":
                     await sse.send(error_status(fd, ch).body())
                     break

@@ -350,6 +350,9 @@ class Scheduler(PageOps):
                 if s is not None and s.prompt_logprobs is not None:
                     outputs.append(self._output(r, [], s, 0))
                 continue
+            if s is not None and s.deferred:
+                r.num_computed = sr.start + sr.num_tokens - 1     # recompute the last position
+                continue
             if s is None or not s.token_ids:
                 self._fail(r, s.error if s is not None and s.error else "The worker returned no token.")
                 outputs.append(self.pending.pop())

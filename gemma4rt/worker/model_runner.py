@@ -332,12 +332,15 @@ class ModelRunner:
             out.append(st)
         if sample_rows:
             # grammar masks on the CPU while the GPU still runs the forward pass
-            bitmask, mask_rows, errors = self.grammars.fill([s.grammar for s in sample_states])
+            bitmask, mask_rows, errors, pending = self.grammars.fill([s.grammar for s in sample_states])
             res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states,
                                       bitmask, mask_rows)
             for j, (i, r) in enumerate(zip(sample_idx, res)):
                 st = out[i]
                 seq = self.seqs[st.rid]
+                if j in pending:                 # grammar still compiling: repeat this step later
+                    st.deferred = True
+                    continue
                 g = seq.sampling.grammar
                 err = errors.get(j)
                 if err is None and g is not None and g.matcher is not None:

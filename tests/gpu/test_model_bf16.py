@@ -91,37 +91,17 @@ def test_decode_cuda_graphs_equal_eager_decode():
 
 
 def _forced_decode(runner, prompts, n_steps, forced=None):
-    """Prefill, then n_steps - 1 decode steps of all prompts together; with `forced`, each step's
-    input is forced's token instead of the sampled one. Returns (per decode step [B, V] logits on
-    the CPU, the sampled tokens per prompt)."""
-    from gemma4rt.protocol import NewRequestData, SamplingParams, ScheduledRequest, StepPlan
+    """tests/model/_driver.greedy_generate, recording each decode step's [B, V] logits (on the CPU)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "model"))
+    from _driver import greedy_generate
     seen = []
     orig = runner.sampler.sample
     runner.sampler.sample = lambda lg, st, *a, **k: (seen.append(lg.float().cpu().clone()), orig(lg, st, *a, **k))[1]
-    params = SamplingParams(temperature=0.0, max_new_tokens=n_steps, min_new_tokens=n_steps)
-    nxt = {spec.name: 0 for spec in runner.pool_specs}
-    new = []
-    for i, p in enumerate(prompts):
-        pages = {}
-        for spec in runner.pool_specs:
-            need = (len(p) + n_steps + spec.page_size - 1) // spec.page_size
-            pages[spec.name] = list(range(nxt[spec.name], nxt[spec.name] + need))
-            nxt[spec.name] += need
-        new.append(NewRequestData(rid=f"r{i}", token_ids=list(p), num_prompt_tokens=len(p), sampling=params,
-                                  pages=pages))
-    out = [[] for _ in prompts]
-    for step in range(n_steps):
-        sched = [ScheduledRequest(rid=f"r{i}", start=0 if step == 0 else len(p) + step - 1,
-                                  num_tokens=len(p) if step == 0 else 1, new_pages={}, sample=True)
-                 for i, p in enumerate(prompts)]
-        res = runner.execute(StepPlan(step_id=step, new_requests=new if step == 0 else [], scheduled=sched,
-                                      removed_rids=[]))
-        for s in res.sampled:
-            i = int(s.rid[1:])
-            out[i].extend(s.token_ids)
-            if forced is not None:
-                runner.seqs[s.rid].token_ids[-1] = forced[i][step]
-    runner.sampler.sample = orig
+    try:
+        out = greedy_generate(runner, prompts, n_steps, forced=forced)
+    finally:
+        runner.sampler.sample = orig
     return seen[1:], out
 
 
