@@ -14,7 +14,9 @@ from gemma4rt.frontend.frontdoor import SeqOptions
 from gemma4rt.frontend.media import collect_parts
 from gemma4rt.frontend.parsing import OutputParser
 from gemma4rt.frontend.structured import after_reasoning, request_grammar, tool_choice_constraint
-from gemma4rt.frontend.sampling import MAX_N, MAX_TOP_LOGPROBS, build_sampling, field, stop_strings, with_seed
+from gemma4rt.frontend.sampling import (
+    MAX_N, MAX_TOP_LOGPROBS, build_sampling, field, stop_strings, stream_fields, with_seed,
+)
 from gemma4rt.protocol import AddRequest
 
 ROLES = {"system", "developer", "user", "assistant", "tool", "function", "model"}
@@ -88,11 +90,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(f"{parts[0].where}: this model takes text only ({parts[0].modality} input is not "
                           f"supported).", param="messages")
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
-    stream = field(body, "stream", "bool", False)
-    so = field(body, "stream_options", "dict", None)
-    if so is not None and not stream:
-        raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-    include_usage = bool(so and so.get("include_usage"))
+    stream, include_usage = stream_fields(body)
     want_lp = field(body, "logprobs", "bool", False)
     top_lp = field(body, "top_logprobs", "int", 0, lo=0, hi=MAX_TOP_LOGPROBS)
     if top_lp and not want_lp:

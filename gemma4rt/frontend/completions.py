@@ -9,7 +9,9 @@ from gemma4rt.frontend.common import (
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
 from gemma4rt.frontend.structured import request_grammar
-from gemma4rt.frontend.sampling import MAX_N, build_sampling, check_token_ids, field, stop_strings, with_seed
+from gemma4rt.frontend.sampling import (
+    MAX_N, build_sampling, check_token_ids, field, stop_strings, stream_fields, with_seed,
+)
 from gemma4rt.protocol import AddRequest
 
 
@@ -52,11 +54,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = check_model(st, body)
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
-    stream = field(body, "stream", "bool", False)
-    so = field(body, "stream_options", "dict", None)
-    if so is not None and not stream:
-        raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-    include_usage = bool(so and so.get("include_usage"))
+    stream, include_usage = stream_fields(body)
     echo = field(body, "echo", "bool", False)
     k = field(body, "logprobs", "int", None, lo=0, hi=20)
     max_tokens = field(body, "max_tokens", "int", 16, lo=1)

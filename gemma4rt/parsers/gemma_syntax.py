@@ -101,40 +101,50 @@ class _Parser:
 
     # grammar ---------------------------------------------------------------------------------
     def _obj(self):
-        self.out.append("{")
-        self.i += 1
         keys: set[str] = set()
-        self._ws()
-        if self._eof_or_close("}"):
-            return
-        if self.s[self.i] == "}":
-            self.i += 1
-            self.out.append("}")
-            return
-        while True:
+
+        def member(first: bool) -> None:
             key = self._key()
             if key in keys:
                 raise GemmaSyntaxError(f"duplicate key {key!r}")
-            self.out.append((", " if keys else "") + _dumps(key) + ": ")
+            self.out.append(("" if first else ", ") + _dumps(key) + ": ")
             keys.add(key)
             self._value(in_obj=True)
+        self._items("{", "}", member)
+
+    def _items(self, opener: str, closer: str, item) -> None:
+        """`opener item (, item)* ,? closer` (an empty body and a trailing comma allowed); item(first)
+        parses one member or element and writes its JSON."""
+        self.out.append(opener)
+        self.i += 1
+        self._ws()
+        if self._eof_or_close(closer):
+            return
+        first = True
+        while True:
+            if self.s[self.i] == closer:        # empty, or after a trailing comma
+                self.i += 1
+                self.out.append(closer)
+                return
+            item(first)
+            first = False
             self._ws()
-            if self._eof_or_close("}"):
+            if self._eof_or_close(closer):
                 return
             c = self.s[self.i]
-            if c == "}":
+            if c == closer:
                 self.i += 1
-                self.out.append("}")
+                self.out.append(closer)
                 return
             if c != ",":
-                raise GemmaSyntaxError(f"expected ',' or '}}' at {self.i}")
+                raise GemmaSyntaxError(f"expected ',' or '{closer}' at {self.i}")
             self.i += 1
             self._ws()
-            if self._eof_or_close("}"):
+            if self._eof_or_close(closer):
                 return
-            if self.s[self.i] == "}":       # trailing comma
+            if self.s[self.i] == closer:        # trailing comma
                 self.i += 1
-                self.out.append("}")
+                self.out.append(closer)
                 return
 
     def _key(self) -> str:
@@ -219,39 +229,11 @@ class _Parser:
         self.i = m.start()
 
     def _arr(self):
-        self.out.append("[")
-        self.i += 1
-        self._ws()
-        if self._eof_or_close("]"):
-            return
-        if self.s[self.i] == "]":
-            self.i += 1
-            self.out.append("]")
-            return
-        first = True
-        while True:
+        def element(first: bool) -> None:
             if not first:
                 self.out.append(", ")
-            first = False
             self._value(in_obj=False)
-            self._ws()
-            if self._eof_or_close("]"):
-                return
-            c = self.s[self.i]
-            if c == "]":
-                self.i += 1
-                self.out.append("]")
-                return
-            if c != ",":
-                raise GemmaSyntaxError(f"expected ',' or ']' at {self.i}")
-            self.i += 1
-            self._ws()
-            if self._eof_or_close("]"):
-                return
-            if self.s[self.i] == "]":
-                self.i += 1
-                self.out.append("]")
-                return
+        self._items("[", "]", element)
 
 
 def gemma_args_to_json(text: str) -> str:
