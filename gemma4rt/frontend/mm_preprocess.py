@@ -151,8 +151,8 @@ class MediaPreprocessor:
         return self._audio_fe
 
     def audio_arrays(self, waveform: np.ndarray) -> tuple[dict, int]:
-        """16 kHz mono float32 [S] → (arrays, number of soft tokens). Clips longer than 30 s are cut."""
-        w = np.asarray(waveform, dtype=np.float32)[:MAX_AUDIO_SAMPLES]
+        """16 kHz mono float32 [S] → (arrays, number of soft tokens). The caller refuses clips over 30 s."""
+        w = np.asarray(waveform, dtype=np.float32)
         fe = self._feature_extractor()
         if self.unified:
             out = fe([w], return_tensors="np")
@@ -187,6 +187,10 @@ class MediaPreprocessor:
         elif media.modality == "audio":
             if not self.has_audio:
                 raise MediaError("this model does not accept audio input", media.part_index)
+            if len(media.data) > MAX_AUDIO_SAMPLES:
+                raise MediaError(f"the audio clip lasts {len(media.data) / AUDIO_SAMPLE_RATE:.1f} s; this model takes "
+                                 f"at most {MAX_AUDIO_SAMPLES // AUDIO_SAMPLE_RATE} s per clip (split it into "
+                                 f"several parts)", media.part_index)
             arrays, n = self.audio_arrays(media.data)
             if n == 0:
                 raise MediaError("audio clip is too short", media.part_index)

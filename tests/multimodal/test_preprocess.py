@@ -74,8 +74,11 @@ def test_unified_merged_patches():
 def test_audio_soft_token_counts():
     pre = _real_geometry()
     assert pre.audio_arrays(np.zeros(16000, np.float32))[1] == 25
-    arrays, n = pre.audio_arrays(np.zeros(40 * 16000, np.float32))          # cut at 30 s
+    arrays, n = pre.audio_arrays(np.zeros(30 * 16000, np.float32))          # the longest clip
     assert n == 750 and decode_array(arrays["input_features"]).shape[1] == 128
+    from gemma4rt.frontend.mm_fetch import LoadedMedia, MediaError
+    with pytest.raises(MediaError, match="40.0 s"):                         # refused, never cut
+        pre.make_item(LoadedMedia("audio", np.zeros(40 * 16000, np.float32), "d", 2))
     uni = _real_geometry(unified=True)
     arrays, n = uni.audio_arrays(np.ones(16000 + 1, np.float32))
     assert n == 26 and decode_array(arrays["input_features"]).shape == (26, 640)
