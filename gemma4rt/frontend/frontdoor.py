@@ -117,17 +117,20 @@ class FrontDoor(Actor):
                 self.metrics.on_finish("abort")
 
     def abort_all(self) -> int:
-        rids = list(self.queues)
-        for rid in rids:
-            self.queues[rid].put_nowait(RequestOutput(rid=rid, new_token_ids=[], finish_reason="abort"))
-        return len(rids)
+        return sum(self.abort_external(rid) for rid in list(self.queues))
 
     def abort_external(self, rid: str) -> bool:
-        """/abort_request: end the request for its waiting client with finish_reason abort."""
+        """/abort_request: end the request for its waiting client with finish_reason abort, and stop
+        it in the engine (the client's generator sees a final output and sends nothing more)."""
         q = self.queues.get(rid)
         if q is None:
             return False
         q.put_nowait(RequestOutput(rid=rid, new_token_ids=[], finish_reason="abort"))
+        if self.engine_dead is None:
+            try:
+                self.engine.send(AbortRequest(rid=rid))
+            except Exception:
+                pass
         return True
 
     def flush_cache(self) -> None:

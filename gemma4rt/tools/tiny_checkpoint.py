@@ -35,7 +35,8 @@ from gemma4rt.tools.tiny_tokenizer import GENERATION_EOS_IDS, TOKEN_IDS, save_ti
 
 FAMILIES = ("e", "dense", "moe", "unified", "assistant")
 DEMO_FAMILY = "e"
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
+DEMO_SEED = 3            # a seed whose random model writes varied (meaningless) text, not one repeated token
 _EMBED_STD = 0.3  # bump when the demo checkpoint's contents change
 
 S, F = "sliding_attention", "full_attention"
@@ -332,7 +333,7 @@ def _cache_root() -> Path:
 
 
 def demo_checkpoint_path() -> Path:
-    """The built-in demo model: the full (text + vision + audio) `e` family, seed 0, float32.
+    """The built-in demo model: the full (text + vision + audio) `e` family, DEMO_SEED, float32.
 
     Created once under `$GEMMA4RT_CACHE/demo-<version>` (default `~/.cache/gemma4rt/demo-<version>`): written
     to a temporary sibling directory, then renamed into place, so readers never see a half-written model.
@@ -343,7 +344,7 @@ def demo_checkpoint_path() -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        write_tiny_checkpoint(tmp, DEMO_FAMILY, seed=0)
+        write_tiny_checkpoint(tmp, DEMO_FAMILY, seed=DEMO_SEED)
         try:
             os.rename(tmp, final)
         except OSError:
