@@ -29,7 +29,7 @@ class SeqChunk:
     token_ids: list[int]
     logprobs: Optional[list[float]] = None
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None
-    prompt_logprobs: Optional[list] = None
+    prompt_logprobs: Optional[list] = None       # the whole prompt's, once (chunked prefill joined)
     prompt_top_logprobs: Optional[list] = None
     finish_reason: Optional[str] = None
     matched_stop: object = None
@@ -149,6 +149,9 @@ class FrontDoor(Actor):
         t_last = None
         n_out = 0
         done = False
+        p_lp: list = []                  # prompt logprobs arrive per prefill chunk: join them
+        p_top: list = []
+        p_sent = False
         try:
             while True:
                 o: RequestOutput = await q.get()
@@ -176,6 +179,12 @@ class FrontDoor(Actor):
                         m.itl.observe((now - t_last) / len(new))
                     t_last = now
                 n_out += len(new)
+                plp = ptop = None
+                if o.prompt_logprobs is not None and not p_sent:
+                    p_lp += o.prompt_logprobs
+                    p_top += o.prompt_top_logprobs or [None] * len(o.prompt_logprobs)
+                    if len(p_lp) >= o.num_prompt_tokens or fin is not None:
+                        plp, ptop, p_sent = p_lp, p_top, True
                 if fin is not None:
                     done = True
                     self.queues.pop(rid, None)
@@ -184,7 +193,7 @@ class FrontDoor(Actor):
                     if m is not None:
                         m.on_finish(fin, o.num_prompt_tokens, n_out, now - t0)
                 yield SeqChunk(text=text, token_ids=new, logprobs=o.logprobs, top_logprobs=o.top_logprobs,
-                               prompt_logprobs=o.prompt_logprobs, prompt_top_logprobs=o.prompt_top_logprobs,
+                               prompt_logprobs=plp, prompt_top_logprobs=ptop,
                                finish_reason=fin, matched_stop=matched, error=o.error,
                                num_prompt_tokens=o.num_prompt_tokens, num_cached_tokens=o.num_cached_tokens,
                                num_output_tokens=n_out)
@@ -201,9 +210,10 @@ def _merge(outs: list[RequestOutput]) -> RequestOutput:
         o.logprobs = [v for x in outs for v in (x.logprobs or [])]
     if any(x.top_logprobs is not None for x in outs):
         o.top_logprobs = [v for x in outs for v in (x.top_logprobs or [])]
-    for x in outs:
-        if x.prompt_logprobs is not None:
-            o.prompt_logprobs, o.prompt_top_logprobs = x.prompt_logprobs, x.prompt_top_logprobs
+    if any(x.prompt_logprobs is not None for x in outs):
+        o.prompt_logprobs = [v for x in outs for v in (x.prompt_logprobs or [])]
+        o.prompt_top_logprobs = [v for x in outs if x.prompt_logprobs is not None
+                                 for v in (x.prompt_top_logprobs or [None] * len(x.prompt_logprobs))]
     last = outs[-1]
     o.finish_reason, o.matched_stop, o.error = last.finish_reason, last.matched_stop, last.error
     o.num_prompt_tokens = max(x.num_prompt_tokens for x in outs)

@@ -221,7 +221,8 @@ class Scheduler(PageOps):
         new_reqs: list[NewRequestData] = []
         while self.waiting and budget > 0 and len(running) < self.max_running:
             r = self.waiting[0]
-            if self.prefix_enabled and r.num_computed == 0 and not r.pages:
+            # prompt logprobs need every prompt position computed: no prefix-cache hit for them
+            if self.prefix_enabled and r.num_computed == 0 and not r.pages and not r.sampling.prompt_logprobs:
                 self._match_prefix(r)
             end = self._plan_chunk(r, budget)
             if end is None:
@@ -352,6 +353,8 @@ class Scheduler(PageOps):
                 continue
             if s is not None and s.deferred:
                 r.num_computed = sr.start + sr.num_tokens - 1     # recompute the last position
+                if s.prompt_logprobs is not None:                  # computed this step: pass them on
+                    outputs.append(self._output(r, [], s, 0))
                 continue
             if s is None or not s.token_ids:
                 self._fail(r, s.error if s is not None and s.error else "The worker returned no token.")

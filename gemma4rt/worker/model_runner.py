@@ -318,9 +318,10 @@ class ModelRunner:
             seq = self.seqs[sr.rid]
             st = SampledTokens(rid=sr.rid, token_ids=[])
             p = seq.sampling.params
-            if p.prompt_logprobs and sr.start < seq.num_prompt and n:
-                end = min(sr.start + sr.num_tokens, seq.num_prompt)
-                nxt = seq.token_ids[sr.start + 1:end]          # prompt tokens predicted by these rows
+            # row i of this chunk predicts token start + i + 1; those still in the prompt get logprobs
+            end = min(sr.start + sr.num_tokens + 1, seq.num_prompt)
+            if p.prompt_logprobs and n and (sr.start == 0 or sr.start + 1 < end):
+                nxt = seq.token_ids[sr.start + 1:end]
                 lp, top = prompt_logprobs(logits[first:first + len(nxt)], nxt, p.top_logprobs) if nxt else ([], [])
                 head: list = [None] if sr.start == 0 else []
                 st.prompt_logprobs = head + lp

@@ -59,3 +59,20 @@ def test_server_equals_llm_equals_transformers(demo_server):
                 assert ref[:k] == got[:k]
             else:
                 assert ref == got
+
+
+def test_echo_logprobs_across_prefill_chunks(demo_server):
+    """`echo` + `logprobs` with a prompt prefilled in 3 chunks of 32: every prompt token after the
+    first has its logprob (the chunk boundaries included), equal to the unchunked model's."""
+    import torch
+
+    from gemma4rt.llm import LLM
+    prompt = [2] + [(37 * i) % 400 + 5 for i in range(70)]
+    st, body, _ = demo_server.post("/v1/completions", {"model": "default", "prompt": prompt, "max_tokens": 1,
+                                                       "echo": True, "logprobs": 1, "temperature": 0})
+    assert st == 200, body
+    got = json.loads(body)["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(got) == len(prompt) + 1 and got[0] is None and all(isinstance(x, float) for x in got[1:])
+    logits = LLM().engine.runner.score(prompt).float()
+    want = torch.log_softmax(logits[:-1], -1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    assert max(abs(a - b) for a, b in zip(got[1:len(prompt)], want.tolist())) < 1e-4
