@@ -62,7 +62,9 @@ class Scheduler(PageOps):
             return (f"The input ({n} tokens) does not fit in the KV cache "
                     f"({self.capacity_tokens()} tokens).")
         sp = req.sampling
-        stops = frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else self.eos_ids)
+        # a grammar ends its request with an EOS id once complete: ignore_eos cannot outlast it
+        keep_eos = not sp.ignore_eos or sp.grammar is not None
+        stops = frozenset(sp.stop_token_ids) | (self.eos_ids if keep_eos else frozenset())
         self._order += 1
         r = Request(req, stops, self._order)
         self.requests[r.rid] = r
@@ -368,7 +370,7 @@ class Scheduler(PageOps):
                 nout = len(toks) - r.num_prompt_tokens
                 toks.append(t)
                 new = got
-                if t in r.stop_ids and nout >= sp.min_new_tokens:
+                if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
                     r.finish_reason = "stop"
                     r.matched_stop = t
                 elif nout + 1 >= sp.max_new_tokens or len(toks) >= ctx:
@@ -379,7 +381,7 @@ class Scheduler(PageOps):
                     nout = len(toks) - r.num_prompt_tokens
                     toks.append(t)
                     new.append(t)
-                    if t in r.stop_ids and nout >= sp.min_new_tokens:
+                    if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
                         r.finish_reason = "stop"
                         r.matched_stop = t
                         break

@@ -82,7 +82,7 @@ class Sampler:
                     if 0 <= int(tid) < V:
                         work[i, int(tid)] += float(b)
             blocked = list(p.suppress_token_ids)
-            if s.num_output < p.min_new_tokens:
+            if s.num_output < p.min_new_tokens and s.grammar is None:     # a grammar decides its own end
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
                 work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")

@@ -31,3 +31,29 @@ def test_slow_grammar_defers_only_its_request(monkeypatch):
     assert outs[0].token_ids == alone
     assert re.fullmatch(r"[0-9]{3}", outs[1].text), outs[1].text
     assert polls["pending"] > 0 and time.time() - t0 >= 0.5
+
+
+def test_constrained_requests_survive_preemption():
+    """A KV pool too small for the batch preempts requests mid-generation; a constrained request
+    resumed after recompute replays its tokens into a fresh matcher and still ends grammatical,
+    with the tokens it would have produced without preemption (greedy)."""
+    spec = GrammarSpec(kind="regex", value="(ab|cd|ef){12,16}")
+    params = [SamplingParams(max_new_tokens=40, temperature=0.0, grammar=spec) for _ in range(6)]
+    prompts = [[2] + [(7 * i + j) % 300 + 10 for j in range(40)] for i in range(6)]
+    roomy = LLM(max_total_tokens=8192, page_size=16).generate(prompts, params)
+    small = LLM(max_total_tokens=288, page_size=16)
+    got = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    for a, b in zip(got, roomy):
+        assert re.fullmatch("(ab|cd|ef){12,16}", a.text), a.text
+        assert a.token_ids == b.token_ids
+
+
+def test_grammar_end_outranks_min_tokens_and_ignore_eos():
+    """A grammar that is complete ends the request (EOS), even with min_tokens or ignore_eos."""
+    llm = LLM()
+    spec = GrammarSpec(kind="regex", value="[0-9]{2}")
+    for kw in ({"min_new_tokens": 10}, {"ignore_eos": True}):
+        out = llm.generate([[2, 10, 11]], SamplingParams(max_new_tokens=20, temperature=1.0, seed=1, grammar=spec,
+                                                          **kw))[0]
+        assert out.finish_reason == "stop" and re.fullmatch("[0-9]{2}", out.text), (kw, out)
