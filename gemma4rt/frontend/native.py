@@ -21,6 +21,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     fd = st.frontdoor
     body = await read_json(request)
     if body.get("input_ids") is not None:
+        if not isinstance(body["input_ids"], list):
+            raise bad_request("'input_ids' must be a list of token ids or a list of token-id lists.",
+                              param="input_ids")
         prompts = await prompts_to_ids(st, body, "input_ids")
         single = not isinstance(body["input_ids"][0], list)
     elif body.get("text") is not None:

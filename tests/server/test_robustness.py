@@ -182,3 +182,12 @@ def test_abort_request_endpoint_and_flush(server):
     assert st == 200 and json.loads(raw)["choices"][0]["finish_reason"] == "abort"
     assert server.post("/flush_cache", {})[0] == 200
     server.wait_idle(timeout=1.5)         # stopped in the engine too, not left to run its 60000 tokens
+
+
+@pytest.mark.parametrize("body", [{"input_ids": ""}, {"input_ids": "12"}, {"input_ids": []}, {"input_ids": [[]]},
+                                  {"input_ids": [1, "a"]}, {"text": 5}, {"text": []}, {}])
+def test_generate_bad_prompt_is_400(server, body):
+    st, raw, _ = server.post("/generate", dict(body, sampling_params={"max_new_tokens": 2}))
+    assert st == 400, raw
+    assert _err(raw)["param"] in ("input_ids", "text")
+    _ok_after(server)
