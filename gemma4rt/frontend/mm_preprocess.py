@@ -124,6 +124,10 @@ class MediaPreprocessor:
         pos = np.asarray(out["image_position_ids"][0]).astype(np.int32)
         real = (pos != -1).all(axis=-1)
         pix, pos = pix[real], pos[real]
+        limit = int((self.vision or {}).get("position_embedding_size", 10240))
+        if not self.unified and pos.size and int(pos.max()) >= limit:
+            raise MediaError(f"the image is too elongated for this model ({image.width}x{image.height} px gives "
+                             f"{int(pos.max()) + 1} patches along one side; at most {limit})")
         k = proc.pooling_kernel_size
         if self.unified:
             pix, pos = merge_patches(pix, pos, k, proc.patch_size)
@@ -178,7 +182,9 @@ class MediaPreprocessor:
                 raise MediaError(f"max_soft_tokens must be one of {IMAGE_TOKEN_BUDGETS}, got {budget}", media.part_index)
             try:
                 arrays, n = self.image_arrays(media.data, budget)
-            except MediaError:
+            except MediaError as e:
+                if e.part_index is None:
+                    e.part_index = media.part_index
                 raise
             except Exception as exc:
                 raise MediaError(f"cannot preprocess image ({type(exc).__name__}: {exc})", media.part_index) from None

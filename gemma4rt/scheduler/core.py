@@ -346,6 +346,10 @@ class Scheduler(PageOps):
                 if by_rid is None:
                     by_rid = {x.rid: x for x in sampled}
                 s = by_rid.get(r.rid)
+            if s is not None and s.error is not None:      # this request failed in the worker
+                self._fail(r, s.error)
+                outputs.append(self.pending.pop())
+                continue
             if not sr.sample:
                 r.num_computed = sr.start + sr.num_tokens
                 if self.prefix_enabled:
@@ -359,7 +363,7 @@ class Scheduler(PageOps):
                     outputs.append(self._output(r, [], s, 0))
                 continue
             if s is None or not s.token_ids:
-                self._fail(r, s.error if s is not None and s.error else "The worker returned no token.")
+                self._fail(r, "The worker returned no token.")
                 outputs.append(self.pending.pop())
                 continue
             sp = r.sampling

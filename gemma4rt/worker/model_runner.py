@@ -137,6 +137,7 @@ class ModelRunner:
         self.grammars = GrammarSlots(self._load_tokenizer, text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
+        self._mm_rids: set[str] = set()     # requests that carry media
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import DecodeGraphs
@@ -203,6 +204,8 @@ class ModelRunner:
             st.record(t)
         if p.grammar is not None:
             st.grammar = self.grammars.start(p.grammar, generated)   # compiles in the background
+        if nr.mm_items:
+            self._mm_rids.add(nr.rid)
         self.seqs[nr.rid] = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens,
                                  {k: list(v) for k, v in nr.pages.items()}, st, list(nr.mm_items))
 
@@ -210,19 +213,43 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> StepResult:
         for rid in plan.removed_rids:
             self.seqs.pop(rid, None)
+            self._mm_rids.discard(rid)
         for nr in plan.new_requests:
             self._add(nr)
-        if not plan.scheduled:
-            return StepResult(step_id=plan.step_id, sampled=[])
+        scheduled = plan.scheduled
+        failed = self._encode_media(scheduled) if self._mm_rids else {}
+        if failed:                 # a request whose media cannot be encoded fails alone
+            scheduled = [sr for sr in scheduled if sr.rid not in failed]
+        errors = [SampledTokens(rid=rid, token_ids=[], error=e) for rid, e in failed.items()]
+        if not scheduled:
+            return StepResult(step_id=plan.step_id, sampled=errors)
         logits = None
-        if self.graphs is not None and self.graphs.can_run(plan.scheduled, self.seqs):
-            arr, rows = self._host_arrays(plan.scheduled)
+        if self.graphs is not None and self.graphs.can_run(scheduled, self.seqs):
+            arr, rows = self._host_arrays(scheduled)
             logits = self.graphs.run(arr)
         if logits is None:
-            ctx, rows = self._build_context(plan.scheduled)
+            ctx, rows = self._build_context(scheduled)
             hidden = self.model(ctx)
             logits = self.model.compute_logits(hidden)
-        return StepResult(step_id=plan.step_id, sampled=self._sample(plan.scheduled, logits, rows))
+        return StepResult(step_id=plan.step_id, sampled=self._sample(scheduled, logits, rows) + errors)
+
+    def _encode_media(self, scheduled: list[ScheduledRequest]) -> dict[str, str]:
+        """Encode (into the encoder cache) the media rows this step reaches; {rid: error} for the
+        requests whose media fail, so that one bad item never fails the rest of the batch."""
+        from gemma4rt.worker.mm_inputs import cached_encode
+        failed = {}
+        for sr in scheduled:
+            if sr.rid not in self._mm_rids:
+                continue
+            for item in self.seqs[sr.rid].mm_items:
+                if item.offset < sr.start + sr.num_tokens and item.offset + item.num_tokens > sr.start:
+                    try:
+                        cached_encode(self.model, item, self.mm_cache, self.device)
+                    except Exception as e:
+                        log.warning("request %s: cannot encode its %s: %s", sr.rid, item.modality, e)
+                        failed[sr.rid] = f"Cannot encode the request's {item.modality} ({type(e).__name__}: {e})."
+                        break
+        return failed
 
     def _host_arrays(self, scheduled: list[ScheduledRequest]) -> tuple[StepArrays, list]:
         """The step's inputs as host (numpy) arrays, vectorised: the host cost of a step must stay far

@@ -161,3 +161,47 @@ def test_dummy_real_geometry_with_the_demo_tokenizer():
     exp = pre.expand_prompt(ids, [LoadedMedia("image", image(720, 1280, 4), "d", 0)])
     (item,) = exp.mm_items
     assert 0 < item.num_tokens <= BUDGET and exp.token_ids[item.offset - 1] == tok.convert_tokens_to_ids("<|image>")
+
+
+def test_elongated_image_is_a_400_and_others_are_unharmed(srv):
+    """A 4000x20 image overflows the tiny ViT's position table: a 400 naming the part, while a
+    concurrent request completes."""
+    import concurrent.futures as cf
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_uri(image(20, 4000, 1))}},
+                                        {"type": "text", "text": "?"}]}]
+    with cf.ThreadPoolExecutor(2) as ex:
+        f_bad = ex.submit(srv.post, "/v1/chat/completions", {"model": "default", "messages": bad, "max_tokens": 2})
+        f_ok = ex.submit(_ask, srv, [{"role": "user", "content": "Hello"}])
+        st, body, _ = f_bad.result()
+        assert st == 400 and "messages[0].content[0]" in json.loads(body)["error"]["message"], body
+        assert f_ok.result()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_worker_media_failure_fails_only_its_request(tmp_path):
+    """If encoding one request's media raises in the worker, that request ends with an error and the
+    others in the same step still get their tokens."""
+    from gemma4rt.config import EngineConfig
+    from gemma4rt.engine import Engine
+    from gemma4rt.frontend.mm_fetch import LoadedMedia
+    from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
+    from gemma4rt.protocol import AddRequest, SamplingParams
+    from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+
+    path = str(demo_checkpoint_path())
+    eng = Engine(EngineConfig(model_path=path, device="cpu", dtype="float32"))
+    pre = MediaPreprocessor.from_model_dir(path, BUDGET)
+    exp = pre.expand_prompt([2, 10, pre.ids["image_token_id"], 11], [LoadedMedia("image", image(30, 30, 2), "d", 0)])
+    item = exp.mm_items[0]
+    item.arrays["pixel_values"] = ("float32", [1, 3], b"\0" * 12)          # corrupt: wrong patch width
+    sp = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    eng.add_request(AddRequest(rid="bad", prompt_token_ids=exp.token_ids, sampling=sp, mm_items=[item]))
+    eng.add_request(AddRequest(rid="good", prompt_token_ids=[2, 10, 11, 12], sampling=sp))
+    fins = {}
+    for _ in range(20):
+        for o in eng.step().outputs:
+            if o.finish_reason:
+                fins[o.rid] = o
+        if len(fins) == 2:
+            break
+    assert fins["bad"].finish_reason == "error" and "encode" in fins["bad"].error
+    assert fins["good"].finish_reason == "length"
