@@ -57,3 +57,24 @@ def test_grammar_end_outranks_min_tokens_and_ignore_eos():
         out = llm.generate([[2, 10, 11]], SamplingParams(max_new_tokens=20, temperature=1.0, seed=1, grammar=spec,
                                                           **kw))[0]
         assert out.finish_reason == "stop" and re.fullmatch("[0-9]{2}", out.text), (kw, out)
+
+
+def test_deferral_after_chunked_prefill_and_prefix_hit(monkeypatch):
+    """The deferred step is the last prompt position: with chunked prefill past the sliding window and
+    a prefix-cache hit, the deferred requests generate exactly what they generate undelayed."""
+    spec = GrammarSpec(kind="regex", value="[a-z ]{4,40}")
+    prompt = [2] + [(11 * j) % 300 + 10 for j in range(150)]
+    params = [SamplingParams(max_new_tokens=24, temperature=0.0, grammar=spec),
+              SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)]
+
+    def run():
+        llm = LLM(chunked_prefill_size=32, page_size=16)
+        first = llm.generate([prompt], params[:1])[0]
+        again = llm.generate([prompt, prompt[:120]], params)            # prefix hits
+        assert llm.engine.scheduler.prefix_hit_tokens > 0
+        return [first.token_ids] + [o.token_ids for o in again]
+
+    plain = run()
+    orig = constrained.GrammarSlots._prepare
+    monkeypatch.setattr(constrained.GrammarSlots, "_prepare", lambda self, s: (time.sleep(0.3), orig(self, s))[1])
+    assert run() == plain
