@@ -102,6 +102,7 @@ class ServerConfig:
     reasoning_parser: Optional[str] = None      # "gemma4"
     tool_call_parser: Optional[str] = None      # "gemma4"
     chat_template: Optional[str] = None         # path overriding the checkpoint's template
+    default_chat_template_kwargs: dict = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
     limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 16, "audio": 4})
     allow_private_media_urls: bool = False

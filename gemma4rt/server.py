@@ -73,7 +73,8 @@ async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
     state = AppState(frontdoor=fd, tokenizer=tok, model_info=mi, served_name=served, model_names=names,
                      api_key=srv.api_key, metrics=metrics,
                      parsers=parsers_available(srv.reasoning_parser, srv.tool_call_parser),
-                     media=MediaInput.for_server(mi, eng_cfg, srv, tok.tok))
+                     media=MediaInput.for_server(mi, eng_cfg, srv, tok.tok),
+                     chat_template_kwargs=dict(srv.default_chat_template_kwargs))
     app = build_app(state, srv.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

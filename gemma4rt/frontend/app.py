@@ -26,6 +26,7 @@ class AppState:
     metrics: object = None
     parsers: dict = field(default_factory=lambda: {"reasoning": False, "tool": False})
     media: object = None                   # frontend.media.MediaInput; None: a text-only model
+    chat_template_kwargs: dict = field(default_factory=dict)   # --default-chat-template-kwargs
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -54,6 +54,23 @@ def _messages(body: dict) -> list:
     return out
 
 
+def _reasoning_knobs(body: dict, kwargs: dict) -> None:
+    """SGLang's `reasoning_effort` (or `reasoning: {"effort"|"enabled"}`) turns thinking on ("none":
+    off) unless chat_template_kwargs.enable_thinking is set."""
+    effort = body.get("reasoning_effort")
+    r = body.get("reasoning")
+    if effort is None and isinstance(r, dict):
+        effort = r.get("effort")
+        if effort is None and isinstance(r.get("enabled"), bool):
+            effort = "medium" if r["enabled"] else "none"
+    if effort is None:
+        return
+    if not isinstance(effort, str):
+        raise bad_request("'reasoning_effort' must be a string (none, minimal, low, medium, high).",
+                          param="reasoning_effort")
+    kwargs.setdefault("enable_thinking", effort.lower() != "none")
+
+
 def _tool_calls(calls, i: int) -> list:
     """An assistant message's tool_calls with JSON-string arguments parsed to objects: chat templates
     render a dict as Gemma's call syntax but would paste a string verbatim."""
@@ -90,7 +107,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(f"{parts[0].where}: this model takes text only ({parts[0].modality} input is not "
                           f"supported).", param="messages")
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
-    stream, include_usage = stream_fields(body)
+    stream, include_usage, continuous = stream_fields(body)
     want_lp = field(body, "logprobs", "bool", False)
     top_lp = field(body, "top_logprobs", "int", 0, lo=0, hi=MAX_TOP_LOGPROBS)
     if top_lp and not want_lp:
@@ -103,7 +120,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if grammar is not None and tool_grammar is not None:
         raise bad_request("'response_format' cannot be combined with tool_choice 'required' or a named tool.",
                           param="response_format")
-    kwargs = dict(field(body, "chat_template_kwargs", "dict", {}) or {})
+    kwargs = {**st.chat_template_kwargs, **(field(body, "chat_template_kwargs", "dict", {}) or {})}
+    _reasoning_knobs(body, kwargs)
     kwargs.setdefault("add_generation_prompt", field(body, "add_generation_prompt", "bool", True))
     if field(body, "continue_final_message", "bool", False):
         kwargs["continue_final_message"] = True
@@ -114,7 +132,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     skip_special = field(body, "skip_special_tokens", "bool", True)
     # a forced call (tool_choice required / named) is always parsed: its format is known
     tool_parse = bool(tools) and (st.parsers["tool"] or tool_grammar is not None)
-    parsers_on = st.parsers["reasoning"] or tool_parse
+    # separate_reasoning (SGLang) false: the thought stays in content, tags and all
+    reasoning_parse = st.parsers["reasoning"] and field(body, "separate_reasoning", "bool", True)
+    include_reasoning = field(body, "include_reasoning", "bool", True)      # vLLM: false drops it
+    parsers_on = reasoning_parse or tool_parse
     check_capacity(fd, n)
     media = await st.media.load(parts) if parts else []
     _, prompt_ids = await st.tokenizer.render_chat(messages, tools, kwargs)
@@ -129,12 +150,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
     opts = [SeqOptions(stop=stops, include_stop=include_stop,
                        skip_special_tokens=skip_special and not parsers_on) for _ in range(n)]
-    parsers = [OutputParser(st.parsers["reasoning"], tool_parse, thinking, tools) for _ in range(n)]
+    parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning) for _ in range(n)]
     cid = new_id("chatcmpl")
     created = now()
     gen = fan_in(fd, adds, opts, client_gone(request))
     if stream:
-        return await _stream(request, st, gen, parsers, cid, created, model, n, include_usage, want_lp)
+        return await _stream(request, st, gen, parsers, cid, created, model, n, (include_usage, continuous),
+                             want_lp)
     return await _whole(st, gen, parsers, cid, created, model, n, want_lp)
 
 
@@ -179,7 +201,10 @@ async def _whole(st, gen, parsers, cid, created, model, n, want_lp):
                               "choices": choices, "usage": usage(n_prompt, sum(n_out), n_cached)})
 
 
-async def _stream(request, st, gen, parsers, cid, created, model, n, include_usage, want_lp):
+async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts, want_lp):
+    """usage_opts: (include_usage: a final usage chunk, continuous_usage_stats: running usage in every
+    chunk)."""
+    include_usage, continuous = usage_opts
     fd = st.frontdoor
     chunks = await first_then_rest(fd, gen)
     sse = SSE(request)
@@ -190,12 +215,14 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, include_usa
         c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}
         if fin is not None:
             c["matched_stop"] = matched
+        if continuous:
+            return dict(base, choices=[c], usage=usage(n_prompt, sum(n_out), n_cached))
         return dict(base, choices=[c])
 
-    for i in range(n):
-        await sse.send(chunk(i, {"role": "assistant", "content": ""}))
     n_prompt = n_cached = 0
     n_out = [0] * n
+    for i in range(n):
+        await sse.send(chunk(i, {"role": "assistant", "content": ""}))
     try:
         async for i, ch in chunks:
             if ch.finish_reason == "error":
@@ -205,6 +232,8 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, include_usa
             lp = {"content": chat_logprobs(st.tokenizer, ch.token_ids, ch.logprobs, ch.top_logprobs)} \
                 if want_lp and ch.token_ids else None
             final = ch.finish_reason is not None
+            n_prompt, n_cached = ch.num_prompt_tokens, ch.num_cached_tokens
+            n_out[i] = ch.num_output_tokens
             deltas = []
             if p.active:
                 r = p.feed(ch.text, final=final)
@@ -224,8 +253,6 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, include_usa
                 fin = ch.finish_reason
                 if p.num_calls_ok and fin == "stop":
                     fin = "tool_calls"
-                n_prompt, n_cached = ch.num_prompt_tokens, ch.num_cached_tokens
-                n_out[i] = ch.num_output_tokens
                 await sse.send(chunk(i, {}, fin=fin, matched=ch.matched_stop))
             if not sse.ok:
                 break

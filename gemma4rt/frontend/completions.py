@@ -54,7 +54,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = check_model(st, body)
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
-    stream, include_usage = stream_fields(body)
+    stream, include_usage, continuous = stream_fields(body)
     echo = field(body, "echo", "bool", False)
     k = field(body, "logprobs", "int", None, lo=0, hi=20)
     max_tokens = field(body, "max_tokens", "int", 16, lo=1)
@@ -133,13 +133,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     c.matched = ""              # marks "prompt echoed" for this choice
                 c.text += ch.text
                 fin = ch.finish_reason
+                c.n_out = ch.num_output_tokens
+                n_prompt[idx[i]], n_cached[idx[i]] = ch.num_prompt_tokens, ch.num_cached_tokens
                 if text or lp or fin:
-                    await sse.send(dict(base, choices=[{"index": i, "text": text, "logprobs": lp,
-                                                        "finish_reason": fin,
-                                                        **({"matched_stop": ch.matched_stop} if fin else {})}]))
-                if fin:
-                    c.n_out = ch.num_output_tokens
-                    n_prompt[idx[i]], n_cached[idx[i]] = ch.num_prompt_tokens, ch.num_cached_tokens
+                    out = dict(base, choices=[{"index": i, "text": text, "logprobs": lp, "finish_reason": fin,
+                                               **({"matched_stop": ch.matched_stop} if fin else {})}])
+                    if continuous:
+                        out["usage"] = usage(sum(n_prompt.values()), sum(x.n_out for x in choices),
+                                             sum(n_cached.values()))
+                    await sse.send(out)
                 if not sse.ok:
                     break
             if include_usage and sse.ok:

@@ -33,8 +33,10 @@ class Parsed:
 
 
 class OutputParser:
-    def __init__(self, reasoning: bool, tool: bool, thinking: bool, tools: Optional[list]):
+    def __init__(self, reasoning: bool, tool: bool, thinking: bool, tools: Optional[list],
+                 include_reasoning: bool = True):
         self.r = ReasoningStreamParser(thinking) if reasoning else None
+        self.include_reasoning = include_reasoning     # False: the thought is parsed out and dropped
         self.t = ToolCallStreamParser() if tool and tools else None
         self.num_calls_ok = 0
         self.calls: dict[int, dict] = {}           # index -> {"id","name","arguments","ok"} (whole view)
@@ -50,7 +52,8 @@ class OutputParser:
             content = ""
             for e in evs:
                 if isinstance(e, ReasoningDelta):
-                    out.reasoning += e.text
+                    if self.include_reasoning:
+                        out.reasoning += e.text
                 else:
                     content += e.text
         else:

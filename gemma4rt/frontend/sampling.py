@@ -37,13 +37,13 @@ def field(body: dict, name: str, kind: str, default: Any = None, lo=None, hi=Non
     return float(v) if kind == "float" else v
 
 
-def stream_fields(body: dict) -> tuple[bool, bool]:
-    """(stream, stream_options.include_usage)."""
+def stream_fields(body: dict) -> tuple[bool, bool, bool]:
+    """(stream, stream_options.include_usage, stream_options.continuous_usage_stats)."""
     stream = field(body, "stream", "bool", False)
     so = field(body, "stream_options", "dict", None)
     if so is not None and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-    return stream, bool(so and so.get("include_usage"))
+    return stream, bool(so and so.get("include_usage")), bool(so and so.get("continuous_usage_stats"))
 
 
 def stop_strings(body: dict, name: str = "stop") -> list[str]:

@@ -26,6 +26,8 @@ def test_flags_and_aliases():
                             '{"max_soft_tokens": 560}', "--allow-private-media-urls"])
     assert srv.limit_mm_per_prompt == {"image": 2} and srv.mm_processor_kwargs == {"max_soft_tokens": 560}
     assert srv.allow_private_media_urls
+    _, srv, _ = parse_args(["--default-chat-template-kwargs", '{"enable_thinking": true}'])
+    assert srv.default_chat_template_kwargs == {"enable_thinking": True}
     assert parse_args([])[0].model_path is None
 
 

@@ -154,3 +154,39 @@ def test_native_generate_and_tokenize(server):
     events = [json.loads(l[6:]) for l in body.decode().split("\n\n") if l.startswith("data: {")]
     assert events[-1]["text"] == out["text"]                               # cumulative text
     assert all(out["text"].startswith(e["text"]) for e in events)
+
+
+def test_continuous_usage_and_reasoning_knobs(server, client):
+    """stream_options.continuous_usage_stats puts running usage in every chunk (chat and completions);
+    reasoning_effort maps onto enable_thinking (rendered into the prompt by the template);
+    include_reasoning false drops the thought; separate_reasoning false keeps it in content."""
+    chunks = list(client.chat.completions.create(
+        model="gemma4rt-noop", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert counts == sorted(counts) and counts[-1] == 6 and all(c.usage is not None for c in chunks)
+    raw = server.post("/v1/completions", {"model": "gemma4rt-noop", "prompt": "x", "max_tokens": 4, "stream": True,
+                                          "stream_options": {"continuous_usage_stats": True}})[1].decode()
+    ev = [json.loads(x[6:]) for x in raw.split("\n\n") if x.startswith("data: {")]
+    assert ev and all("usage" in e for e in ev) and ev[-1]["usage"]["completion_tokens"] == 4
+
+    def prompt_len(**kw):
+        body = dict({"model": "gemma4rt-noop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}, **kw)
+        st, out, _ = server.post("/v1/chat/completions", body)
+        assert st == 200, out
+        return json.loads(out)["usage"]["prompt_tokens"]
+    base = prompt_len()
+    on = prompt_len(chat_template_kwargs={"enable_thinking": True})
+    assert on != base
+    assert prompt_len(reasoning_effort="high") == on and prompt_len(reasoning_effort="none") == base
+    assert prompt_len(reasoning={"enabled": True}) == on
+    assert prompt_len(reasoning_effort="high", chat_template_kwargs={"enable_thinking": False}) == base
+
+
+def test_reasoning_output_knobs():
+    from gemma4rt.frontend.parsing import OutputParser
+    text = "<|channel>thought\nhmm<channel|>Answer."
+    r = OutputParser(True, False, True, None, include_reasoning=False).feed(text, final=True)
+    assert r.reasoning == "" and r.content == "Answer."
+    r = OutputParser(False, False, True, None).feed(text, final=True)           # separate_reasoning false
+    assert r.content == text
