@@ -56,7 +56,7 @@ def _auth(key: str):
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.method == "OPTIONS" or request.path.startswith("/health"):
+        if request.method == "OPTIONS" or request.path.startswith("/health") or request.path == "/ping":
             return await handler(request)
         if request.headers.get("Authorization", "") != want:
             return web.Response(status=401, text=json.dumps({"error": "Unauthorized"}),
@@ -77,6 +77,8 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     r.add_get("/v1/models", native.models)
     r.add_get("/v1/models/{model:.+}", native.model_card)
     r.add_get("/health", native.health)
+    r.add_get("/ping", native.health)            # SageMaker-style liveness, as SGLang and vLLM answer it
+    r.add_post("/ping", native.health)
     r.add_get("/health_generate", native.health_generate)
     r.add_get("/metrics", native.metrics)
     r.add_post("/generate", native.generate)

@@ -190,3 +190,7 @@ def test_reasoning_output_knobs():
     assert r.reasoning == "" and r.content == "Answer."
     r = OutputParser(False, False, True, None).feed(text, final=True)           # separate_reasoning false
     assert r.content == text
+
+
+def test_ping_is_liveness(server):
+    assert server.get("/ping")[0] == 200 and server.post("/ping")[0] == 200
