@@ -61,3 +61,38 @@ def test_sdk_tool_loop():
         assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
     finally:
         s.stop()
+
+
+def test_streamed_equals_whole_across_parsers():
+    """Random-model outputs through both parsers, with tools auto/required, stop strings and thinking on
+    or off: the streamed content, reasoning, tool calls and finish reason equal the whole response's."""
+    from openai import OpenAI
+    s = Server("--context-length", "1024", "--tool-call-parser", "gemma4", "--reasoning-parser", "gemma4",
+               timeout=300)
+    try:
+        c = OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        for seed in range(8):
+            kw = dict(model="default", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS,
+                      temperature=1.0, seed=seed, max_tokens=40, tool_choice=["auto", "required"][seed % 2],
+                      stop=["ab"] if seed % 3 == 0 else None,
+                      extra_body={"chat_template_kwargs": {"enable_thinking": seed % 4 == 1}})
+            w = c.chat.completions.create(**kw).choices[0]
+            content, reasoning, calls, fin = "", "", {}, None
+            for ch in c.chat.completions.create(stream=True, **kw):
+                if not ch.choices:
+                    continue
+                d = ch.choices[0].delta
+                content += d.content or ""
+                reasoning += getattr(d, "reasoning_content", None) or ""
+                for t in d.tool_calls or []:
+                    e = calls.setdefault(t.index, {"name": None, "args": ""})
+                    e["name"] = t.function.name or e["name"]
+                    e["args"] += t.function.arguments or ""
+                fin = ch.choices[0].finish_reason or fin
+            assert (w.message.content or "") == content, seed
+            assert (getattr(w.message, "reasoning_content", None) or "") == reasoning, seed
+            assert [(t.function.name, t.function.arguments) for t in (w.message.tool_calls or [])] == \
+                [(e["name"], e["args"]) for _, e in sorted(calls.items())], seed
+            assert w.finish_reason == fin, seed
+    finally:
+        s.stop()
