@@ -37,6 +37,8 @@ from gemma4rt.protocol import GrammarSpec
 
 SYMBOL_BASE = 0xF0000           # Supplementary Private Use Area-A: one character per added token
 SYMBOL_COUNT = 0xFFFE
+CONTROL_TAGS = (TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM, "<|channel>", "<channel|>", "<|turn>", "<turn|>",
+                "<|tool_response>", "<tool_response|>")
 
 __all__ = ["GrammarError", "GrammarBackend", "GrammarMatcher", "apply_bitmask",
            "allocate_bitmask", "tool_call_ebnf"]
@@ -186,14 +188,19 @@ class GrammarBackend:
         same text spelled by ordinary tokens (`<`, `|`, `to`, ...), which the model would not read
         as a call and which the server's parsers could not tell from it either."""
         info = self.tokenizer_info
-        added = sorted(i for i in getattr(tokenizer, "added_tokens_decoder", {}) if 0 <= i < info.vocab_size)
+        texts = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                 if 0 <= i < info.vocab_size}
+        for tag in CONTROL_TAGS:             # control tokens that a tokenizer keeps in its base vocab
+            i = tokenizer.convert_tokens_to_ids(tag)
+            if isinstance(i, int) and 0 <= i < info.vocab_size and i != getattr(tokenizer, "unk_token_id", None):
+                texts.setdefault(i, tag)
+        added = sorted(texts)
         if not added or len(added) > SYMBOL_COUNT:
             return
         vocab = list(info.decoded_vocab)
         for k, i in enumerate(added):
             ch = chr(SYMBOL_BASE + k)
-            text = tokenizer.added_tokens_decoder[i].content
-            self.symbols.setdefault(text, ch)
+            self.symbols.setdefault(texts[i], ch)
             vocab[i] = ch.encode()
         self.symbol_ids = added
         self.tokenizer_info = xg.TokenizerInfo(vocab, xg.VocabType.RAW, vocab_size=info.vocab_size,

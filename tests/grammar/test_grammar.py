@@ -302,3 +302,31 @@ def test_control_tokens_cannot_be_spelled(backend, tok):
     specials = {tok.convert_tokens_to_ids(t) for t in SPECIALS}
     stops = {tok.convert_tokens_to_ids("<eos>"), tok.convert_tokens_to_ids("<turn|>")}
     assert free & specials == stops and len(free) > 100
+
+
+def test_control_tokens_in_the_base_vocab_get_symbols_too(tok):
+    """A tokenizer that keeps `<|tool_call>` & co. in its base vocabulary (not as added tokens) still
+    forces the real tokens."""
+    class BaseVocabOnly:
+        def __init__(self, t):
+            self._t = t
+            self.added_tokens_decoder = {}
+            self.unk_token_id = t.unk_token_id
+
+        def convert_tokens_to_ids(self, x):
+            return self._t.convert_tokens_to_ids(x)
+
+    b = GrammarBackend(tok, vocab_size=len(tok) + EXTRA_IDS,
+                       stop_token_ids=[tok.convert_tokens_to_ids("<eos>")])
+    b2 = GrammarBackend.__new__(GrammarBackend)
+    b2.__dict__.update(b.__dict__)
+    b2.symbols, b2.symbol_ids = {}, []
+    import xgrammar as xg
+    b2.tokenizer_info = xg.TokenizerInfo.from_huggingface(tok, vocab_size=len(tok) + EXTRA_IDS,
+                                                          stop_token_ids=[tok.convert_tokens_to_ids("<eos>")])
+    b2._symbolize(BaseVocabOnly(tok))
+    b2._compiler = xg.GrammarCompiler(b2.tokenizer_info)
+    b2._cache = {}
+    assert "<|tool_call>" in b2.symbols and '<|"|>' in b2.symbols
+    spec = GrammarSpec(kind="tool_call", value=json.dumps({**TOOLS, "parallel": False}))
+    assert _allowed(b2, b2.matcher(spec)) == {tok.convert_tokens_to_ids("<|tool_call>")}
