@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 from aiohttp import web
 
@@ -150,7 +151,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
     opts = [SeqOptions(stop=stops, include_stop=include_stop,
                        skip_special_tokens=skip_special and not parsers_on) for _ in range(n)]
-    parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning) for _ in range(n)]
+    tk = st.tokenizer.tok
+    channel = (tk.convert_tokens_to_ids("<|channel>"), tk.convert_tokens_to_ids("<channel|>"))
+    parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning, channel)
+               for _ in range(n)]
     cid = new_id("chatcmpl")
     created = now()
     gen = fan_in(fd, adds, opts, client_gone(request))
@@ -173,6 +177,7 @@ async def _whole(st, gen, parsers, cid, created, model, n, want_lp):
             await gen.aclose()
             raise error_status(fd, ch)
         texts[i] += ch.text
+        parsers[i].count(ch.token_ids)
         if want_lp:
             lps[i] += chat_logprobs(st.tokenizer, ch.token_ids, ch.logprobs, ch.top_logprobs)
         if ch.finish_reason:
@@ -198,7 +203,12 @@ async def _whole(st, gen, parsers, cid, created, model, n, want_lp):
         choices.append({"index": i, "message": msg, "logprobs": {"content": lps[i]} if want_lp else None,
                         "finish_reason": fin, "matched_stop": matched[i]})
     return web.json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                              "choices": choices, "usage": usage(n_prompt, sum(n_out), n_cached)})
+                              "choices": choices, "usage": usage(n_prompt, sum(n_out), n_cached,
+                                                                 _reasoning_tokens(parsers))})
+
+
+def _reasoning_tokens(parsers) -> Optional[int]:
+    return sum(p.reasoning_tokens for p in parsers) if parsers[0].r is not None else None
 
 
 async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts, want_lp):
@@ -232,6 +242,7 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts,
             lp = {"content": chat_logprobs(st.tokenizer, ch.token_ids, ch.logprobs, ch.top_logprobs)} \
                 if want_lp and ch.token_ids else None
             final = ch.finish_reason is not None
+            p.count(ch.token_ids)
             n_prompt, n_cached = ch.num_prompt_tokens, ch.num_cached_tokens
             n_out[i] = ch.num_output_tokens
             deltas = []
@@ -257,7 +268,8 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts,
             if not sse.ok:
                 break
         if include_usage and sse.ok:
-            await sse.send(dict(base, choices=[], usage=usage(n_prompt, sum(n_out), n_cached)))
+            await sse.send(dict(base, choices=[], usage=usage(n_prompt, sum(n_out), n_cached,
+                                                              _reasoning_tokens(parsers))))
     finally:
         await gen.aclose()
     return await sse.done()

@@ -186,7 +186,12 @@ def chat_logprobs(tok, ids: list[int], lps: Optional[list], tops: Optional[list]
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(prompt_tokens: int, completion_tokens: int, cached: int, reasoning: Optional[int] = None) -> dict:
+    """OpenAI usage; with `reasoning`, the thought's tokens as OpenAI (completion_tokens_details) and
+    SGLang (reasoning_tokens) report them."""
+    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+         "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
+    if reasoning is not None:
+        u["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        u["reasoning_tokens"] = reasoning
+    return u

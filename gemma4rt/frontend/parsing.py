@@ -34,12 +34,31 @@ class Parsed:
 
 class OutputParser:
     def __init__(self, reasoning: bool, tool: bool, thinking: bool, tools: Optional[list],
-                 include_reasoning: bool = True):
+                 include_reasoning: bool = True, channel_ids: Optional[tuple[int, int]] = None):
         self.r = ReasoningStreamParser(thinking) if reasoning else None
         self.include_reasoning = include_reasoning     # False: the thought is parsed out and dropped
+        self._channel = channel_ids                    # (`<|channel>` id, `<channel|>` id)
+        self._in_thought: Optional[bool] = None
+        self.reasoning_tokens = 0
         self.t = ToolCallStreamParser() if tool and tools else None
         self.num_calls_ok = 0
         self.calls: dict[int, dict] = {}           # index -> {"id","name","arguments","ok"} (whole view)
+
+    def count(self, ids: list[int]) -> None:
+        """Count output tokens of the thought channel (for usage.reasoning_tokens): from a leading
+        `<|channel>` through its `<channel|>`, or to the end when the channel never closes."""
+        if self.r is None or self._channel is None:
+            return
+        open_id, close_id = self._channel
+        for t in ids:
+            if self._in_thought is None:
+                self._in_thought = t == open_id
+            if not self._in_thought:
+                return
+            self.reasoning_tokens += 1
+            if t == close_id:
+                self._in_thought = False
+                return
 
     @property
     def active(self) -> bool:

@@ -194,3 +194,9 @@ def test_reasoning_output_knobs():
 
 def test_ping_is_liveness(server):
     assert server.get("/ping")[0] == 200 and server.post("/ping")[0] == 200
+
+
+def test_usage_reports_reasoning_tokens_with_the_reasoning_parser(client):
+    r = client.chat.completions.create(model="gemma4rt-noop", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=3)
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0      # the noop model never thinks

@@ -34,3 +34,18 @@ def test_tool_calls_through_the_seam():
     deltas = [d for x in parts for d in x.tool_calls]
     assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["type"] == "function"
     assert "".join(d["function"].get("arguments", "") for d in deltas) == calls[0]["function"]["arguments"]
+
+
+def test_reasoning_token_count():
+    """usage.reasoning_tokens counts the thought channel's tokens: `<|channel>` through `<channel|>`."""
+    OPEN, CLOSE = 7, 8
+    p = OutputParser(True, False, thinking=True, tools=None, channel_ids=(OPEN, CLOSE))
+    p.count([OPEN, 1, 2])
+    p.count([3, CLOSE, 4, 5, OPEN])
+    assert p.reasoning_tokens == 5
+    q = OutputParser(True, False, thinking=True, tools=None, channel_ids=(OPEN, CLOSE))
+    q.count([1, OPEN, 2])                     # no leading channel: no thought
+    assert q.reasoning_tokens == 0
+    u = OutputParser(True, False, thinking=True, tools=None, channel_ids=(OPEN, CLOSE))
+    u.count([OPEN] + [1] * 9)                 # cut off inside the thought: all of it
+    assert u.reasoning_tokens == 10
