@@ -119,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
         if typ == "flag":
             ap.add_argument(*flags, dest=dest, action="store_true", default=d, help=help_)
         elif typ == "json":
-            ap.add_argument(*flags, dest=dest, type=_json_object, default=d, help=f"{help_} (default: {json.dumps(d)})")
+            ap.add_argument(*flags, dest=dest, type=_json_object, default=d, metavar="JSON",
+                            help=f"{help_} (default: {json.dumps(d)})")
         else:
-            ap.add_argument(*flags, dest=dest, type=typ, default=d, help=f"{help_} (default: {d})")
+            ap.add_argument(*flags, dest=dest, type=typ, default=d, metavar=name.upper(),
+                            help=f"{help_} (default: {d})")
     return ap
 
 
