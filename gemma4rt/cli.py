@@ -58,7 +58,7 @@ FLAGS = [
      'chat template arguments for every request (a request\'s own win), e.g. \'{"enable_thinking": true}\''),
     (["--max-request-bytes"], "server", "max_request_bytes", int, "largest accepted request body"),
     (["--limit-mm-per-prompt"], "server", "limit_mm_per_prompt", "json",
-     'most media items per request, JSON, e.g. \'{"image": 4, "audio": 1}\''),
+     'most media items per request, JSON, e.g. \'{"image": 4, "audio": 1, "video": 1}\''),
     (["--mm-processor-kwargs"], "server", "mm_processor_kwargs", "json",
      'preprocessing options, JSON: {"max_soft_tokens": 70|140|280|560|1120} (image token budget)'),
     (["--allow-private-media-urls"], "server", "allow_private_media_urls", "flag",
@@ -156,8 +156,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
         if p not in (None, "gemma4", "auto"):
             ap.error(f"{flag}: only 'gemma4' is supported, got {p!r}")
     for k, v in srv.limit_mm_per_prompt.items():
-        if k not in ("image", "audio") or not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            ap.error(f'--limit-mm-per-prompt: expected {{"image": N, "audio": N}} with N >= 0, got {k!r}: {v!r}')
+        if k not in ("image", "audio", "video") or not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            ap.error(f'--limit-mm-per-prompt: expected {{"image": N, "audio": N, "video": N}} with N >= 0, '
+                     f'got {k!r}: {v!r}')
     for k, v in srv.mm_processor_kwargs.items():
         if k != "max_soft_tokens" or v not in (70, 140, 280, 560, 1120):
             ap.error(f"--mm-processor-kwargs: only max_soft_tokens in 70, 140, 280, 560, 1120 is supported, got {k}={v!r}")

@@ -139,10 +139,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsers_on = reasoning_parse or tool_parse
     check_capacity(fd, n)
     media = await st.media.load(parts) if parts else []
-    _, prompt_ids = await st.tokenizer.render_chat(messages, tools, kwargs)
+    prompt_text, prompt_ids = await st.tokenizer.render_chat(messages, tools, kwargs)
     mm_items = []
     if media:
-        prompt_ids, mm_items = await st.media.expand(prompt_ids, media, parts)
+        prompt_ids, mm_items = await st.media.expand(prompt_text, prompt_ids, media, parts,
+                                                     lambda t: st.tokenizer.tok.encode(t, add_special_tokens=False))
     sp = build_sampling(body, body, st.model_info, len(prompt_ids), max_tokens,
                         logprobs=want_lp, top_logprobs=top_lp,
                         grammar=after_reasoning(grammar or tool_grammar, thinking, st.tokenizer))

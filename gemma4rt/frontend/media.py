@@ -23,6 +23,7 @@ IMAGE_PARTS = {"image_url", "input_image", "image"}
 AUDIO_PARTS = {"audio_url", "input_audio", "audio"}
 VIDEO_PARTS = {"video_url", "video"}
 MEDIA_PARTS = IMAGE_PARTS | AUDIO_PARTS | VIDEO_PARTS
+VIDEO_PLACEHOLDER = "<|video|>"
 
 
 @dataclass
@@ -53,7 +54,8 @@ def collect_parts(messages: list[dict]) -> list[MediaPart]:
 
 
 MEDIA_TOKENS = {"image_token_id": "<|image|>", "audio_token_id": "<|audio|>", "boi_token_id": "<|image>",
-                "eoi_token_id": "<image|>", "boa_token_id": "<|audio>", "eoa_token_id": "<audio|>"}
+                "eoi_token_id": "<image|>", "boa_token_id": "<|audio>", "eoa_token_id": "<audio|>",
+                "video_token_id": "<|video|>"}
 
 
 def _adopt_tokenizer_ids(pre, tokenizer) -> None:
@@ -97,12 +99,10 @@ class MediaInput:
 
     def _check(self, parts: list[MediaPart]) -> None:
         for p in parts:
-            if p.modality == "video":
-                raise bad_request(f"{p.where}: video input is not supported by gemma4rt yet.", param="messages")
-            ok = self.pre.has_vision if p.modality == "image" else self.pre.has_audio
+            ok = self.pre.has_audio if p.modality == "audio" else self.pre.has_vision
             if not ok:
                 raise bad_request(f"{p.where}: this model does not accept {p.modality} input.", param="messages")
-        for mod in ("image", "audio"):
+        for mod in ("image", "audio", "video"):
             n = sum(1 for p in parts if p.modality == mod)
             lim = self.limits.get(mod)
             if lim is not None and n > lim:
@@ -127,11 +127,34 @@ class MediaInput:
             for t in tasks:
                 t.cancel()
 
-    async def expand(self, prompt_ids: list[int], media: list[LoadedMedia], parts: list[MediaPart]):
-        """(expanded prompt ids, MultimodalItems); preprocessing runs off the event loop."""
+    async def expand(self, prompt_text: str, prompt_ids: list[int], media: list[LoadedMedia],
+                     parts: list[MediaPart], encode) -> tuple[list[int], list]:
+        """(expanded prompt ids, MultimodalItems); preprocessing runs off the event loop. Videos are
+        expanded in the prompt text (their frames' time stamps are text), which `encode` turns into
+        ids again; images and audio are expanded on the ids."""
+        def work():
+            ids, frames = prompt_ids, []
+            videos = [m for m in media if m.modality == "video"]
+            if videos:
+                text, pos = prompt_text, 0
+                for m in videos:                  # left to right: a replacement holds <|video|> too
+                    items, repl = self.pre.video_items(m)
+                    at = text.find(VIDEO_PLACEHOLDER, pos)
+                    if at < 0:
+                        raise MediaError("the prompt has fewer video placeholders than video parts")
+                    text = text[:at] + repl + text[at + len(VIDEO_PLACEHOLDER):]
+                    pos = at + len(repl)
+                    frames += items
+                if text.find(VIDEO_PLACEHOLDER, pos) >= 0:
+                    raise MediaError("the prompt has more video placeholders than video parts")
+                ids = encode(text)
+            exp = self.pre.expand_prompt(ids, media)
+            if frames:
+                self.pre.place_video_items(exp.token_ids, frames)
+            items = sorted(exp.mm_items + frames, key=lambda it: it.offset)
+            return exp.token_ids, items
         try:
-            exp = await asyncio.to_thread(self.pre.expand_prompt, prompt_ids, media)
+            return await asyncio.to_thread(work)
         except MediaError as e:
             where = parts[e.part_index].where + ": " if e.part_index is not None else ""
             raise bad_request(f"{where}{e.message}", param="messages")
-        return exp.token_ids, exp.mm_items

@@ -350,7 +350,8 @@ async def load_part(part: dict, part_index: int, policy: FetchPolicy = FetchPoli
     """One OpenAI chat content part → LoadedMedia, or None for a non-media part (text, ...).
 
     image_url / input_image: {"image_url": {"url": ..., "max_soft_tokens"?: int}} (or a bare string);
-    audio_url: {"audio_url": {"url": ...}}; input_audio: {"input_audio": {"data": b64, "format": "wav"|"mp3"}}."""
+    audio_url: {"audio_url": {"url": ...}}; input_audio: {"input_audio": {"data": b64, "format": "wav"|"mp3"}};
+    video_url: {"video_url": {"url": ...}} (frames sampled by mm_video)."""
     kind = part.get("type")
     if kind in ("image_url", "input_image", "image"):
         spec = part.get("image_url", part.get("image"))
@@ -371,7 +372,12 @@ async def load_part(part: dict, part_index: int, policy: FetchPolicy = FetchPoli
             raise MediaError("input_audio part without base64 data", part_index)
         return await load_input_audio(spec["data"], spec.get("format"), policy, part_index)
     if kind in ("video_url", "video"):
-        raise MediaError("video input is not supported yet", part_index)
+        from gemma4rt.frontend.mm_video import load_video
+        spec = part.get("video_url", part.get("video"))
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        if not isinstance(url, str) or not url:
+            raise MediaError("video part without a url", part_index)
+        return await load_video(url, policy, part_index)
     return None
 
 

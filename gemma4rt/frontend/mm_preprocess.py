@@ -81,7 +81,9 @@ class MediaPreprocessor:
         ids = {k: config.get(k) for k in ("boi_token_id", "eoi_token_id", "image_token_id", "boa_token_id",
                                           "audio_token_id")}
         ids["eoa_token_id"] = config.get("eoa_token_id", config.get("eoa_token_index"))
+        ids["video_token_id"] = config.get("video_token_id")
         self.ids = ids
+        self.tokens = {"boi": "<|image>", "eoi": "<image|>", "video": "<|video|>"}   # Gemma 4's texts
         self._image_proc = None
         self._audio_fe = None
         self._image_kwargs = dict(pc.get("image_processor") or {})
@@ -207,10 +209,52 @@ class MediaPreprocessor:
         return MultimodalItem(modality=media.modality, offset=0, num_tokens=n, content_hash=h,
                               bidirectional=bidir, arrays=arrays), n
 
+    # ---------------------------------------------------------------- video
+    def video_items(self, media: LoadedMedia) -> tuple[list[MultimodalItem], str]:
+        """A decoded video (mm_video.VideoFrames) → one item per frame (offsets unset) and the text
+        that replaces its `<|video|>` placeholder: per frame `mm:ss <|image>` + N x `<|video|>` +
+        `<image|>`, joined by spaces (transformers' processing_gemma4)."""
+        from gemma4rt.frontend.mm_video import timestamp
+        if not self.has_vision:
+            raise MediaError("this model does not accept video input", media.part_index)
+        v = media.data
+        budget = media.max_soft_tokens or 70
+        items, pieces = [], []
+        for k, (frame, t) in enumerate(zip(v.frames, v.timestamps)):
+            try:
+                arrays, n = self.image_arrays(frame, budget)
+            except MediaError as e:
+                raise MediaError(f"frame {k}: {e.message}", media.part_index) from None
+            h = hashlib.sha256(f"video:{media.digest}:{k}:{budget}".encode()).hexdigest()
+            items.append(MultimodalItem(modality="video", offset=0, num_tokens=n, content_hash=h,
+                                        bidirectional=self.bidirectional, arrays=arrays))
+            pieces.append(f"{timestamp(t)} {self.tokens['boi']}{self.tokens['video'] * n}{self.tokens['eoi']}")
+        return items, " ".join(pieces)
+
+    def place_video_items(self, token_ids: list[int], items: list[MultimodalItem]) -> None:
+        """Set each frame item's offset to its run of video tokens in the expanded prompt."""
+        vid = self.ids["video_token_id"]
+        runs, i, n = [], 0, len(token_ids)
+        while i < n:
+            if token_ids[i] == vid:
+                j = i
+                while j < n and token_ids[j] == vid:
+                    j += 1
+                runs.append((i, j - i))
+                i = j
+            else:
+                i += 1
+        if [r[1] for r in runs] != [it.num_tokens for it in items]:
+            raise MediaError(f"the prompt's video token runs {[r[1] for r in runs]} do not match the frames' "
+                             f"{[it.num_tokens for it in items]} soft tokens")
+        for it, (off, _) in zip(items, runs):
+            it.offset = off
+
     def expand_prompt(self, token_ids: list[int], media: list[LoadedMedia]) -> ExpandedPrompt:
         """Replace the template's placeholders (one `<|image|>` / `<|audio|>` per media, in order) by the
         full spans, and return the expanded ids with the items (offsets set)."""
         img_id, aud_id = self.ids["image_token_id"], self.ids["audio_token_id"]
+        media = [m for m in media if m.modality != "video"]        # videos were expanded as text
         queues = {"image": [m for m in media if m.modality == "image"],
                   "audio": [m for m in media if m.modality == "audio"]}
         n_img = sum(1 for t in token_ids if t == img_id)

@@ -19,7 +19,7 @@ def test_flags_and_aliases():
     eng, srv, _ = parse_args(["--tensor-parallel-size", "1", "--model-path", "x"])
     assert eng.parallel.tp == 1 and srv.port == 30000 and srv.host == "127.0.0.1" and eng.model_path == "x"
     for bad in (["--tp", "2"], ["--kv-cache-dtype", "fp8_e4m3"], ["--limit-mm-per-prompt", "[1]"],
-                ["--limit-mm-per-prompt", '{"video": 1}'], ["--mm-processor-kwargs", '{"max_soft_tokens": 99}']):
+                ["--limit-mm-per-prompt", '{"gif": 1}'], ["--mm-processor-kwargs", '{"max_soft_tokens": 99}']):
         with pytest.raises(SystemExit):
             parse_args(bad)
     _, srv, _ = parse_args(["--limit-mm-per-prompt", '{"image": 2}', "--mm-processor-kwargs",

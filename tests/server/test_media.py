@@ -39,7 +39,7 @@ def wav_bytes(x: np.ndarray, rate: int = 16000) -> bytes:
 
 @pytest.fixture(scope="module")
 def srv():
-    s = Server("--context-length", "1024", "--mm-processor-kwargs", json.dumps({"max_soft_tokens": BUDGET}),
+    s = Server("--context-length", "4096", "--mm-processor-kwargs", json.dumps({"max_soft_tokens": BUDGET}),
                "--limit-mm-per-prompt", '{"image": 2, "audio": 1}', timeout=300)
     yield s
     s.stop()
@@ -68,7 +68,7 @@ def _reference(messages, media):
 
 def _ask(srv, messages):
     st, body, _ = srv.post("/v1/chat/completions", {"model": "default", "messages": messages, "max_tokens": N,
-                                                    "temperature": 0, "ignore_eos": True})
+                                                    "min_tokens": N, "temperature": 0})   # as HF's min_new_tokens
     assert st == 200, body
     return json.loads(body)
 
@@ -117,7 +117,7 @@ def test_openai_sdk_image_request(srv):
     ({"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}, "messages[0].content[1]"),
     ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "messages[0].content[1]"),
     ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "messages[0].content[1]"),
-    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "video"),
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "messages[0].content[1]"),
     ({"type": "image_url"}, "messages[0].content[1]"),
 ])
 def test_bad_media_is_400_naming_the_part(srv, part, needle):
@@ -205,3 +205,52 @@ def test_worker_media_failure_fails_only_its_request(tmp_path):
             break
     assert fins["bad"].finish_reason == "error" and "encode" in fins["bad"].error
     assert fins["good"].finish_reason == "length"
+
+
+def test_video_gives_transformers_greedy_answer(srv):
+    """A `video_url` mp4 data URI: frames sampled, the prompt in Gemma 4's video form, and the answer
+    transformers gives on the same frames (`pixel_values_videos`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gemma4rt.frontend.media import collect_parts
+    from gemma4rt.frontend.mm_fetch import LoadedMedia, _digest
+    from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
+    from gemma4rt.frontend.mm_video import decode_video
+    from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+    from gemma4rt.worker.mm_inputs import decode_array
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "multimodal"))
+    from test_video import mp4
+
+    data = mp4(40, fps=8)
+    msgs = [{"role": "user", "content": [{"type": "video_url", "video_url": {
+        "url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}, {"type": "text", "text": "What?"}]}]
+    st, body, _ = srv.post("/v1/chat/completions", {"model": "default", "messages": msgs, "max_tokens": N,
+                                                    "min_tokens": N, "temperature": 0})   # as HF's min_new_tokens
+    assert st == 200, body
+    r = json.loads(body)
+
+    path = str(demo_checkpoint_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    pre = MediaPreprocessor.from_model_dir(path, BUDGET)
+    items, repl = pre.video_items(LoadedMedia("video", decode_video(data), _digest(data), 0, 70))
+    m = json.loads(json.dumps(msgs))
+    collect_parts(m)
+    text = tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True).replace("<|video|>", repl, 1)
+    ids = tok.encode(text, add_special_tokens=False)
+    pre.place_video_items(ids, items)
+    assert r["usage"]["prompt_tokens"] == len(ids) and len(items) == 32
+    pix = [torch.from_numpy(decode_array(it.arrays["pixel_values"])) for it in items]
+    pos = [torch.from_numpy(decode_array(it.arrays["image_position_ids"])).long() for it in items]
+    n = max(p.shape[0] for p in pix)
+    tt = torch.zeros(1, len(ids), dtype=torch.long)
+    for it in items:
+        tt[0, it.offset:it.offset + it.num_tokens] = 2
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([ids]), mm_token_type_ids=tt, num_frames_per_video=torch.tensor([32]),
+                          pixel_values_videos=torch.stack([torch.cat([p, p.new_zeros(n - p.shape[0], p.shape[1])])
+                                                           for p in pix]),
+                          video_position_ids=torch.stack([torch.cat([q, q.new_full((n - q.shape[0], 2), -1)])
+                                                          for q in pos]),
+                          max_new_tokens=N, min_new_tokens=N, do_sample=False)
+    assert r["choices"][0]["message"]["content"] == tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
