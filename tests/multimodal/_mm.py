@@ -119,3 +119,18 @@ def greedy(runner, exp, n_steps):
         out += res.sampled[0].token_ids
     runner.execute(StepPlan(step_id=n_steps, new_requests=[], scheduled=[], removed_rids=["g"]))
     return out
+
+
+def hf_video_inputs(ids, frames):
+    """transformers' video inputs for one video whose frame items sit in `ids`: padded
+    pixel_values_videos / video_position_ids, num_frames_per_video, mm_token_type_ids (2 = video)."""
+    pix = [torch.from_numpy(decode_array(it.arrays["pixel_values"])) for it in frames]
+    pos = [torch.from_numpy(decode_array(it.arrays["image_position_ids"])).long() for it in frames]
+    n = max(p.shape[0] for p in pix)
+    tt = torch.zeros(1, len(ids), dtype=torch.long)
+    for it in frames:
+        tt[0, it.offset:it.offset + it.num_tokens] = 2
+    return {"input_ids": torch.tensor([ids]), "mm_token_type_ids": tt,
+            "num_frames_per_video": torch.tensor([len(frames)]),
+            "pixel_values_videos": torch.stack([torch.cat([p, p.new_zeros(n - p.shape[0], p.shape[1])]) for p in pix]),
+            "video_position_ids": torch.stack([torch.cat([q, q.new_full((n - q.shape[0], 2), -1)]) for q in pos])}

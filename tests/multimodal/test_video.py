@@ -11,12 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _mm import hf_for, prefill_logits, runner_for  # noqa: E402
+from _mm import hf_for, hf_video_inputs, prefill_logits, runner_for  # noqa: E402
 
 from gemma4rt.frontend.mm_fetch import LoadedMedia  # noqa: E402
 from gemma4rt.frontend.mm_preprocess import ExpandedPrompt, MediaPreprocessor  # noqa: E402
 from gemma4rt.frontend.mm_video import decode_video  # noqa: E402
-from gemma4rt.worker.mm_inputs import decode_array  # noqa: E402
 
 TOL = 1e-4
 
@@ -60,15 +59,8 @@ def test_video_prefill_matches_transformers(family, tiny_checkpoint):
     pre.place_video_items(ids, items)
     ours = prefill_logits(runner_for(path), ExpandedPrompt(ids, items))
 
-    pix = [torch.from_numpy(decode_array(it.arrays["pixel_values"])) for it in items]
-    pos = [torch.from_numpy(decode_array(it.arrays["image_position_ids"])).long() for it in items]
-    n = max(p.shape[0] for p in pix)
-    tt = torch.zeros(1, len(ids), dtype=torch.long)
-    for it in items:
-        tt[0, it.offset:it.offset + it.num_tokens] = 2
-    inp = {"input_ids": torch.tensor([ids]), "mm_token_type_ids": tt, "num_frames_per_video": torch.tensor([3]),
-           "pixel_values_videos": torch.stack([torch.cat([p, p.new_zeros(n - p.shape[0], p.shape[1])]) for p in pix]),
-           "video_position_ids": torch.stack([torch.cat([q, q.new_full((n - q.shape[0], 2), -1)]) for q in pos])}
+    inp = hf_video_inputs(ids, items)
+    tt = inp["mm_token_type_ids"]
     hf = hf_for(path)
     with torch.no_grad():
         if family == "unified":   # the generate-path masks (gemma4-architecture.md §6.5), as for images

@@ -217,8 +217,7 @@ def test_video_gives_transformers_greedy_answer(srv):
     from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
     from gemma4rt.frontend.mm_video import decode_video
     from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
-    from gemma4rt.worker.mm_inputs import decode_array
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "multimodal"))
+    from _mm import hf_video_inputs
     from test_video import mp4
 
     data = mp4(40, fps=8)
@@ -239,18 +238,7 @@ def test_video_gives_transformers_greedy_answer(srv):
     ids = tok.encode(text, add_special_tokens=False)
     pre.place_video_items(ids, items)
     assert r["usage"]["prompt_tokens"] == len(ids) and len(items) == 32
-    pix = [torch.from_numpy(decode_array(it.arrays["pixel_values"])) for it in items]
-    pos = [torch.from_numpy(decode_array(it.arrays["image_position_ids"])).long() for it in items]
-    n = max(p.shape[0] for p in pix)
-    tt = torch.zeros(1, len(ids), dtype=torch.long)
-    for it in items:
-        tt[0, it.offset:it.offset + it.num_tokens] = 2
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor([ids]), mm_token_type_ids=tt, num_frames_per_video=torch.tensor([32]),
-                          pixel_values_videos=torch.stack([torch.cat([p, p.new_zeros(n - p.shape[0], p.shape[1])])
-                                                           for p in pix]),
-                          video_position_ids=torch.stack([torch.cat([q, q.new_full((n - q.shape[0], 2), -1)])
-                                                          for q in pos]),
-                          max_new_tokens=N, min_new_tokens=N, do_sample=False)
+        out = hf.generate(**hf_video_inputs(ids, items), max_new_tokens=N, min_new_tokens=N, do_sample=False)
     assert r["choices"][0]["message"]["content"] == tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
