@@ -152,9 +152,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
     opts = [SeqOptions(stop=stops, include_stop=include_stop,
                        skip_special_tokens=skip_special and not parsers_on) for _ in range(n)]
-    tk = st.tokenizer.tok
-    channel = (tk.convert_tokens_to_ids("<|channel>"), tk.convert_tokens_to_ids("<channel|>"))
-    parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning, channel)
+    parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning, st.tokenizer.channel_ids)
                for _ in range(n)]
     cid = new_id("chatcmpl")
     created = now()

@@ -17,13 +17,14 @@ from typing import Optional
 
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.mm_fetch import FetchPolicy, LoadedMedia, MediaError, load_part
+from gemma4rt.frontend.mm_preprocess import MEDIA_TOKEN_TEXT, MediaPreprocessor
 
 log = logging.getLogger(__name__)
 IMAGE_PARTS = {"image_url", "input_image", "image"}
 AUDIO_PARTS = {"audio_url", "input_audio", "audio"}
 VIDEO_PARTS = {"video_url", "video"}
 MEDIA_PARTS = IMAGE_PARTS | AUDIO_PARTS | VIDEO_PARTS
-VIDEO_PLACEHOLDER = "<|video|>"
+VIDEO_PLACEHOLDER = MEDIA_TOKEN_TEXT["video_token_id"]
 
 
 @dataclass
@@ -53,16 +54,11 @@ def collect_parts(messages: list[dict]) -> list[MediaPart]:
     return out
 
 
-MEDIA_TOKENS = {"image_token_id": "<|image|>", "audio_token_id": "<|audio|>", "boi_token_id": "<|image>",
-                "eoi_token_id": "<image|>", "boa_token_id": "<|audio>", "eoa_token_id": "<audio|>",
-                "video_token_id": "<|video|>"}
-
-
 def _adopt_tokenizer_ids(pre, tokenizer) -> None:
     """With a tokenizer that is not the checkpoint's (a dummy real-size model served with the demo
     tokenizer), find the placeholders by the tokenizer's own ids. The model places soft tokens by
     offset, so the ids at those positions do not matter to it."""
-    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in MEDIA_TOKENS.items()}
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in MEDIA_TOKEN_TEXT.items()}
     if ids["image_token_id"] == pre.ids.get("image_token_id") or any(
             v is None or v == tokenizer.unk_token_id for v in ids.values()):
         return
@@ -80,7 +76,6 @@ class MediaInput:
     def for_server(cls, model_info, eng_cfg, srv, tokenizer=None) -> Optional["MediaInput"]:
         if not (model_info.has_vision or model_info.has_audio):
             return None
-        from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
         budget = (srv.mm_processor_kwargs or {}).get("max_soft_tokens")
         path = model_info.model_path
         if path and os.path.isfile(os.path.join(path, "config.json")):

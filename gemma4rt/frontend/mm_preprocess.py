@@ -40,6 +40,10 @@ from gemma4rt.frontend.mm_fetch import AUDIO_SAMPLE_RATE, LoadedMedia, MediaErro
 from gemma4rt.protocol import MultimodalItem
 
 IMAGE_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
+# Gemma 4's media tokens as text, by the config field that holds each one's id
+MEDIA_TOKEN_TEXT = {"image_token_id": "<|image|>", "audio_token_id": "<|audio|>", "video_token_id": "<|video|>",
+                    "boi_token_id": "<|image>", "eoi_token_id": "<image|>", "boa_token_id": "<|audio>",
+                    "eoa_token_id": "<audio|>"}
 MAX_AUDIO_SAMPLES = 480_000          # 30 s at 16 kHz (the feature extractor's truncation)
 
 
@@ -83,7 +87,6 @@ class MediaPreprocessor:
         ids["eoa_token_id"] = config.get("eoa_token_id", config.get("eoa_token_index"))
         ids["video_token_id"] = config.get("video_token_id")
         self.ids = ids
-        self.tokens = {"boi": "<|image>", "eoi": "<image|>", "video": "<|video|>"}   # Gemma 4's texts
         self._image_proc = None
         self._audio_fe = None
         self._image_kwargs = dict(pc.get("image_processor") or {})
@@ -228,7 +231,8 @@ class MediaPreprocessor:
             h = hashlib.sha256(f"video:{media.digest}:{k}:{budget}".encode()).hexdigest()
             items.append(MultimodalItem(modality="video", offset=0, num_tokens=n, content_hash=h,
                                         bidirectional=self.bidirectional, arrays=arrays))
-            pieces.append(f"{timestamp(t)} {self.tokens['boi']}{self.tokens['video'] * n}{self.tokens['eoi']}")
+            T = MEDIA_TOKEN_TEXT
+            pieces.append(f"{timestamp(t)} {T['boi_token_id']}{T['video_token_id'] * n}{T['eoi_token_id']}")
         return items, " ".join(pieces)
 
     def place_video_items(self, token_ids: list[int], items: list[MultimodalItem]) -> None:

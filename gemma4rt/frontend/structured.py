@@ -20,7 +20,6 @@ from typing import Any, Optional
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.protocol import GrammarSpec
 
-REASONING_END = "<channel|>"
 
 
 def _xgrammar():
@@ -163,7 +162,6 @@ def after_reasoning(spec: Optional[GrammarSpec], thinking: bool, tokenizer) -> O
     """With thinking on, start the constraint once the thought channel has ended."""
     if spec is None or not thinking:
         return spec
-    tid = tokenizer.tok.convert_tokens_to_ids(REASONING_END)
-    if tid is None or tid == tokenizer.tok.unk_token_id:
+    if tokenizer.channel_ids is None:
         return spec
-    return GrammarSpec(kind=spec.kind, value=spec.value, after_token_ids=[int(tid)])
+    return GrammarSpec(kind=spec.kind, value=spec.value, after_token_ids=[int(tokenizer.channel_ids[1])])

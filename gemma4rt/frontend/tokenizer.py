@@ -30,6 +30,10 @@ class TokenizerManager:
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.tok.bos_token_id
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenize")
         self.vocab_size = len(self.tok)
+        from gemma4rt.parsers.events import CHANNEL_END, CHANNEL_START
+        ids = [self.tok.convert_tokens_to_ids(t) for t in (CHANNEL_START, CHANNEL_END)]
+        # (`<|channel>`, `<channel|>`) ids of the thought channel, None if the tokenizer lacks them
+        self.channel_ids = tuple(ids) if all(i is not None and i != self.tok.unk_token_id for i in ids) else None
         self._piece_cache: dict[int, str] = {}
 
     async def _run(self, fn, *args, big: bool = True):

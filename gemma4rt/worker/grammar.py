@@ -32,12 +32,12 @@ from typing import Any, Optional, Sequence
 import torch
 import xgrammar as xg
 
-from gemma4rt.parsers.events import STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
+from gemma4rt.parsers.events import CHANNEL_END, CHANNEL_START, STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
 from gemma4rt.protocol import GrammarSpec
 
 SYMBOL_BASE = 0xF0000           # Supplementary Private Use Area-A: one character per added token
 SYMBOL_COUNT = 0xFFFE
-CONTROL_TAGS = (TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM, "<|channel>", "<channel|>", "<|turn>", "<turn|>",
+CONTROL_TAGS = (TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM, CHANNEL_START, CHANNEL_END, "<|turn>", "<turn|>",
                 "<|tool_response>", "<tool_response|>")
 
 __all__ = ["GrammarError", "GrammarBackend", "GrammarMatcher", "apply_bitmask",

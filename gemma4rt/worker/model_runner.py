@@ -138,6 +138,7 @@ class ModelRunner:
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
         self._mm_rids: set[str] = set()     # requests that carry media
+        self._grammar_rids: set[str] = set()  # requests with a grammar
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import DecodeGraphs
@@ -204,6 +205,7 @@ class ModelRunner:
             st.record(t)
         if p.grammar is not None:
             st.grammar = self.grammars.start(p.grammar, generated)   # compiles in the background
+            self._grammar_rids.add(nr.rid)
         if nr.mm_items:
             self._mm_rids.add(nr.rid)
         self.seqs[nr.rid] = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens,
@@ -214,6 +216,7 @@ class ModelRunner:
         for rid in plan.removed_rids:
             self.seqs.pop(rid, None)
             self._mm_rids.discard(rid)
+            self._grammar_rids.discard(rid)
         for nr in plan.new_requests:
             self._add(nr)
         scheduled = plan.scheduled
@@ -360,7 +363,9 @@ class ModelRunner:
             out.append(st)
         if sample_rows:
             # grammar masks on the CPU while the GPU still runs the forward pass
-            bitmask, mask_rows, errors, pending = self.grammars.fill([s.grammar for s in sample_states])
+            bitmask, mask_rows, errors, pending = None, None, {}, ()
+            if self._grammar_rids:             # no per-row work at all without constrained requests
+                bitmask, mask_rows, errors, pending = self.grammars.fill([s.grammar for s in sample_states])
             res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states,
                                       bitmask, mask_rows)
             for j, (i, r) in enumerate(zip(sample_idx, res)):
