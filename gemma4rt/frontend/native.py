@@ -7,7 +7,9 @@ import json
 
 from aiohttp import web
 
-from gemma4rt.frontend.common import SSE, check_capacity, client_gone, error_status, fan_in, now, read_json
+from gemma4rt.frontend.common import (
+    SSE, check_capacity, client_gone, error_status, fan_in, first_then_rest, now, read_json,
+)
 from gemma4rt.frontend.completions import prompts_to_ids
 from gemma4rt.frontend.errors import APIError, bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
@@ -60,10 +62,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return {"text": texts[i], "output_ids": ids_out[i], "meta_info": meta}
 
     if stream:
+        chunks = await first_then_rest(fd, gen)          # an early error is a plain HTTP error
         sse = SSE(request)
         await sse.start()
         try:
-            async for i, ch in gen:
+            async for i, ch in chunks:
                 if ch.finish_reason == "error":
                     await sse.send(error_status(fd, ch).body())
                     break
