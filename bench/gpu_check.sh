@@ -8,7 +8,8 @@
 #     tests    pytest tests/gpu (kernel ops vs references, bf16 model vs our fp32 path)
 #     model    only tests/gpu/test_model_bf16.py
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit)
-#     targets  batch-1 TPOT at ~1k context for the five models (ours; transformers' for E2B)
+#     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
+#              with a kernel profile of 8 decode steps each (profile_<model>.txt)
 #     serving  the cookbook-style throughput run for E2B against a server started here
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
@@ -71,8 +72,10 @@ if has targets && [ "$(left)" -gt 90 ]; then
     [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
     REF=""; [ "$m" = gemma-4-E2B-it ] && REF="--reference"
     timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size 1 \
-      --input-len 1024 --output-len 32 $REF --output-file "$OUT/one_batch.jsonl" >"$OUT/one_batch_$m.log" 2>&1
-    echo "$m rc=$? ($(elapsed)s)"; grep -vE "^\s*$|Warning|warn" "$OUT/one_batch_$m.log" | tail -12
+      --input-len 1024 --output-len 32 $REF --output-file "$OUT/one_batch.jsonl" --profile "$OUT/profile_$m.txt" \
+      >"$OUT/one_batch_$m.log" 2>&1
+    echo "$m rc=$? ($(elapsed)s)"; grep -vE "^\s*$|Warning|warn|profiler_st" "$OUT/one_batch_$m.log" | tail -8
+    [ -f "$OUT/profile_$m.txt" ] && head -${PROFILE_LINES:-16} "$OUT/profile_$m.txt"
   done
 fi
 

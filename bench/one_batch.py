@@ -239,7 +239,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-tbps", type=float, default=None, help="skip the copy measurement, use this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-file", default=None, help="append one JSON line with everything measured")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="after timing, profile 8 decode steps of the first batch size with torch.profiler and "
+                        "write GPU-busy time per step and the kernels by total time to FILE")
     return p
+
+
+def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str, steps: int = 8) -> dict:
+    """Profile `steps` decode steps at batch `bs`: GPU kernel time per step against the step's wall time
+    (their gap is host work and launch latency), kernel launches per step, the kernels by total time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from gemma4rt.protocol import AddRequest, SamplingParams
+
+    low, high = _id_range(engine.model_info.vocab_size)
+    sp = SamplingParams(max_new_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    for i in range(bs):
+        engine.add_request(AddRequest(rid=f"prof-{i}", sampling=sp,
+                                      prompt_token_ids=synthetic_ids(i * 7, i, input_len, low, high)))
+    while engine.has_work() and not (engine.scheduler.running and
+                                     all(r.num_output_tokens >= 2 for r in engine.scheduler.running)):
+        engine.step()                                   # prefill and the first decode steps unprofiled
+    timer.records.clear()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            if not engine.has_work():
+                break
+            engine.step()
+    profiled = [r for r in timer.records if not r[0]]
+    while engine.has_work():
+        engine.step()
+    n = max(1, len(profiled))
+    wall_ms = 1e3 * sum(r[3] for r in profiled) / n
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
+            kernels.setdefault(ev.name, []).append(ev.device_time_total)
+    gpu_ms = sum(sum(v) for v in kernels.values()) / 1e3 / n
+    launches = sum(len(v) for v in kernels.values()) / n
+    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    lines = [f"decode at batch {bs}, {n} steps: wall {wall_ms:.3f} ms/step, GPU kernel time {gpu_ms:.3f} ms/step "
+             f"({100 * gpu_ms / wall_ms:.0f}% busy), {launches:.0f} kernels/step",
+             f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
+    for name, v in top:
+        lines.append(f"{sum(v) / n:>9.1f} {len(v) / n:>10.1f} {sum(v) / len(v):>8.1f}  {name[:110]}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[:20]))
+    return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "kernels_per_step": launches}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -265,6 +314,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if not a.no_warmup:
             run_batch(engine, timer, bs, a.input_len, min(4, a.output_len), f"warm{bs}", seed=a.seed + 1)
         rows.append(run_batch(engine, timer, bs, a.input_len, a.output_len, f"bs{bs}", seed=a.seed))
+    prof = None
+    if a.profile:
+        try:
+            prof = profile_decode(engine, timer, a.batch_size[0], a.input_len, a.profile)
+        except Exception as e:      # a profiling failure must not hide the timings
+            prof = {"error": f"{type(e).__name__}: {e}"}
+            print("profile failed:", prof["error"])
     del timer, runner, engine
     gc.collect()
     if dev.type == "cuda":
@@ -280,7 +336,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         r["bandwidth_fraction"] = r["roofline_ms"] / r["median_decode_ms"] if bw else None
     result = {"model": a.model_path, "load_format": a.load_format, "device": str(dev), "dtype": str(dt).split(".")[-1],
               "card": roofline.card_name() if dev.type == "cuda" else "cpu", "bandwidth": bw,
-              "decode_context": ctx, "load_s": load_s, "rows": rows,
+              "decode_context": ctx, "load_s": load_s, "rows": rows, "profile": prof,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if a.reference:
         try:

@@ -133,7 +133,7 @@ class ModelRunner:
             bidirectional_vision=text.use_bidirectional_attention == "vision",
             generation_defaults={k: gen_cfg[k] for k in ("temperature", "top_k", "top_p", "min_p",
                                                          "repetition_penalty") if k in gen_cfg})
-        self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids)
+        self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids, self._stand_in_vocab(text.vocab_size))
         self.grammars = GrammarSlots(self._load_tokenizer, text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
@@ -184,6 +184,19 @@ class ModelRunner:
         from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
         log.warning("no tokenizer with this model: using the demo tokenizer (token-id requests only are meaningful)")
         return str(demo_checkpoint_path())
+
+    def _stand_in_vocab(self, vocab_size: int) -> Optional[int]:
+        """A real-size model with dummy weights served with the demo tokenizer samples only the ids that
+        tokenizer can render (its length); otherwise almost every sampled id would stream as no text and
+        a client would see its first text hundreds of tokens late. None when the tokenizer is the model's."""
+        from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
+        if self.engine_cfg.tokenizer_path or self.tokenizer_path != str(demo_checkpoint_path()):
+            return None
+        n = len(self._load_tokenizer())
+        if n >= vocab_size:
+            return None
+        log.warning("sampling only ids below %d (the demo tokenizer's size) of the model's %d", n, vocab_size)
+        return n
 
     def _gpu_kv_budget(self, frac: float) -> int:
         free, total = torch.cuda.mem_get_info(self.device)

@@ -38,9 +38,12 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...]):
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], sample_limit: Optional[int] = None):
+        """sample_limit: sample only ids below it (a stand-in tokenizer smaller than the model's
+        vocabulary, see ModelRunner._stand_in_vocab); None samples the whole vocabulary."""
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
+        self.sample_limit = sample_limit if sample_limit is not None and sample_limit < vocab_size else None
 
     def _needs_penalties(self, p: SamplingParams) -> bool:
         return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -86,6 +89,8 @@ class Sampler:
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
                 work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
+        if self.sample_limit is not None:
+            work[:, self.sample_limit:] = float("-inf")
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(work, bitmask, mask_rows)

@@ -10,7 +10,8 @@ def test_one_batch_tiny_cpu(tiny_checkpoint, tmp_path, capsys):
     path = tiny_checkpoint("e", text_only=True)
     out = tmp_path / "ob.jsonl"
     res = one_batch.main(["--model-path", path, "--device", "cpu", "--dtype", "float32", "--batch-size", "1", "3",
-                          "--input-len", "40", "--output-len", "4", "--reference", "--output-file", str(out)])
+                          "--input-len", "40", "--output-len", "4", "--reference", "--output-file", str(out),
+                          "--profile", str(tmp_path / "prof.txt")])
     rows = {r["batch_size"]: r for r in res["rows"]}
     assert set(rows) == {1, 3}
     for bs, r in rows.items():
@@ -27,6 +28,10 @@ def test_one_batch_tiny_cpu(tiny_checkpoint, tmp_path, capsys):
     assert res["decode_context"] == 42
     assert json.loads(out.read_text())["rows"][0]["batch_size"] == 1
     assert "batch-1 TPOT at context ~42: ours" in capsys.readouterr().out
+    prof = res["profile"]                       # CPU: no kernels, but the steps were profiled and timed
+    assert "error" not in prof, prof
+    assert prof["wall_ms"] > 0 and prof["kernels_per_step"] == 0
+    assert (tmp_path / "prof.txt").read_text().startswith("decode at batch 1, 8 steps")
 
 
 def test_step_timer_classifies_prefill_and_decode():
