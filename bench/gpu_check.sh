@@ -16,7 +16,8 @@
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/gemma4rt_gpu_check}
+OUT_TOP=${OUT:-/tmp/gemma4rt_gpu_check}
+OUT=$OUT_TOP/raw          # every log; packed into $OUT_TOP/logs.tgz at the end (one file comes back)
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} GEMMA4RT_BUILD_EXT=1
@@ -88,7 +89,7 @@ fi
 
 image_run() {   # $1 = model name
   local m=$1 port=30177 log="$OUT/image_server_$1.log" ok=0
-  $PY -m gemma4rt.server --model-path "$m" --load-format dummy --port $port --log-level warning \
+  $PY -m gemma4rt.server --model-path "$m" --load-format dummy --port $port --log-level info \
     --context-length 8192 --max-running-requests 128 >"$log" 2>&1 &
   local pid=$!
   for _ in $(seq 1 $(( $(left) - 60 ))); do
@@ -99,13 +100,14 @@ image_run() {   # $1 = model name
   if [ $ok = 1 ]; then
     echo "$m server up ($(elapsed)s)"
     for c in 1 100; do
-      local n=$([ $c = 1 ] && echo 3 || echo 100)
+      local n=$([ $c = 1 ] && echo 3 || echo ${IMAGE_PROMPTS:-100})
       [ "$(left)" -gt 40 ] || { echo "skip $m c=$c: time"; continue; }
       timeout $(( $(left) - 20 )) $PY -m bench.serving --backend sglang-oai-chat --port $port --dataset-name image \
         --image-count 2 --image-resolution 720p --random-input-len 128 --random-output-len 1024 \
         --random-range-ratio 1.0 --num-prompts $n --max-concurrency $c --max-duration $(( $(left) - 40 )) \
         --tag "images $m c=$c" --output-file "$OUT/images.jsonl" >"$OUT/images_${m}_c$c.log" 2>&1
       echo "$m c=$c rc=$?"; grep -E "Successful|throughput|TTFT|TPOT|Failed" "$OUT/images_${m}_c$c.log" | head -12
+      grep "steps in" "$log" | tail -${STEP_LOG_LINES:-6} | cut -c1-240
     done
   else
     echo "$m server did not start"; tail -20 "$log"
@@ -124,3 +126,4 @@ echo
 echo "== summary ($(elapsed)s)"
 printf '%s\n' "${SUMMARY[@]}"
 [ -f "$OUT/bench.md" ] && head -60 "$OUT/bench.md"
+tar czf "$OUT_TOP/logs.tgz" -C "$OUT_TOP" raw && rm -rf "$OUT"

@@ -61,6 +61,26 @@ void norm_add_scale_op(const Tensor& x, const Tensor& residual, const optional<T
                            x.size(0), (int)x.size(1), (float)eps, stream_of(x)), "norm_add_scale");
 }
 
+void norm_add_scale_norm_op(const Tensor& x, const Tensor& residual, const optional<Tensor>& weight,
+                            const optional<Tensor>& scale, const optional<Tensor>& weight2, double eps, Tensor& out,
+                            Tensor& normed) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(residual); G4_CHECK_LAST(out); G4_CHECK_LAST(normed);
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && out.sizes() == x.sizes() && normed.sizes() == x.sizes(),
+              "norm_add_scale_norm: shapes");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+              normed.scalar_type() == x.scalar_type(), "norm_add_scale_norm: dtypes");
+  check_weight(weight, x, x.size(1));
+  check_weight(weight2, x, x.size(1));
+  if (scale) TORCH_CHECK(scale->is_cuda() && scale->numel() == 1 && scale->scalar_type() == at::kFloat, "scale: [1] fp32");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_norm_add_scale_norm(dtype_code(x), x.data_ptr(), x.stride(0), residual.data_ptr(),
+                                          residual.stride(0), G4_OPT_PTR(weight),
+                                          scale ? scale->data_ptr<float>() : nullptr, G4_OPT_PTR(weight2),
+                                          out.data_ptr(), out.stride(0), normed.data_ptr(), normed.stride(0),
+                                          x.size(0), (int)x.size(1), (float)eps, stream_of(x)),
+               "norm_add_scale_norm");
+}
+
 void head_norm_rope_op(const Tensor& x, const optional<Tensor>& weight, double eps, const optional<Tensor>& cos,
                        const optional<Tensor>& sin, Tensor& out) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
@@ -89,6 +109,17 @@ void gelu_tanh_and_mul_op(const Tensor& x, Tensor& out) {
   c10::cuda::CUDAGuard g(x.device());
   check_launch(launch_gelu_tanh_and_mul(dtype_code(x), x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0),
                                         x.size(0), (int)out.size(1), stream_of(x)), "gelu_tanh_and_mul");
+}
+
+void gelu_tanh_mul_op(const Tensor& gate, const Tensor& up, Tensor& out) {
+  G4_CHECK_CUDA(gate); G4_CHECK_LAST(gate); G4_CHECK_LAST(up); G4_CHECK_LAST(out);
+  TORCH_CHECK(gate.dim() == 2 && up.sizes() == gate.sizes() && out.sizes() == gate.sizes() &&
+              up.scalar_type() == gate.scalar_type() && out.scalar_type() == gate.scalar_type() &&
+              up.device() == gate.device() && out.device() == gate.device(), "gelu_tanh_mul: gate, up, out [T, I]");
+  c10::cuda::CUDAGuard g(gate.device());
+  check_launch(launch_gelu_tanh_mul(dtype_code(gate), gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0),
+                                    out.data_ptr(), out.stride(0), gate.size(0), (int)gate.size(1), stream_of(gate)),
+               "gelu_tanh_mul");
 }
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
@@ -222,8 +253,11 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("rms_norm(Tensor x, Tensor? weight, float eps, Tensor(a!) out) -> ()");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight, float eps, Tensor(a!) out, Tensor(b!) residual_out) -> ()");
   m.def("norm_add_scale(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, float eps, Tensor(a!) out) -> ()");
+  m.def("norm_add_scale_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, Tensor? weight2, float eps, "
+        "Tensor(a!) out, Tensor(b!) normed) -> ()");
   m.def("head_norm_rope(Tensor x, Tensor? weight, float eps, Tensor? cos, Tensor? sin, Tensor(a!) out) -> ()");
   m.def("gelu_tanh_and_mul(Tensor x, Tensor(a!) out) -> ()");
+  m.def("gelu_tanh_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
         "Tensor seq_lens, Tensor? block_ids, int sliding_window, float scale, int num_splits, int split_size, "
@@ -241,8 +275,10 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("rms_norm", &g4::rms_norm_op);
   m.impl("add_rms_norm", &g4::add_rms_norm_op);
   m.impl("norm_add_scale", &g4::norm_add_scale_op);
+  m.impl("norm_add_scale_norm", &g4::norm_add_scale_norm_op);
   m.impl("head_norm_rope", &g4::head_norm_rope_op);
   m.impl("gelu_tanh_and_mul", &g4::gelu_tanh_and_mul_op);
+  m.impl("gelu_tanh_mul", &g4::gelu_tanh_mul_op);
   m.impl("store_kv", &g4::store_kv_op);
   m.impl("paged_attention", &g4::paged_attention_op);
   m.impl("moe_route", &g4::moe_route_op);

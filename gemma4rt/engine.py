@@ -6,6 +6,7 @@ One `step()` = schedule -> runner.execute(plan) -> process_result.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Optional
 
 from gemma4rt.config import EngineConfig
@@ -32,6 +33,7 @@ class Engine:
         self.pool_specs = list(self.runner.pool_specs)
         self.scheduler = Scheduler(engine_cfg.scheduler, engine_cfg.cache, self.pool_specs, self.model_info)
         self.num_steps = 0
+        self.step_log = StepLog(self.scheduler)
 
     @property
     def tokenizer_path(self) -> str:
@@ -56,10 +58,49 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return self.scheduler.pop_outputs()
+        t0 = time.perf_counter()
         try:
             result = self.runner.execute(plan)
         except Exception as e:          # a failed step fails its requests, not the engine
             log.exception("step %d failed", plan.step_id)
             result = StepResult(step_id=plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
         self.num_steps += 1
+        self.step_log.record(plan, time.perf_counter() - t0)
         return self.scheduler.process_result(result)
+
+
+class StepLog:
+    """Every `interval` seconds with steps in it, one INFO line (as SGLang's batch logs): steps and
+    seconds spent in steps with prompt tokens and in pure decode steps, prompt tokens and media
+    requests prefilled, decode rows per step, generated tokens per second, running and waiting."""
+
+    def __init__(self, scheduler, interval: float = 5.0):
+        self.scheduler, self.interval = scheduler, interval
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.t0 = now
+        self.p_steps = self.p_tokens = self.d_steps = self.d_rows = self.media = 0
+        self.p_s = self.d_s = 0.0
+
+    def record(self, plan, seconds: float) -> None:
+        prompt = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
+        if prompt:
+            self.p_steps += 1
+            self.p_tokens += prompt
+            self.p_s += seconds
+            self.media += sum(1 for n in plan.new_requests if n.mm_items)
+        else:
+            self.d_steps += 1
+            self.d_rows += len(plan.scheduled)
+            self.d_s += seconds
+        now = time.perf_counter()
+        if now - self.t0 >= self.interval and log.isEnabledFor(logging.INFO):
+            span = now - self.t0
+            sc = self.scheduler
+            log.info("steps in %.1f s: prefill %d (%d prompt tokens, %d with media, %.2f s), decode %d "
+                     "(%.1f rows/step, %.2f ms/step), gen %.0f tok/s; running %d, waiting %d",
+                     span, self.p_steps, self.p_tokens, self.media, self.p_s, self.d_steps,
+                     self.d_rows / max(1, self.d_steps), 1e3 * self.d_s / max(1, self.d_steps),
+                     self.d_rows / span, len(sc.running), len(sc.waiting))
+            self._reset(now)

@@ -15,6 +15,11 @@ enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 cudaError_t launch_norm(int mode, int dtype, const void* x, int64_t sx, const void* res, int64_t sres,
                         const void* w, const void* scale, int scale_dtype, void* y, int64_t sy,
                         void* res_out, int64_t sres_out, int64_t rows, int n, float eps, cudaStream_t st);
+// res_out = (res + rms(x)·w) · scale (scale fp32, may be null); y = rms(res_out)·w2 (w2 may be null)
+cudaError_t launch_norm_add_scale_norm(int dtype, const void* x, int64_t sx, const void* res, int64_t sres,
+                                       const void* w, const float* scale, const void* w2, void* res_out,
+                                       int64_t sro, void* y, int64_t sy, int64_t rows, int n, float eps,
+                                       cudaStream_t st);
 
 // ---- head norm + rope (csrc/rope) ------------------------------------------------------------------
 // x: [T, H, D] strides (st, sh, 1); cos/sin: [T, D/2] fp32 strides (sc, 1) (null = no rope).
@@ -26,6 +31,9 @@ cudaError_t launch_head_norm_rope(int dtype, const void* x, int64_t sxt, int64_t
 // ---- activation ----------------------------------------------------------------------------------
 cudaError_t launch_gelu_tanh_and_mul(int dtype, const void* x, int64_t sx, void* y, int64_t sy,
                                      int64_t rows, int I, cudaStream_t st);
+// y = gelu_tanh(gate) · up, gate/up/y: [rows, I] with row strides sg/su/sy, unit column stride.
+cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const void* up, int64_t su, void* y,
+                                 int64_t sy, int64_t rows, int I, cudaStream_t st);
 
 // ---- attention (csrc/attention) --------------------------------------------------------------------
 cudaError_t launch_store_kv(int dtype, const void* k, int64_t skt, int64_t skh, const void* v,

@@ -1,7 +1,9 @@
 """Incremental detokenization and stop strings, per sequence.
 
 `IncrementalDetokenizer.add(ids)` returns the newly final text and never emits half a UTF-8 character
-(text ending in U+FFFD is held until the next token completes it). `StopStrings.feed(text)` holds back
+(text ending in U+FFFD is held until the next token completes it). A run of invalid bytes cannot be
+held for ever: after MAX_HELD tokens without a complete character the held text goes out with its
+U+FFFD replacements (a character needs at most 4 byte tokens, so valid text is never split). `StopStrings.feed(text)` holds back
 the longest tail that could still become a stop string, finds stops across token boundaries, and
 trims them unless include_stop_str_in_output."""
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 _REPL = "\ufffd"
+MAX_HELD = 8       # tokens held at most while the text ends in an incomplete UTF-8 sequence
 
 try:
     from tokenizers.decoders import DecodeStream as _DecodeStream
@@ -39,9 +42,13 @@ class IncrementalDetokenizer:
             base = len(self.ids)
             self.ids.extend(new_ids)
             out = []
-            step, be = self._stream.step, self._backend
+            be = self._backend
             for j, t in enumerate(new_ids):
-                piece = step(be, t)
+                piece = self._stream.step(be, t)
+                if piece is None and base + j + 1 - self.read_offset > MAX_HELD:
+                    # invalid bytes, not an unfinished character: let them out, restart the stream
+                    piece = self.tok.decode(self.ids[self.read_offset:base + j + 1], skip_special_tokens=self.skip)
+                    self._stream = _DecodeStream(skip_special_tokens=self.skip)
                 if piece is not None:
                     out.append(piece)
                     self.read_offset = base + j + 1
@@ -50,7 +57,7 @@ class IncrementalDetokenizer:
         dec = self.tok.decode
         prefix = dec(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
         full = dec(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
-        if full.endswith(_REPL) or len(full) <= len(prefix):
+        if len(full) <= len(prefix) or (full.endswith(_REPL) and len(self.ids) - self.read_offset <= MAX_HELD):
             return ""                          # an incomplete UTF-8 sequence: wait for more tokens
         delta = full[len(prefix):]
         self.prefix_offset = self.read_offset

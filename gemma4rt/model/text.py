@@ -160,13 +160,18 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm_2 = Norm(d)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cos, sin, ple: Optional[torch.Tensor],
-                block_ids: Optional[torch.Tensor]) -> torch.Tensor:
+                block_ids: Optional[torch.Tensor], a: Optional[torch.Tensor] = None,
+                next_norm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: the residual stream; a: its input norm when the previous layer already computed it.
+        Returns (x, rms_norm(x, next_norm)): the next block's opening norm comes out of this layer's
+        last kernel; (x, None) without next_norm."""
         cfg, eps = self.cfg, self.cfg.rms_norm_eps
         window = cfg.sliding_window if self.spec.is_sliding else None
-        a = ops.rms_norm(x, self.input_layernorm.weight, eps)
+        if a is None:
+            a = ops.rms_norm(x, self.input_layernorm.weight, eps)
         a = self.self_attn(a, ctx, cos, sin, eps, window, block_ids if self.spec.is_sliding else None)
-        x = ops.norm_add_scale(a, x, self.post_attention_layernorm.weight, None, eps)
-        u = ops.rms_norm(x, self.pre_feedforward_layernorm.weight, eps)
+        x, u = ops.norm_add_scale_norm(a, x, self.post_attention_layernorm.weight, None,
+                                       self.pre_feedforward_layernorm.weight, eps)
         m = self.mlp(u)
         if cfg.enable_moe_block:
             m1 = ops.rms_norm(m, self.post_feedforward_layernorm_1.weight, eps)
@@ -177,13 +182,26 @@ class DecoderLayer(nn.Module):
             e = ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
             m = ops.norm_add_scale(e, m1, self.post_feedforward_layernorm_2.weight, None, eps)   # m1 + norm(e)
         if ple is None:
-            return ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, self.layer_scalar, eps)
+            return self._end(m, x, self.post_feedforward_layernorm.weight, next_norm)
         x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
-        g = F.linear(x, self.per_layer_input_gate.weight)
-        g = (F.gelu(g.float(), approximate="tanh") * ple.float()).to(x.dtype)
+        g = ops.gelu_tanh_mul(F.linear(x, self.per_layer_input_gate.weight), ple.to(x.dtype))
         # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
-        return ops.norm_add_scale(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight,
-                                  self.layer_scalar, eps)
+        return self._end(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight, next_norm)
+
+    def _end(self, y, x, weight, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(x + norm(y)·weight) · layer_scalar, and its next norm when asked for."""
+        eps = self.cfg.rms_norm_eps
+        if next_norm is None:
+            return ops.norm_add_scale(y, x, weight, self._scalar(), eps), None
+        return ops.norm_add_scale_norm(y, x, weight, self._scalar(), next_norm, eps)
+
+    def _scalar(self) -> torch.Tensor:
+        """The layer scalar as a [1] fp32 tensor on its device, converted once."""
+        s = getattr(self, "_scalar_f32", None)
+        if s is None or s.device != self.layer_scalar.device:
+            s = self.layer_scalar.detach().reshape(1).float().contiguous()
+            self._scalar_f32 = s
+        return s
 
     def _router_norm_weight(self) -> torch.Tensor:
         w = getattr(self, "_router_w", None)
@@ -277,19 +295,25 @@ class Gemma4TextModel(nn.Module):
         block_ids = ctx.block_ids if cfg.use_bidirectional_attention == "vision" else None
         first_shared = cfg.first_kv_shared_layer
         rows_sliced = False
+        a = None                     # the next layer's input norm, made by the previous layer's last kernel
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
             if (i == first_shared and cfg.num_kv_shared_layers and ctx.allow_shared_layer_skip
                     and block_ids is None and ctx.logits_indices.numel() < ctx.num_tokens):
                 # YOCO-style: KV-shared layers only produce hidden states; run them only for the
                 # rows whose logits are needed (a suffix of each request's rows).
+                keep = ctx.logits_indices
                 ctx, x, ple, cs = self._slice_rows(ctx, x, ple, cs)
+                a = a[keep] if a is not None else None
                 rows_sliced = True
                 if x.shape[0] == 0:          # no logits wanted (a non-final prefill chunk)
+                    a = None
                     break
             lt = layer.spec.layer_type
             cos, sin = cs[lt]
-            x = layer(x, ctx, cos, sin, ple[:, i] if ple is not None else None, block_ids)
-        x = ops.rms_norm(x, self.norm.weight, cfg.rms_norm_eps)
+            nxt = self.layers[i + 1].input_layernorm.weight if i + 1 < n else self.norm.weight
+            x, a = layer(x, ctx, cos, sin, ple[:, i] if ple is not None else None, block_ids, a, nxt)
+        x = a if a is not None else ops.rms_norm(x, self.norm.weight, cfg.rms_norm_eps)
         return x if rows_sliced else x[ctx.logits_indices]
 
     def _slice_rows(self, ctx: ForwardContext, x, ple, cs):

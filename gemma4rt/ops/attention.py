@@ -15,6 +15,7 @@ from gemma4rt.ops import _native
 from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
+CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
 NATIVE_HEAD_DIMS = (256, 512)
 
 
@@ -50,7 +51,11 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
     span = max(span, 1)
     est = max(1, min(max_tiles, max(num_seqs, tiles_tok))) * num_kv_heads
     splits = 1
-    if est < 2 * num_sms:
+    if warps_m == 1 and est < CTAS_PER_SM * num_sms:
+        # a decode CTA is one or two warps: several fit on an SM, and with few (request x KV head)
+        # pairs only fine splits (down to one key stage) put enough loads in flight
+        splits = max(1, min(-(-CTAS_PER_SM * num_sms // est), -(-span // KEYS_PER_STAGE)))
+    elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
     split_size = -(-span // splits)
     split_size = -(-split_size // KEYS_PER_STAGE) * KEYS_PER_STAGE

@@ -1,5 +1,5 @@
 """Norm ops: RMSNorm (with / without weight), fused residual-add + RMSNorm, the post-FFN
-"norm + residual add + layer scalar". Native kernels in csrc/norm/; specs in reference.py."""
+"norm + residual add + layer scalar", and that fused with the next norm. Native kernels in csrc/norm/; specs in reference.py."""
 from __future__ import annotations
 
 from typing import Optional
@@ -41,7 +41,30 @@ def norm_add_scale(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
             residual.dtype == x.dtype and x.numel() > 0):
         x2, r2 = _native.rows2d(x), _native.rows2d(residual)
         out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-        sc = None if scale is None else scale.reshape(-1)[:1].float().contiguous()
-        torch.ops.gemma4rt.norm_add_scale(x2, r2, _w(weight, x), sc, float(eps), out)
+        torch.ops.gemma4rt.norm_add_scale(x2, r2, _w(weight, x), _scale(scale), float(eps), out)
         return out.view(x.shape)
     return ref.norm_add_scale(x, residual, weight, scale, eps)
+
+
+def _scale(scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if scale is None:
+        return None
+    s = scale.reshape(-1)[:1]
+    return s if s.dtype == torch.float32 and s.is_contiguous() else s.float().contiguous()
+
+
+def norm_add_scale_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                        scale: Optional[torch.Tensor], weight2: Optional[torch.Tensor],
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h, weight2)) with h = norm_add_scale(x, residual, weight, scale): the end of one
+    block and the norm that opens the next, in one kernel."""
+    if (_native.use_native(x, residual, weight, scale, weight2) and x.dtype in _native.FLOAT_TYPES and
+            residual.dtype == x.dtype and x.numel() > 0):
+        x2, r2 = _native.rows2d(x), _native.rows2d(residual)
+        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        normed = torch.empty_like(out)
+        torch.ops.gemma4rt.norm_add_scale_norm(x2, r2, _w(weight, x), _scale(scale), _w(weight2, x), float(eps),
+                                               out, normed)
+        return out.view(x.shape), normed.view(x.shape)
+    h = ref.norm_add_scale(x, residual, weight, scale, eps)
+    return h, ref.rms_norm(h, weight2, eps)

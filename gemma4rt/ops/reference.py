@@ -52,6 +52,11 @@ def norm_add_scale(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     return r
 
 
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) · up in fp32, in gate's dtype (the per-layer-input gate, §3.3)."""
+    return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)
+
+
 def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] = [gate | up]  →  gelu_tanh(gate) · up: [T, I]."""
     i = x.shape[-1] // 2

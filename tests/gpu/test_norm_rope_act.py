@@ -64,6 +64,33 @@ def test_norm_add_scale(dtype, rows, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_norm_add_scale_norm(dtype, rows, n):
+    x, r = _x(rows, n, dtype, True), _x(rows, n, dtype, False)
+    w, w2 = torch.randn(n, device=DEV, dtype=dtype), torch.randn(n, device=DEV, dtype=dtype)
+    for scale, weight2 in ((torch.tensor([0.37], device=DEV), w2), (None, w2), (None, None)):
+        out, normed = poison(rows, n, dtype=dtype), poison(rows, n, dtype=dtype)
+        torch.ops.gemma4rt.norm_add_scale_norm(x, r, w, scale, weight2, 1e-6, out, normed)
+        eh = ref.norm_add_scale(x, r, w, scale, 1e-6)
+        assert_close(out, eh, dtype, "norm_add_scale_norm residual")
+        assert_close(normed, ref.rms_norm(eh, weight2, 1e-6), dtype, "norm_add_scale_norm normed")
+        h, nn_ = norm.norm_add_scale_norm(x, r, w, scale, weight2, 1e-6)
+        assert_close(h, eh, dtype)
+        assert_close(nn_, ref.rms_norm(eh, weight2, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,I", [(1, 256), (35, 256), (6, 100), (3, 37)])
+def test_gelu_tanh_mul(dtype, T, I):
+    big = torch.randn(T, 5, I, device=DEV, dtype=dtype) * 2
+    gate, up = big[:, 1], big[:, 3]            # row-strided views (as the PLE slice of one layer)
+    out = poison(T, I, dtype=dtype)
+    torch.ops.gemma4rt.gelu_tanh_mul(gate, up, out)
+    assert_close(out, ref.gelu_tanh_mul(gate, up), dtype, "gelu_tanh_mul")
+    assert_close(activation.gelu_tanh_mul(gate, up), ref.gelu_tanh_mul(gate, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H,D", [(1, 8, 256), (13, 4, 512), (5, 3, 128), (9, 2, 72)])
 @pytest.mark.parametrize("mode", ["rope", "norope", "vnorm"])
 def test_head_norm_rope(dtype, T, H, D, mode):
@@ -99,6 +126,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gemma4rt.add_rms_norm.default, (x, r, w, 1e-6, o1, o2))
     torch.library.opcheck(torch.ops.gemma4rt.norm_add_scale.default, (x, r, w, torch.ones(1, device=DEV), 1e-6, o1))
     torch.library.opcheck(torch.ops.gemma4rt.gelu_tanh_and_mul.default, (x, torch.empty(4, 128, device=DEV, dtype=d)))
+    torch.library.opcheck(torch.ops.gemma4rt.norm_add_scale_norm.default,
+                          (x, r, w, torch.ones(1, device=DEV), w, 1e-6, o1, o2))
+    torch.library.opcheck(torch.ops.gemma4rt.gelu_tanh_mul.default, (x, r, torch.empty_like(x)))
     q = torch.randn(3, 2, 256, device=DEV, dtype=d)
     cos, sin = torch.rand(3, 128, device=DEV), torch.rand(3, 128, device=DEV)
     torch.library.opcheck(torch.ops.gemma4rt.head_norm_rope.default, (q, w, 1e-6, cos, sin, torch.empty_like(q)))
@@ -116,17 +146,22 @@ def test_cuda_graph_replay():
     def fn():
         y, res = norm.add_rms_norm(x, r, w, 1e-6)
         return y, res, norm.norm_add_scale(x, r, w, sc, 1e-6), rope.head_norm_rope(q, w[:256], 1e-6, cos, sin), \
-            activation.gelu_tanh_and_mul(gu)
+            activation.gelu_tanh_and_mul(gu), norm.norm_add_scale_norm(x, r, w, sc, w, 1e-6), \
+            activation.gelu_tanh_mul(gu[:, :704], gu[:, 704:])
 
     def refill():
         for t in (x, r, q, gu):
             t.copy_(torch.randn_like(t))
         cos.copy_(torch.rand_like(cos))
 
-    y, res, nas, hq, act = graph_replay(fn, None, refill)
+    y, res, nas, hq, act, (h2, n2), act2 = graph_replay(fn, None, refill)
     ey, er = ref.add_rms_norm(x, r, w, 1e-6)
     assert_close(y, ey, d, "graph y")
     assert_close(res, er, d, "graph residual")
     assert_close(nas, ref.norm_add_scale(x, r, w, sc, 1e-6), d, "graph norm_add_scale")
     assert_close(hq, ref.head_norm_rope(q, w[:256], 1e-6, cos, sin), d, "graph head_norm_rope")
     assert_close(act, ref.gelu_tanh_and_mul(gu), d, "graph gelu")
+    eh = ref.norm_add_scale(x, r, w, sc, 1e-6)
+    assert_close(h2, eh, d, "graph norm_add_scale_norm")
+    assert_close(n2, ref.rms_norm(eh, w, 1e-6), d, "graph norm_add_scale_norm normed")
+    assert_close(act2, ref.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), d, "graph gelu_tanh_mul")

@@ -218,3 +218,8 @@ def test_sampling_is_seeded_and_follows_the_distribution():
     assert a.item() == b.item()
     greedy = ref.sample_from_logits(logits, torch.zeros(1), torch.tensor([0]), one, torch.zeros(1), torch.ones(1, V))
     assert greedy.item() == 0
+
+
+def test_gelu_tanh_mul_equals_the_concatenated_form():
+    g, u = torch.randn(5, 24, dtype=torch.bfloat16), torch.randn(5, 24, dtype=torch.bfloat16)
+    assert torch.equal(ref.gelu_tanh_mul(g, u), ref.gelu_tanh_and_mul(torch.cat([g, u], -1)))

@@ -31,6 +31,20 @@ def test_detok_skip_special_and_incomplete_tail(tok):
     assert out == "a" and d.flush() == "\ufffd"
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_detok_releases_a_run_of_invalid_bytes(tok, fast):
+    from gemma4rt.frontend.textproc import MAX_HELD
+    bad = tok.convert_tokens_to_ids("\u00c3")              # byte 0xC3 alone: never a complete character
+    tail = tok.encode(" ok", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    if not fast:
+        d._stream = None
+    pieces = [d.add([bad]) for _ in range(3 * MAX_HELD)] + [d.add([t]) for t in tail] + [d.flush()]
+    assert all(p == "" for p in pieces[:MAX_HELD])           # held while it might still complete
+    assert sum(1 for p in pieces[:3 * MAX_HELD] if p) >= 2   # then let out, not kept to the end
+    assert "".join(pieces) == tok.decode([bad] * (3 * MAX_HELD) + tail)
+
+
 def test_stop_strings_across_chunks():
     s = StopStrings(["STOP", "xyz"])
     assert s.feed("hello ST") == "hello "
