@@ -31,6 +31,8 @@ from gemma4rt.runtime.mailbox import SocketChannel, pump
 log = logging.getLogger("gemma4rt.engine")
 CONFIG_ENV = "GEMMA4RT_ENGINE_CONFIG"
 STATS_INTERVAL = 0.05
+FRAME_WAIT_S = 0.05     # after a step, at most this long finishing a frame that is arriving
+READ_LIMIT = 1 << 24    # the socket reader's buffer: big media frames arrive in few loop turns
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -103,10 +105,15 @@ class EngineActor(Actor):
                 self._send_stats()
             await self.channel.drain()
             await asyncio.sleep(0)          # let the socket pump fill the inbox
+            # The transport reads one chunk per loop turn: a request carrying images (megabytes of
+            # pixels) would take a hundred steps to arrive if only one turn ran per step.
+            deadline = time.monotonic() + FRAME_WAIT_S
+            while self.channel.partial and time.monotonic() < deadline:
+                await asyncio.sleep(0)
 
 
 async def _amain(sock_path: str, cfg: EngineConfig) -> int:
-    reader, writer = await asyncio.open_unix_connection(sock_path)
+    reader, writer = await asyncio.open_unix_connection(sock_path, limit=READ_LIMIT)
     ch = SocketChannel(reader, writer)
     try:
         from gemma4rt.engine import Engine

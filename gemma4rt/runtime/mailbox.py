@@ -34,6 +34,7 @@ class SocketChannel:
         self.reader = reader
         self.writer = writer
         self.closed = False
+        self.partial = False        # a frame's header is read, its body not yet (see EngineActor.run)
 
     def send(self, msg: Any) -> None:
         if self.closed:
@@ -47,9 +48,12 @@ class SocketChannel:
         try:
             hdr = await self.reader.readexactly(_HDR.size)
             n, t = _HDR.unpack(hdr)
+            self.partial = True
             body = await self.reader.readexactly(n - 1)
+            self.partial = False
         except (asyncio.IncompleteReadError, ConnectionError):
             self.closed = True
+            self.partial = False
             return None
         return decode_body(t, body)
 

@@ -133,7 +133,8 @@ class ModelRunner:
             bidirectional_vision=text.use_bidirectional_attention == "vision",
             generation_defaults={k: gen_cfg[k] for k in ("temperature", "top_k", "top_p", "min_p",
                                                          "repetition_penalty") if k in gen_cfg})
-        self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids, self._stand_in_vocab(text.vocab_size))
+        self.sampler = Sampler(text.vocab_size, self.model_info.eos_token_ids,
+                               *self._stand_in_vocab(text.vocab_size, self.model_info.eos_token_ids))
         self.grammars = GrammarSlots(self._load_tokenizer, text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
@@ -185,18 +186,22 @@ class ModelRunner:
         log.warning("no tokenizer with this model: using the demo tokenizer (token-id requests only are meaningful)")
         return str(demo_checkpoint_path())
 
-    def _stand_in_vocab(self, vocab_size: int) -> Optional[int]:
-        """A real-size model with dummy weights served with the demo tokenizer samples only the ids that
-        tokenizer can render (its length); otherwise almost every sampled id would stream as no text and
-        a client would see its first text hundreds of tokens late. None when the tokenizer is the model's."""
+    def _stand_in_vocab(self, vocab_size: int, eos_ids) -> tuple[Optional[int], tuple[int, ...]]:
+        """A real-size model with dummy weights served with the demo tokenizer samples only what that
+        tokenizer renders as text: ids below its length, no special tokens but EOS. Otherwise a
+        random model streams ids that show as nothing (beyond the tokenizer, or skipped specials)
+        and a client sees its first text hundreds of tokens late. (None, ()) with the model's own."""
         from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
         if self.engine_cfg.tokenizer_path or self.tokenizer_path != str(demo_checkpoint_path()):
-            return None
-        n = len(self._load_tokenizer())
+            return None, ()
+        tok = self._load_tokenizer()
+        n = len(tok)
         if n >= vocab_size:
-            return None
-        log.warning("sampling only ids below %d (the demo tokenizer's size) of the model's %d", n, vocab_size)
-        return n
+            return None, ()
+        never = tuple(sorted(set(tok.all_special_ids) - set(eos_ids)))
+        log.warning("sampling only ids below %d (the demo tokenizer's size) of the model's %d, no special "
+                    "tokens but EOS", n, vocab_size)
+        return n, never
 
     def _gpu_kv_budget(self, frac: float) -> int:
         free, total = torch.cuda.mem_get_info(self.device)

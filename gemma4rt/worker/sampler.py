@@ -38,12 +38,15 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], sample_limit: Optional[int] = None):
-        """sample_limit: sample only ids below it (a stand-in tokenizer smaller than the model's
-        vocabulary, see ModelRunner._stand_in_vocab); None samples the whole vocabulary."""
+    def __init__(self, vocab_size: int, eos_token_ids: tuple[int, ...], sample_limit: Optional[int] = None,
+                 never_ids: tuple[int, ...] = ()):
+        """sample_limit: sample only ids below it; never_ids: ids never sampled. Both serve a stand-in
+        tokenizer (see ModelRunner._stand_in_vocab); by default the whole vocabulary is sampled."""
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.sample_limit = sample_limit if sample_limit is not None and sample_limit < vocab_size else None
+        self._never = list(t for t in never_ids if 0 <= t < vocab_size)
+        self._never_t: dict = {}       # device -> index tensor
 
     def _needs_penalties(self, p: SamplingParams) -> bool:
         return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -91,6 +94,11 @@ class Sampler:
                 work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
         if self.sample_limit is not None:
             work[:, self.sample_limit:] = float("-inf")
+        if self._never:
+            key = str(dev)
+            if key not in self._never_t:
+                self._never_t[key] = torch.tensor(self._never, dtype=torch.long, device=dev)
+            work[:, self._never_t[key]] = float("-inf")
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(work, bitmask, mask_rows)

@@ -26,3 +26,15 @@ def test_limit_bounds_greedy_and_random_ids():
 def test_limit_at_or_above_vocab_is_no_limit():
     assert Sampler(64, (1,), sample_limit=64).sample_limit is None
     assert Sampler(64, (1,), sample_limit=None).sample_limit is None
+
+
+def test_never_ids_are_not_sampled():
+    V = 32
+    logits = torch.zeros(4, V)
+    logits[:, 3] = 9.0
+    logits[:, 7] = 5.0
+    s = Sampler(V, (1,), never_ids=(3, 99))
+    assert [r.token_ids[0] for r in s.sample(logits.clone(), _states(4, temperature=0.0))] == [7] * 4
+    flat = torch.zeros(4, V)
+    flat[:, 3] = 50.0
+    assert all(r.token_ids[0] != 3 for r in s.sample(flat, _states(4, temperature=1.0)))

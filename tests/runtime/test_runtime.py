@@ -78,3 +78,63 @@ def test_cpu_rooms_import_no_ml():
             "gemma4rt.runtime.process, gemma4rt.engine, gemma4rt.cli, gemma4rt.worker.noop_runner; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_engine_actor_takes_in_a_big_frame_within_a_few_steps(tmp_path):
+    """A request carrying megabytes of pixels reaches a busy engine in a few steps, not one socket
+    chunk per step (the transport reads one chunk per loop turn)."""
+    import time
+
+    from gemma4rt.runtime.engine_proc import READ_LIMIT, EngineActor
+
+    class BusyEngine:
+        def __init__(self):
+            self.steps, self.added_at = 0, None
+
+        def add_request(self, m):
+            if m.rid == "big":
+                self.added_at = self.steps
+
+        def has_work(self):
+            return self.added_at is None and self.steps < 20000
+
+        def step(self):
+            self.steps += 1
+            time.sleep(0.0005)                 # a GPU step holds the loop
+            return TokenOutputs(outputs=[])
+
+        def stats(self):
+            return SchedulerStats(num_running=1, num_waiting=0, pool_usage={}, pool_pages={})
+
+    async def main():
+        from gemma4rt.runtime.mailbox import pump
+        path = str(tmp_path / "e.sock")
+        accepted = asyncio.Queue()
+
+        async def on_conn(r, w):
+            await accepted.put(SocketChannel(r, w))
+        server = await asyncio.start_unix_server(on_conn, path)
+        r, w = await asyncio.open_unix_connection(path, limit=READ_LIMIT)
+        eng = BusyEngine()
+        actor = EngineActor(eng, SocketChannel(r, w))
+        actor.start()
+        pump_task = asyncio.get_running_loop().create_task(pump(actor.channel, actor))
+        front = await accepted.get()
+        actor.send(AddRequest(rid="warm", prompt_token_ids=[1], sampling=SamplingParams()))   # start stepping
+        await asyncio.sleep(0.05)
+        start = eng.steps
+        assert start > 0
+        front.send(AddRequest(rid="big", prompt_token_ids=list(range(2_000_000)), sampling=SamplingParams()))
+        await front.drain()
+        for _ in range(5000):
+            if eng.added_at is not None:
+                break
+            await asyncio.sleep(0.001)
+        pump_task.cancel()
+        await actor.stop()
+        server.close()
+        return eng.added_at, start
+
+    added_at, start = asyncio.run(main())
+    assert added_at is not None, "the big request never arrived"
+    assert added_at - start <= 5, f"took {added_at - start} steps"
