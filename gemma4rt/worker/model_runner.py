@@ -188,7 +188,7 @@ class ModelRunner:
 
     def _stand_in_vocab(self, vocab_size: int, eos_ids) -> tuple[Optional[int], tuple[int, ...]]:
         """A real-size model with dummy weights served with the demo tokenizer samples only what that
-        tokenizer renders as text: ids below its length, no special tokens but EOS. Otherwise a
+        tokenizer renders as text: ids below its length, no special or control tokens but EOS. Otherwise a
         random model streams ids that show as nothing (beyond the tokenizer, or skipped specials)
         and a client sees its first text hundreds of tokens late. (None, ()) with the model's own."""
         from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
@@ -198,9 +198,12 @@ class ModelRunner:
         n = len(tok)
         if n >= vocab_size:
             return None, ()
-        never = tuple(sorted(set(tok.all_special_ids) - set(eos_ids)))
-        log.warning("sampling only ids below %d (the demo tokenizer's size) of the model's %d, no special "
-                    "tokens but EOS", n, vocab_size)
+        # specials and Gemma's control tokens (<|channel>, <|tool_call>, <turn|>, ...): a random model
+        # that emits <|channel> would turn the rest of its answer into hidden thought
+        control = set(getattr(tok, "added_tokens_decoder", {}) or {}) | set(tok.all_special_ids)
+        never = tuple(sorted(control - set(eos_ids)))
+        log.warning("sampling only ids below %d (the demo tokenizer's size) of the model's %d, no special or "
+                    "control tokens but EOS", n, vocab_size)
         return n, never
 
     def _gpu_kv_budget(self, frac: float) -> int:
