@@ -35,6 +35,11 @@ cudaError_t launch_gelu_tanh_and_mul(int dtype, const void* x, int64_t sx, void*
 cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const void* up, int64_t su, void* y,
                                  int64_t sy, int64_t rows, int I, cudaStream_t st);
 
+// ---- skinny GEMM (csrc/gemm) ------------------------------------------------------------------------
+// y[m, n] = Σ_k x[m, k] w[n, k] for M in 1..8 (half types); K, sx, sw multiples of 8, x and w 16-byte aligned.
+cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
+                        int N, int K, cudaStream_t st);
+
 // ---- attention (csrc/attention) --------------------------------------------------------------------
 cudaError_t launch_store_kv(int dtype, const void* k, int64_t skt, int64_t skh, const void* v,
                             int64_t svt, int64_t svh, void* kc, const int64_t* kc_strides,

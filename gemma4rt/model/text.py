@@ -29,7 +29,7 @@ class Linear(nn.Module):
         self.weight = _param(n_out, n_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return ops.linear(x, self.weight)
 
 
 class Norm(nn.Module):
@@ -184,7 +184,7 @@ class DecoderLayer(nn.Module):
         if ple is None:
             return self._end(m, x, self.post_feedforward_layernorm.weight, next_norm)
         x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
-        g = ops.gelu_tanh_mul(F.linear(x, self.per_layer_input_gate.weight), ple.to(x.dtype))
+        g = ops.gelu_tanh_mul(self.per_layer_input_gate(x), ple.to(x.dtype))
         # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
         return self._end(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight, next_norm)
 
@@ -340,7 +340,7 @@ class Gemma4TextModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head + final soft-cap, fp32: [N, V]."""
-        logits = F.linear(hidden, self.embed_tokens.weight)
+        logits = ops.linear(hidden, self.embed_tokens.weight)
         return ops.softcap(logits, self.cfg.final_logit_softcapping)
 
 
