@@ -8,6 +8,26 @@
 namespace g4 {
 namespace {
 
+// VEC elements at p: one 16-byte access when VEC elements make 16 bytes, else element by element
+template <typename T, int VEC>
+__device__ __forceinline__ void ldv(T (&v)[VEC], const T* p) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(p);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = p[j];
+  }
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void stv(T* p, const T (&v)[VEC]) {
+  if constexpr (VEC * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) p[j] = v[j];
+  }
+}
+
 template <typename T, typename S, int VEC>
 __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const T* __restrict__ res,
                             int64_t sres, const T* __restrict__ w, const S* __restrict__ scale,
@@ -23,28 +43,13 @@ __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const
   float ss = 0.f;
   for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
     T xv[VEC];
-    if constexpr (VEC * sizeof(T) == 16) {
-      *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(xr + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) xv[j] = xr[i + j];
-    }
+    ldv(xv, xr + i);
     if (mode == 1) {
       T rv[VEC];
-      if constexpr (VEC * sizeof(T) == 16) {
-        *reinterpret_cast<uint4*>(rv) = *reinterpret_cast<const uint4*>(rr + i);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) rv[j] = rr[i + j];
-      }
+      ldv(rv, rr + i);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) xv[j] = from_f<T>(to_f(rv[j]) + to_f(xv[j]));
-      if constexpr (VEC * sizeof(T) == 16) {
-        *reinterpret_cast<uint4*>(ro + i) = *reinterpret_cast<const uint4*>(xv);
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) ro[i + j] = xv[j];
-      }
+      stv(ro + i, xv);
     }
 #pragma unroll
     for (int j = 0; j < VEC; ++j) { float f = to_f(xv[j]); ss += f * f; }
@@ -57,12 +62,7 @@ __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const
   // pass 2 (row re-read hits L1/L2)
   for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
     T xv[VEC], out[VEC];
-    if constexpr (VEC * sizeof(T) == 16) {
-      *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(src + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) xv[j] = src[i + j];
-    }
+    ldv(xv, src + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float v = to_f(xv[j]) * inv;
@@ -76,12 +76,7 @@ __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const
       }
       out[j] = t;
     }
-    if constexpr (VEC * sizeof(T) == 16) {
-      *reinterpret_cast<uint4*>(y1 + i) = *reinterpret_cast<const uint4*>(out);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) y1[i + j] = out[j];
-    }
+    stv(y1 + i, out);
   }
   if (mode != 3) return;
   __syncthreads();   // block_sum reuses sh
@@ -89,24 +84,14 @@ __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const
   // pass 3: each thread re-reads the elements it wrote itself
   for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
     T xv[VEC], out[VEC];
-    if constexpr (VEC * sizeof(T) == 16) {
-      *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(ro + i);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) xv[j] = ro[i + j];
-    }
+    ldv(xv, ro + i);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       float v = to_f(xv[j]) * inv2;
       if (w2) v *= to_f(w2[i + j]);
       out[j] = from_f<T>(v);
     }
-    if constexpr (VEC * sizeof(T) == 16) {
-      *reinterpret_cast<uint4*>(yr + i) = *reinterpret_cast<const uint4*>(out);
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) yr[i + j] = out[j];
-    }
+    stv(yr + i, out);
   }
 }
 
