@@ -1,4 +1,5 @@
-"""gelu-tanh-and-mul (over [gate | up] rows, or separate gate and up). Native kernel in csrc/activation/; spec in reference.py."""
+"""gelu-tanh-and-mul (over [gate | up] rows, or separate gate and up). Native kernel in
+csrc/activation/; spec in reference.py."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Norm ops: RMSNorm (with / without weight), fused residual-add + RMSNorm, the post-FFN
-"norm + residual add + layer scalar", and that fused with the next norm. Native kernels in csrc/norm/; specs in reference.py."""
+"norm + residual add + layer scalar", and that fused with the next norm. Native kernels in csrc/norm/;
+specs in reference.py."""
 from __future__ import annotations
 
 from typing import Optional
