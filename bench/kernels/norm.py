@@ -27,6 +27,9 @@ def run(ceil, quick=False):
             t = time_us(lambda: torch.ops.gemma4rt.norm_add_scale(x, r, w, sc, 1e-6, o1))
             rows.append(row("norm", "norm_add_scale", g, t, 3 * e, 0, ceil,
                             time_us(lambda: ref.norm_add_scale(x, r, w, sc, 1e-6))))
+            t = time_us(lambda: torch.ops.gemma4rt.norm_add_scale_norm(x, r, w, sc, w, 1e-6, o1, o2))
+            rows.append(row("norm", "norm_add_scale_norm", g, t, 4 * e, 0, ceil,
+                            time_us(lambda: ref.rms_norm(ref.norm_add_scale(x, r, w, sc, 1e-6), w, 1e-6))))
     for T, H, D in ((4096, 32, 256), (4096, 4, 512)):
         q = torch.randn(T, H, D, device="cuda", dtype=dt)
         w = torch.randn(D, device="cuda", dtype=dt)
@@ -41,4 +44,11 @@ def run(ceil, quick=False):
         t = time_us(lambda: torch.ops.gemma4rt.gelu_tanh_and_mul(x, o))
         rows.append(row("act", "gelu_tanh_and_mul", f"T={T} I={I}", t, 3 * T * I * 2, 0, ceil,
                         time_us(lambda: ref.gelu_tanh_and_mul(x))))
+    for T, P, L in ((1, 256, 35), (256, 256, 35)):       # the per-layer-input gate of E2B: one layer's slice
+        g = torch.randn(T, P, device="cuda", dtype=dt)
+        ple = torch.randn(T, L, P, device="cuda", dtype=dt)[:, 3]
+        o = torch.empty(T, P, device="cuda", dtype=dt)
+        t = time_us(lambda: torch.ops.gemma4rt.gelu_tanh_mul(g, ple, o))
+        rows.append(row("act", "gelu_tanh_mul", f"T={T} P={P}", t, 3 * T * P * 2, 0, ceil,
+                        time_us(lambda: ref.gelu_tanh_mul(g, ple))))
     return rows

@@ -1,6 +1,6 @@
 """Runs every kernel microbenchmark and prints one table (markdown) with each kernel's time, bytes
 and FLOP rates as fractions of the card's measured copy bandwidth and bf16 matmul rate, beside the
-PyTorch reference. Usage: python -m bench.kernels.run_all [--quick] [--only norm,attention,moe,sampling]"""
+PyTorch reference. Usage: python -m bench.kernels.run_all [--quick] [--only norm,attention,moe,sampling,gemm]"""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from bench.kernels import attention, moe, norm, sampling  # noqa: E402
+from bench.kernels import attention, gemm, moe, norm, sampling  # noqa: E402
 from bench.kernels.common import measure_ceilings, table  # noqa: E402
 import gemma4rt.ops._native  # noqa: E402,F401  (loads the extension)
 
-FAMILIES = {"norm": norm, "attention": attention, "moe": moe, "sampling": sampling}
+FAMILIES = {"norm": norm, "attention": attention, "moe": moe, "sampling": sampling, "gemm": gemm}
 
 
 def main():
