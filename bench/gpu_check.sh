@@ -11,7 +11,8 @@
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); GEMV_COMPARE=1 runs each
 #              row again with the native skinny GEMM (GEMMA4RT_GEMV=1)
-#     serving  the cookbook-style throughput run for E2B against a server started here
+#     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
+#              started here ($SERVING_PROMPTS prompts, default 300)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
@@ -88,8 +89,8 @@ if has targets && [ "$(left)" -gt 90 ]; then
 fi
 
 if has serving && [ "$(left)" -gt 90 ]; then
-  echo "== serving throughput (E2B, dummy weights)"
-  timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models E2B --skip-latency \
+  echo "== serving throughput (${SERVING_MODELS:-E2B}, dummy weights)"
+  timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
     --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
 fi
