@@ -84,6 +84,8 @@ class StepLog:
         self.p_s = self.d_s = 0.0
 
     def record(self, plan, seconds: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return                  # nothing to show: no per-row work on the step path
         prompt = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
         if prompt:
             self.p_steps += 1
@@ -95,7 +97,7 @@ class StepLog:
             self.d_rows += len(plan.scheduled)
             self.d_s += seconds
         now = time.perf_counter()
-        if now - self.t0 >= self.interval and log.isEnabledFor(logging.INFO):
+        if now - self.t0 >= self.interval:
             span = now - self.t0
             sc = self.scheduler
             log.info("steps in %.1f s: prefill %d (%d prompt tokens, %d with media, %.2f s), decode %d "

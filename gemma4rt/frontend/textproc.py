@@ -3,9 +3,9 @@
 `IncrementalDetokenizer.add(ids)` returns the newly final text and never emits half a UTF-8 character
 (text ending in U+FFFD is held until the next token completes it). A run of invalid bytes cannot be
 held for ever: after MAX_HELD tokens without a complete character the held text goes out with its
-U+FFFD replacements (a character needs at most 4 byte tokens, so valid text is never split). `StopStrings.feed(text)` holds back
-the longest tail that could still become a stop string, finds stops across token boundaries, and
-trims them unless include_stop_str_in_output."""
+U+FFFD replacements (a character needs at most 4 byte tokens, so valid text is never split).
+`StopStrings.feed(text)` holds back the longest tail that could still become a stop string, finds stops
+across token boundaries, and trims them unless include_stop_str_in_output."""
 from __future__ import annotations
 
 from typing import Optional

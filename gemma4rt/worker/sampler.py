@@ -45,8 +45,18 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.sample_limit = sample_limit if sample_limit is not None and sample_limit < vocab_size else None
-        self._never = list(t for t in never_ids if 0 <= t < vocab_size)
-        self._never_t: dict = {}       # device -> index tensor
+        self._never = [t for t in never_ids if 0 <= t < vocab_size]
+        self._blocked: dict = {}       # device -> [V] bool mask of ids never sampled (built on first use)
+
+    def _blocked_mask(self, dev) -> torch.Tensor:
+        key = str(dev)
+        if key not in self._blocked:
+            m = torch.zeros(self.vocab_size, dtype=torch.bool)
+            if self.sample_limit is not None:
+                m[self.sample_limit:] = True
+            m[self._never] = True
+            self._blocked[key] = m.to(dev)
+        return self._blocked[key]
 
     def _needs_penalties(self, p: SamplingParams) -> bool:
         return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -92,13 +102,8 @@ class Sampler:
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
                 work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
-        if self.sample_limit is not None:
-            work[:, self.sample_limit:] = float("-inf")
-        if self._never:
-            key = str(dev)
-            if key not in self._never_t:
-                self._never_t[key] = torch.tensor(self._never, dtype=torch.long, device=dev)
-            work[:, self._never_t[key]] = float("-inf")
+        if self.sample_limit is not None or self._never:
+            work.masked_fill_(self._blocked_mask(dev), float("-inf"))
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(work, bitmask, mask_rows)

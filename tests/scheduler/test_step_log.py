@@ -5,6 +5,7 @@ from .conftest import make_engine, req, run_all
 
 
 def test_step_log_counts_prefill_and_decode(caplog):
+    caplog.set_level(logging.INFO, logger="gemma4rt.engine")      # the log counts only when it can show
     eng = make_engine()
     eng.step_log.interval = 1e9               # accumulate; emit by hand below
     eng.add_request(req("a", range(10, 30), max_new=5))
@@ -20,3 +21,11 @@ def test_step_log_counts_prefill_and_decode(caplog):
     lines = [r.getMessage() for r in caplog.records if "steps in" in r.getMessage()]
     assert lines and "prefill 2 (31 prompt tokens, 0 with media" in lines[0]     # all since the last line
     assert "decode 4 (1.5 rows/step" in lines[0]
+
+
+def test_step_log_idle_without_info(caplog):
+    caplog.set_level(logging.WARNING, logger="gemma4rt.engine")
+    eng = make_engine()
+    eng.add_request(req("a", range(10, 30), max_new=3))
+    run_all(eng)
+    assert eng.step_log.p_steps == eng.step_log.d_steps == 0
