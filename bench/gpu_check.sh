@@ -9,8 +9,8 @@
 #     model    only tests/gpu/test_model_bf16.py
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit)
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
-#              with a kernel profile of 8 decode steps each (profile_<model>.txt); GEMV_COMPARE=1 runs each
-#              row again with the native skinny GEMM (GEMMA4RT_GEMV=1)
+#              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
+#              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
@@ -79,11 +79,11 @@ if has targets && [ "$(left)" -gt 90 ]; then
       >"$OUT/one_batch_$m.log" 2>&1
     echo "$m rc=$? ($(elapsed)s)"; grep -vE "^\s*$|Warning|warn|profiler_st" "$OUT/one_batch_$m.log" | tail -8
     [ -f "$OUT/profile_$m.txt" ] && head -${PROFILE_LINES:-16} "$OUT/profile_$m.txt"
-    if [ "${GEMV_COMPARE:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then    # the same row with the native skinny GEMM
-      GEMMA4RT_GEMV=1 timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
-        --batch-size 1 --input-len 1024 --output-len 32 --output-file "$OUT/one_batch_gemv.jsonl" \
-        --profile "$OUT/profile_gemv_$m.txt" >"$OUT/one_batch_gemv_$m.log" 2>&1
-      echo "$m with GEMMA4RT_GEMV=1 rc=$?"; grep -E "batch-1 TPOT|GPU kernel time" "$OUT/one_batch_gemv_$m.log" "$OUT/profile_gemv_$m.txt"
+    if [ -n "${COMPARE_ENV:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row under other settings
+      env $COMPARE_ENV timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
+        --batch-size 1 --input-len 1024 --output-len 32 --output-file "$OUT/one_batch_cmp.jsonl" \
+        --profile "$OUT/profile_cmp_$m.txt" >"$OUT/one_batch_cmp_$m.log" 2>&1
+      echo "$m with $COMPARE_ENV rc=$?"; grep -E "batch-1 TPOT|GPU kernel time" "$OUT/one_batch_cmp_$m.log"
     fi
   done
 fi

@@ -132,7 +132,22 @@ void gemv_op(const Tensor& x, const Tensor& w, Tensor& out) {
   TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv: one device");
   c10::cuda::CUDAGuard g(x.device());
   check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                           out.data_ptr(), out.stride(0), (int)w.size(0), (int)x.size(1), stream_of(x)), "gemv");
+                           out.data_ptr(), out.stride(0), (int)w.size(0), (int)x.size(1), false, stream_of(x)), "gemv");
+}
+
+// out = gelu_tanh(x·gateᵀ) · (x·upᵀ) with w = [gate; up] ([2I, K]): the MLP's projection and activation in one
+void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
+              w.size(0) == 2 * out.size(1), "gemv_gelu_mul: x [M, K], w [2I, K] -> out [M, I]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv_gelu_mul: 1 to 8 rows");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), "gemv_gelu_mul: bf16 or fp16, one dtype");
+  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv_gelu_mul: one device");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), true, stream_of(x)),
+               "gemv_gelu_mul");
 }
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
@@ -272,6 +287,7 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("gelu_tanh_and_mul(Tensor x, Tensor(a!) out) -> ()");
   m.def("gelu_tanh_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out) -> ()");
+  m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
         "Tensor seq_lens, Tensor? block_ids, int sliding_window, float scale, int num_splits, int split_size, "
@@ -294,6 +310,7 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("gelu_tanh_and_mul", &g4::gelu_tanh_and_mul_op);
   m.impl("gelu_tanh_mul", &g4::gelu_tanh_mul_op);
   m.impl("gemv", &g4::gemv_op);
+  m.impl("gemv_gelu_mul", &g4::gemv_gelu_mul_op);
   m.impl("store_kv", &g4::store_kv_op);
   m.impl("paged_attention", &g4::paged_attention_op);
   m.impl("moe_route", &g4::moe_route_op);

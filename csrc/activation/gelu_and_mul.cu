@@ -9,6 +9,8 @@ namespace {
 template <typename T, int VEC>
 __global__ void gelu_mul_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ u, int64_t su,
                                 T* __restrict__ y, int64_t sy, int64_t rows, int I) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   const int64_t per_row = I / VEC;
   const int64_t total = rows * per_row;
   for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
@@ -46,9 +48,8 @@ cudaError_t run(const void* x, int64_t sx, const void* u, int64_t su, void* y, i
   const int64_t work = rows * I / (vec ? V : 1);
   const int threads = 256;
   const unsigned blocks = (unsigned)std::min<int64_t>((work + threads - 1) / threads, 132 * 16);
-  if (vec) gelu_mul_kernel<T, V><<<blocks, threads, 0, st>>>((const T*)x, sx, (const T*)u, su, (T*)y, sy, rows, I);
-  else gelu_mul_kernel<T, 1><<<blocks, threads, 0, st>>>((const T*)x, sx, (const T*)u, su, (T*)y, sy, rows, I);
-  return cudaGetLastError();
+  return launch(vec ? gelu_mul_kernel<T, V> : gelu_mul_kernel<T, 1>, blocks, threads, 0, st, x, sx, u, su, y, sy,
+                rows, I);
 }
 
 }  // namespace

@@ -24,6 +24,8 @@ struct Cfg {
 template <typename T, int D, int WM>
 __global__ void __launch_bounds__(Cfg<T, D, WM>::NT)
 attn_kernel(const AttnParams p) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   using C = Cfg<T, D, WM>;
   constexpr int M = C::M, DW = C::DW, NT = C::NT, CH = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -228,29 +230,60 @@ attn_kernel(const AttnParams p) {
   }
 }
 
-// out[t, h] = Σ_s 2^(lse_s − max) O_s / Σ_s 2^(lse_s − max)
+// out[t, h] = Σ_s 2^(lse_s − max) O_s / Σ_s 2^(lse_s − max). One block per (token, head): the split
+// weights are computed once into shared memory, then kMergeThreads / (D/4) thread groups each sum a
+// share of the splits (float4 columns), and the groups' partial sums are added in shared memory — a
+// dependent chain of S / groups loads instead of S.
+constexpr int kMergeThreads = 256;
+inline size_t merge_smem(int S, int D) {
+  return sizeof(float) * ((size_t)S + (size_t)(kMergeThreads / (D / 4)) * D + kMergeThreads / 32 + 1);
+}
 template <typename T>
-__global__ void merge_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttnParams p) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
+  extern __shared__ float msh[];
   const int64_t th = blockIdx.x;  // token * H + head
   const int tok = (int)(th / p.H), head = (int)(th % p.H);
-  const int S = p.num_splits;
+  const int S = p.num_splits, D = p.D, cols = D / 4, groups = kMergeThreads / cols;
   const int64_t stride = (int64_t)p.T * p.H;
+  float* wsh = msh;                 // [S] split weights
+  float* part = msh + S;            // [groups][D] partial sums
+  float* red = part + groups * D;   // reduction scratch
   float mx = -INFINITY;
-  for (int s = 0; s < S; ++s) mx = fmaxf(mx, p.ws_lse[s * stride + th]);
-  T* orow = static_cast<T*>(p.out) + (int64_t)tok * p.so_t + (int64_t)head * p.so_h;
-  for (int d = threadIdx.x * 4; d < p.D; d += blockDim.x * 4) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f}, den = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float l = p.ws_lse[s * stride + th];
-      if (l == -INFINITY) continue;
-      const float w = exp2f(l - mx);
-      const float4 v = *reinterpret_cast<const float4*>(p.ws_o + (s * stride + th) * p.D + d);
+  for (int s = threadIdx.x; s < S; s += kMergeThreads) mx = fmaxf(mx, p.ws_lse[s * stride + th]);
+  mx = block_max(mx, red);
+  float den = 0.f;
+  for (int s = threadIdx.x; s < S; s += kMergeThreads) {
+    const float l = p.ws_lse[s * stride + th];
+    const float w = l == -INFINITY ? 0.f : exp2f(l - mx);
+    wsh[s] = w;
+    den += w;
+  }
+  __syncthreads();  // block_sum's first barrier would do; explicit for wsh
+  den = block_sum(den, red);
+  const int g = threadIdx.x / cols, c = (threadIdx.x % cols) * 4;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  if (g < groups) {
+#pragma unroll 4
+    for (int s = g; s < S; s += groups) {
+      const float w = wsh[s];
+      if (w == 0.f) continue;
+      const float4 v = *reinterpret_cast<const float4*>(p.ws_o + (s * stride + th) * D + c);
       acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
-      den += w;
     }
-    const float inv = den > 0.f ? 1.f / den : 0.f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) orow[d + i] = from_f<T>(acc[i] * inv);
+    for (int i = 0; i < 4; ++i) part[g * D + c + i] = acc[i];
+  }
+  __syncthreads();
+  if (threadIdx.x >= cols) return;
+  const float inv = den > 0.f ? 1.f / den : 0.f;
+  T* orow = static_cast<T*>(p.out) + (int64_t)tok * p.so_t + (int64_t)head * p.so_h;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float t = 0.f;
+    for (int gg = 0; gg < groups; ++gg) t += part[gg * D + c + i];
+    orow[c + i] = from_f<T>(t * inv);
   }
 }
 
@@ -261,11 +294,11 @@ cudaError_t run(const AttnParams& p, cudaStream_t st) {
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid(p.max_tiles, p.KVH, p.num_splits);
-  kern<<<grid, C::NT, C::SMEM, st>>>(p);
-  e = cudaGetLastError();
+  e = launch(kern, grid, C::NT, C::SMEM, st, p);
   if (e != cudaSuccess || p.num_splits == 1) return e;
-  merge_kernel<T><<<(unsigned)((int64_t)p.T * p.H), min(128, p.D / 4), 0, st>>>(p);
-  return cudaGetLastError();
+  if (merge_smem(p.num_splits, p.D) > 48 * 1024) return cudaErrorInvalidValue;   // > 9000 splits: never planned
+  return launch(merge_kernel<T>, (unsigned)((int64_t)p.T * p.H), kMergeThreads, merge_smem(p.num_splits, p.D), st,
+                p);
 }
 
 }  // namespace

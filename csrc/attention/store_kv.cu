@@ -11,6 +11,8 @@ __global__ void store_kv_kernel(const T* __restrict__ k, int64_t skt, int64_t sk
                                 int64_t svt, int64_t svh, T* __restrict__ kc, int64_t kp, int64_t ks, int64_t kh,
                                 T* __restrict__ vc, int64_t vp, int64_t vs, int64_t vh,
                                 const int64_t* __restrict__ slots, int64_t T_, int KVH, int D, int S) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   const int chunks = D / VEC;
   const int64_t total = T_ * KVH * chunks;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
@@ -45,11 +47,8 @@ cudaError_t run(const void* k, int64_t skt, int64_t skh, const void* v, int64_t 
                    kst[1] % V == 0 && kst[2] % V == 0 && vst[0] % V == 0 && vst[1] % V == 0 && vst[2] % V == 0;
   const int64_t work = T_ * KVH * (vec ? D / V : D);
   const unsigned blocks = (unsigned)std::min<int64_t>((work + 255) / 256, 132 * 8);
-#define G4_SKV(VV) store_kv_kernel<T, VV><<<blocks, 256, 0, st>>>((const T*)k, skt, skh, (const T*)v, svt, svh, \
-      (T*)kc, kst[0], kst[1], kst[2], (T*)vc, vst[0], vst[1], vst[2], slots, T_, KVH, D, S)
-  if (vec) G4_SKV(V); else G4_SKV(1);
-#undef G4_SKV
-  return cudaGetLastError();
+  return launch(vec ? store_kv_kernel<T, V> : store_kv_kernel<T, 1>, blocks, 256, 0, st, k, skt, skh, v, svt, svh,
+                kc, kst[0], kst[1], kst[2], vc, vst[0], vst[1], vst[2], slots, T_, KVH, D, S);
 }
 
 }  // namespace

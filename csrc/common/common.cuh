@@ -3,6 +3,9 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -73,6 +76,18 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
   return t;
 }
 
+// Block-wide max, as block_sum.
+__device__ __forceinline__ float block_max(float v, float* sh) {
+  const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[w] = v;
+  __syncthreads();
+  float t = -INFINITY;
+  for (int i = 0; i < nw; ++i) t = fmaxf(t, sh[i]);
+  return t;
+}
+
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
   // tanh(y) = 1 − 2 / (1 + e^{2y}); accurate under --use_fast_math (tanhf becomes tanh.approx there)
@@ -82,6 +97,65 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// ---- programmatic dependent launch (Hopper and newer) -------------------------------------------
+// Every gemma4rt kernel is launched through g4::launch(). On sm_90+ (unless GEMMA4RT_PDL=0) the launch
+// may begin while the kernel before it in the stream is still draining, which hides most of the
+// ~1 µs gap between back-to-back kernels of a decode step. The contract for every kernel:
+//   * pdl_wait() runs in every thread before it reads anything an earlier kernel wrote, and before any
+//     early return (a grid whose threads all returned without waiting would let the next kernel run
+//     ahead of the one before it);
+//   * pdl_trigger() lets the next kernel's blocks be scheduled; until every block of this grid has
+//     called it (or exited) the next kernel does not start.
+// Without a dependent launch both instructions are no-ops.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(USE_ROCM)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(USE_ROCM)
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Whether launches use PDL: compute capability >= 9 on the current device and GEMMA4RT_PDL != "0".
+// Read once per process (gemma4rt runs one device per process).
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("GEMMA4RT_PDL");
+    if (e && std::strcmp(e, "0") == 0) return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return on;
+}
+
+// kern<<<grid, block, smem, st>>>(args...), with the PDL attribute where pdl_enabled().
+template <typename... KArgs, typename... Args>
+cudaError_t launch(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                   Args&&... args) {
+#if !defined(USE_ROCM) && !defined(__HIP_PLATFORM_AMD__)
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  if (pdl_enabled()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kern, static_cast<KArgs>(std::forward<Args>(args))...);
+#else
+  kern<<<grid, block, smem, st>>>(static_cast<KArgs>(std::forward<Args>(args))...);
+  return cudaGetLastError();
+#endif
+}
 
 }  // namespace g4
 

@@ -25,6 +25,8 @@ expert_gemm(const T* __restrict__ A, int64_t sa, const T* __restrict__ W, int64_
             const int32_t* __restrict__ sorted, const int32_t* __restrict__ tile_expert,
             const int32_t* __restrict__ num_tiles, int k_top, int N, int K, const float* __restrict__ rw,
             T* __restrict__ hbuf, float* __restrict__ ybuf) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   constexpr int WMW = BM == 16 ? 1 : 2, WNW = 4 / WMW;  // warp grid
   constexpr int MT = BM / 16 / WMW, NTW = BN / 8 / WNW;   // m16 / n8 tiles per warp
   constexpr int WROWS = DUAL ? 2 * BN : BN;
@@ -144,6 +146,8 @@ expert_gemm(const T* __restrict__ A, int64_t sa, const T* __restrict__ W, int64_
 
 template <typename T>
 __global__ void combine_kernel(const float* __restrict__ y, T* __restrict__ out, int64_t so, int64_t T_, int k, int d) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   const int64_t total = T_ * (d / 4);
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t t = i / (d / 4);
@@ -166,8 +170,7 @@ cudaError_t gemm(dim3 grid, cudaStream_t st, const T* A, int64_t sa, const T* W,
   auto kern = expert_gemm<T, BM, BN, DUAL>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM);
   if (e != cudaSuccess) return e;
-  kern<<<grid, NTHR, SMEM, st>>>(A, sa, W, wes, sorted, te, nt, k, N, K, rw, hbuf, ybuf);
-  return cudaGetLastError();
+  return launch(kern, grid, NTHR, SMEM, st, A, sa, W, wes, sorted, te, nt, k, N, K, rw, hbuf, ybuf);
 }
 
 template <typename T, int BM>
@@ -184,8 +187,7 @@ cudaError_t run(const void* x, int64_t sx, const void* gate_up, const void* down
   if (e != cudaSuccess) return e;
   const int64_t work = T_ * (d / 4);
   const unsigned blocks = (unsigned)std::min<int64_t>((work + 255) / 256, 132 * 8);
-  combine_kernel<T><<<blocks, 256, 0, st>>>(ybuf, (T*)out, so, T_, k, d);
-  return cudaGetLastError();
+  return launch(combine_kernel<T>, blocks, 256, 0, st, ybuf, out, so, T_, k, d);
 }
 
 }  // namespace

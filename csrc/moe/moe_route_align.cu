@@ -12,6 +12,8 @@ constexpr int kMaxEPerLane = 16;  // E ≤ 16·warp
 template <typename T>
 __global__ void route_kernel(const T* __restrict__ logits, int64_t sl, int64_t T_, int E, int k,
                              const float* __restrict__ scale, float* __restrict__ w_out, int32_t* __restrict__ ids_out) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   const int lane = threadIdx.x % kWarp;
   const int64_t t = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (t >= T_) return;
@@ -67,6 +69,8 @@ __global__ void route_kernel(const T* __restrict__ logits, int64_t sl, int64_t T
 // One block: counts per expert, tile offsets, scatter (token·k + j) into tiles (−1 = padding).
 __global__ void align_kernel(const int32_t* __restrict__ ids, int64_t n, int E, int BM, int32_t* __restrict__ sorted,
                              int32_t* __restrict__ tile_expert, int32_t* __restrict__ num_tiles, int cap_tiles) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   extern __shared__ int sh[];
   int* cnt = sh;          // [E]
   int* tile_off = sh + E; // [E + 1]
@@ -109,16 +113,15 @@ cudaError_t launch_moe_route(int dtype, const void* logits, int64_t sl, int64_t 
   if (E > kMaxEPerLane * kWarp || k > kWarp || k > E) return cudaErrorInvalidValue;
   const int wpb = 4;
   const unsigned blocks = (unsigned)((T_ + wpb - 1) / wpb);
-  G4_DISPATCH_FLOAT(dtype, T, route_kernel<T><<<blocks, wpb * kWarp, 0, st>>>((const T*)logits, sl, T_, E, k,
-                                                                             (const float*)scale, w_out, ids_out));
-  return cudaGetLastError();
+  G4_DISPATCH_FLOAT(dtype, T, return launch(route_kernel<T>, blocks, wpb * kWarp, 0, st, logits, sl, T_, E, k,
+                                             scale, w_out, ids_out));
+  return cudaSuccess;
 }
 
 cudaError_t launch_moe_align(const int32_t* ids, int64_t T_, int k, int E, int BM, int32_t* sorted,
                              int32_t* tile_expert, int32_t* num_tiles, int cap_tiles, cudaStream_t st) {
   const size_t smem = sizeof(int) * (3 * E + 1);
-  align_kernel<<<1, 1024, smem, st>>>(ids, T_ * k, E, BM, sorted, tile_expert, num_tiles, cap_tiles);
-  return cudaGetLastError();
+  return launch(align_kernel, 1, 1024, smem, st, ids, T_ * k, E, BM, sorted, tile_expert, num_tiles, cap_tiles);
 }
 
 }  // namespace g4

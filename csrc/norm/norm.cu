@@ -33,6 +33,8 @@ __global__ void norm_kernel(int mode, const T* __restrict__ x, int64_t sx, const
                             int64_t sres, const T* __restrict__ w, const S* __restrict__ scale,
                             T* __restrict__ y, int64_t sy, T* res_out, int64_t sres_out, int n,
                             float eps, const T* __restrict__ w2) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   __shared__ float sh[1024 / 32 + 1];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * sx;
@@ -106,15 +108,8 @@ cudaError_t run_norm(int mode, const void* x, int64_t sx, const void* res, int64
   int threads = 64;
   while (threads < 1024 && threads * (vec ? V : 1) * 2 <= n) threads *= 2;
   dim3 grid((unsigned)rows);
-  if (vec)
-    norm_kernel<T, S, V><<<grid, threads, 0, st>>>(mode, (const T*)x, sx, (const T*)res, sres, (const T*)w,
-                                                    (const S*)scale, (T*)y, sy, (T*)res_out, sro, n, eps,
-                                                    (const T*)w2);
-  else
-    norm_kernel<T, S, 1><<<grid, threads, 0, st>>>(mode, (const T*)x, sx, (const T*)res, sres, (const T*)w,
-                                                    (const S*)scale, (T*)y, sy, (T*)res_out, sro, n, eps,
-                                                    (const T*)w2);
-  return cudaGetLastError();
+  return launch(vec ? norm_kernel<T, S, V> : norm_kernel<T, S, 1>, grid, threads, 0, st, mode, x, sx, res, sres, w,
+                scale, y, sy, res_out, sro, n, eps, w2);
 }
 
 }  // namespace

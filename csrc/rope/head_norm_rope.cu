@@ -13,6 +13,8 @@ __global__ void head_norm_rope_kernel(const T* __restrict__ x, int64_t sxt, int6
                                       const float* __restrict__ sinp, int64_t sct, int64_t sst,
                                       T* __restrict__ y, int64_t syt, int64_t syh, int64_t T_, int H,
                                       int D, float eps) {
+  pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
+  pdl_trigger();
   const int lane = threadIdx.x % kWarp;
   const int64_t item = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (item >= T_ * H) return;
@@ -58,15 +60,10 @@ cudaError_t run(const void* x, int64_t sxt, int64_t sxh, const void* w, const fl
   const int warps = 4;
   dim3 grid((unsigned)((T_ * H + warps - 1) / warps));
   const int per = (D / 2 + kWarp - 1) / kWarp;
-#define G4_HNR(P) head_norm_rope_kernel<T, P><<<grid, warps * kWarp, 0, st>>>( \
-    (const T*)x, sxt, sxh, (const T*)w, c, s, sct, sst, (T*)y, syt, syh, T_, H, D, eps)
-  if (per <= 1) G4_HNR(1);
-  else if (per <= 2) G4_HNR(2);
-  else if (per <= 4) G4_HNR(4);
-  else if (per <= 8) G4_HNR(8);
-  else return cudaErrorInvalidValue;
-#undef G4_HNR
-  return cudaGetLastError();
+  auto kern = per <= 1 ? head_norm_rope_kernel<T, 1> : per <= 2 ? head_norm_rope_kernel<T, 2>
+            : per <= 4 ? head_norm_rope_kernel<T, 4> : head_norm_rope_kernel<T, 8>;
+  if (per > 8) return cudaErrorInvalidValue;
+  return launch(kern, grid, warps * kWarp, 0, st, x, sxt, sxh, w, c, s, sct, sst, y, syt, syh, T_, H, D, eps);
 }
 
 }  // namespace

@@ -113,9 +113,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate_up = self.gate_up_proj(x)
-        else:
-            gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+            return self.down_proj(ops.linear_gelu_mul(x, self.gate_up_proj.weight))
+        gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
         return self.down_proj(ops.gelu_tanh_and_mul(gate_up))
 
 
