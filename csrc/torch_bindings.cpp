@@ -102,6 +102,42 @@ void head_norm_rope_op(const Tensor& x, const optional<Tensor>& weight, double e
                "head_norm_rope");
 }
 
+void qkv_norm_rope_store_op(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& q_weight,
+                            const optional<Tensor>& k_weight, double eps, const Tensor& cos, const Tensor& sin,
+                            Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Tensor& q_out) {
+  G4_CHECK_CUDA(q); G4_CHECK_LAST(q); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(q_out);
+  G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache);
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+              q.size(2) == k.size(2) && q_out.sizes() == q.sizes(), "qkv_norm_rope_store: q [T, H, D], k/v [T, KVH, D]");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(2) == k.size(1) &&
+              k_cache.size(3) == k.size(2), "qkv_norm_rope_store: caches [P, S, KVH, D]");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt && q_out.scalar_type() == dt &&
+              k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "qkv_norm_rope_store: one dtype");
+  const int64_t D = q.size(2);
+  TORCH_CHECK(D % 2 == 0 && D <= 512, "qkv_norm_rope_store: even D <= 512");
+  check_weight(q_weight, q, D);
+  check_weight(k_weight, q, D);
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
+              cos.size(0) == q.size(0) && cos.size(1) == D / 2 && sin.sizes() == cos.sizes() &&
+              cos.stride(1) == 1 && sin.stride(1) == 1, "cos/sin: [T, D/2] fp32");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+              slot_mapping.numel() == q.size(0), "slot_mapping: [T] int64");
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device() && k.device() == q.device() &&
+              v.device() == q.device() && k_cache.device() == q.device() && v_cache.device() == q.device() &&
+              slot_mapping.device() == q.device() && q_out.device() == q.device(), "qkv_norm_rope_store: one device");
+  QkvNormRopeStore p{q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                     v.data_ptr(), v.stride(0), v.stride(1), G4_OPT_PTR(q_weight), G4_OPT_PTR(k_weight),
+                     cos.data_ptr<float>(), sin.data_ptr<float>(), cos.stride(0), sin.stride(0),
+                     q_out.data_ptr(), q_out.stride(0), q_out.stride(1),
+                     k_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                     v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                     slot_mapping.data_ptr<int64_t>(), q.size(0), (int)q.size(1), (int)k.size(1), (int)D,
+                     (int)k_cache.size(1), (float)eps};
+  c10::cuda::CUDAGuard g(q.device());
+  check_launch(launch_qkv_norm_rope_store(dtype_code(q), p, stream_of(q)), "qkv_norm_rope_store");
+}
+
 void gelu_tanh_and_mul_op(const Tensor& x, Tensor& out) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0 && out.dim() == 2 && out.size(0) == x.size(0) &&
@@ -284,6 +320,8 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("norm_add_scale_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, Tensor? weight2, float eps, "
         "Tensor(a!) out, Tensor(b!) normed) -> ()");
   m.def("head_norm_rope(Tensor x, Tensor? weight, float eps, Tensor? cos, Tensor? sin, Tensor(a!) out) -> ()");
+  m.def("qkv_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor? q_weight, Tensor? k_weight, float eps, Tensor cos, "
+        "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!) q_out) -> ()");
   m.def("gelu_tanh_and_mul(Tensor x, Tensor(a!) out) -> ()");
   m.def("gelu_tanh_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out) -> ()");
@@ -307,6 +345,7 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("norm_add_scale", &g4::norm_add_scale_op);
   m.impl("norm_add_scale_norm", &g4::norm_add_scale_norm_op);
   m.impl("head_norm_rope", &g4::head_norm_rope_op);
+  m.impl("qkv_norm_rope_store", &g4::qkv_norm_rope_store_op);
   m.impl("gelu_tanh_and_mul", &g4::gelu_tanh_and_mul_op);
   m.impl("gelu_tanh_mul", &g4::gelu_tanh_mul_op);
   m.impl("gemv", &g4::gemv_op);

@@ -28,6 +28,23 @@ cudaError_t launch_head_norm_rope(int dtype, const void* x, int64_t sxt, int64_t
                                   void* y, int64_t syt, int64_t syh, int64_t T, int H, int D, float eps,
                                   cudaStream_t st);
 
+// q [T, H, D], k and v [T, KVH, D] (strides in elements, last dim contiguous); q_out [T, H, D]; caches
+// [P, S, KVH, D] (page, slot, head strides); slots[t] = page·S + offset (< 0: skip); cos/sin [T, D/2] fp32.
+// q_out = rope(rms(q)·qw); k_cache[slot] = rope(rms(k)·kw); v_cache[slot] = rms(v) (qw, kw may be null).
+struct QkvNormRopeStore {
+  const void* q; int64_t sqt, sqh;
+  const void* k; int64_t skt, skh;
+  const void* v; int64_t svt, svh;
+  const void* qw; const void* kw;
+  const float* cos; const float* sin; int64_t sct, sst;
+  void* qo; int64_t sot, soh;
+  void* kc; int64_t kcp, kcs, kch;
+  void* vc; int64_t vcp, vcs, vch;
+  const int64_t* slots;
+  int64_t T; int H, KVH, D, S; float eps;
+};
+cudaError_t launch_qkv_norm_rope_store(int dtype, const QkvNormRopeStore& p, cudaStream_t st);
+
 // ---- activation ----------------------------------------------------------------------------------
 cudaError_t launch_gelu_tanh_and_mul(int dtype, const void* x, int64_t sx, void* y, int64_t sy,
                                      int64_t rows, int I, cudaStream_t st);

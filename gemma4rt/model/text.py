@@ -77,19 +77,19 @@ class Attention(nn.Module):
             v_raw = k_raw if spec.k_eq_v else parts[2].view(T, KVH, D)
         else:
             q = self.q_proj(x).view(T, -1, D)
-        q = ops.head_norm_rope(q, self.q_norm.weight, eps, cos, sin)
         pool_name = "sliding" if spec.is_sliding else "full"
         pool = ctx.kv[pool_name]
         src = spec.kv_source
         slot = pool.layer_slot[src]
         k_cache, v_cache = pool.k[slot], pool.v[slot]
-        if not spec.kv_shared:
+        if spec.kv_shared:
+            q = ops.head_norm_rope(q, self.q_norm.weight, eps, cos, sin)
+        else:
             if k_raw is None:
                 k_raw = self.k_proj(x).view(T, KVH, D)
                 v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
-            k = ops.head_norm_rope(k_raw, self.k_norm.weight, eps, cos, sin)
-            v = ops.head_norm_rope(v_raw, None, eps, None, None)
-            ops.store_kv(k, v, k_cache, v_cache, ctx.slot_mappings[pool_name])
+            q = ops.qkv_norm_rope_store(q, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, eps, cos, sin,
+                                        k_cache, v_cache, ctx.slot_mappings[pool_name])
         o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
                                 ctx.seq_lens, sliding_window, block_ids, 1.0)
         return self.o_proj(o.reshape(T, -1))

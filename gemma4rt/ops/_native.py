@@ -15,9 +15,9 @@ except ImportError:
 
 # Every native op is an out-variant returning nothing: its fake (meta) kernel does nothing, which
 # lets torch.compile / opcheck trace them.
-OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "norm_add_scale_norm", "head_norm_rope", "gelu_tanh_and_mul",
-       "gelu_tanh_mul", "gemv", "gemv_gelu_mul", "store_kv", "paged_attention", "moe_route", "moe_align",
-       "moe_experts", "sample")
+OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "norm_add_scale_norm", "head_norm_rope", "qkv_norm_rope_store",
+       "gelu_tanh_and_mul", "gelu_tanh_mul", "gemv", "gemv_gelu_mul", "store_kv", "paged_attention", "moe_route",
+       "moe_align", "moe_experts", "sample")
 
 if NATIVE_AVAILABLE:  # pragma: no cover - depends on the build
     def _fake(*args, **kwargs):

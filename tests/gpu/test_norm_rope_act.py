@@ -165,3 +165,48 @@ def test_cuda_graph_replay():
     assert_close(h2, eh, d, "graph norm_add_scale_norm")
     assert_close(n2, ref.rms_norm(eh, w, 1e-6), d, "graph norm_add_scale_norm normed")
     assert_close(act2, ref.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), d, "graph gelu_tanh_mul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H,KVH,D", [(1, 8, 1, 256), (7, 16, 8, 256), (5, 32, 4, 512), (3, 6, 2, 72)])
+def test_qkv_norm_rope_store_equals_separate_ops(dtype, T, H, KVH, D):
+    """The fused launch = head_norm_rope(q), head_norm_rope(k) and the v-norm stored by store_kv, bit for bit
+    (the same device code per head), on q/k/v that are strided views of one fused projection output, with
+    one token's slot negative (not stored)."""
+    S, P = 16, 4
+    qkv = torch.randn(T, (H + 2 * KVH) * D + 8, device=DEV, dtype=dtype) * 3
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    v = qkv[:, (H + KVH) * D:(H + 2 * KVH) * D].view(T, KVH, D)
+    qw, kw = torch.randn(D, device=DEV, dtype=dtype), torch.randn(D, device=DEV, dtype=dtype)
+    cos, sin = torch.randn(T, D // 2, device=DEV), torch.randn(T, D // 2, device=DEV)
+    slots = torch.randperm(P * S, device=DEV)[:T].long()
+    slots[T // 2] = -1
+    kc, vc = poison(P, S, KVH, D, dtype=dtype), poison(P, S, KVH, D, dtype=dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = rope.qkv_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots)
+    want_q = rope.head_norm_rope(q, qw, 1e-6, cos, sin)
+    from gemma4rt.ops.attention import store_kv
+    store_kv(rope.head_norm_rope(k, kw, 1e-6, cos, sin), rope.head_norm_rope(v, None, 1e-6, None, None), kc2, vc2,
+             slots)
+    assert torch.equal(out, want_q)
+    assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+    # against the fp32 reference as well
+    assert_close(out, ref.head_norm_rope(q, qw, 1e-6, cos, sin), dtype, "q")
+
+
+def test_qkv_norm_rope_store_opcheck_and_graph():
+    d, T, H, KVH, D = torch.bfloat16, 4, 8, 2, 256
+    q = torch.randn(T, H, D, device=DEV, dtype=d)
+    k = torch.randn(T, KVH, D, device=DEV, dtype=d)
+    v = torch.randn(T, KVH, D, device=DEV, dtype=d)
+    qw, kw = torch.randn(D, device=DEV, dtype=d), torch.randn(D, device=DEV, dtype=d)
+    cos, sin = torch.randn(T, D // 2, device=DEV), torch.randn(T, D // 2, device=DEV)
+    kc, vc = torch.zeros(2, 16, KVH, D, device=DEV, dtype=d), torch.zeros(2, 16, KVH, D, device=DEV, dtype=d)
+    slots = torch.tensor([0, 5, 17, 31], device=DEV)
+    torch.library.opcheck(torch.ops.gemma4rt.qkv_norm_rope_store.default,
+                          (q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots, torch.empty_like(q)))
+    out = graph_replay(lambda: rope.qkv_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots), None,
+                       lambda: (q.copy_(torch.randn_like(q)), k.copy_(torch.randn_like(k))))
+    assert torch.equal(out, rope.head_norm_rope(q, qw, 1e-6, cos, sin))
+    assert torch.equal(kc.view(32, KVH, D)[slots], rope.head_norm_rope(k, kw, 1e-6, cos, sin))
