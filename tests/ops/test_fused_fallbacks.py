@@ -1,0 +1,41 @@
+"""The fused Python ops (ops.linear_gelu_mul, ops.qkv_norm_rope_store) on the CPU: they must equal the
+unfused sequence they replace, which is their specification (their native kernels are compared with the
+same sequence in tests/gpu)."""
+import torch
+
+from gemma4rt import ops
+from gemma4rt.ops import reference as ref
+
+
+def test_linear_gelu_mul_is_gemm_then_gelu_and_mul():
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    w = torch.randn(2 * 40, 64)
+    want = ref.gelu_tanh_and_mul(x @ w.t())
+    assert torch.allclose(ops.linear_gelu_mul(x, w), want, atol=1e-5)
+    g, u = (x @ w.t()).split(40, dim=1)
+    assert torch.allclose(want, torch.nn.functional.gelu(g, approximate="tanh") * u, atol=1e-5)
+
+
+def test_qkv_norm_rope_store_is_norms_then_store():
+    torch.manual_seed(0)
+    T, H, KVH, D, P, S = 5, 4, 2, 16, 3, 4
+    qkv = torch.randn(T, (H + 2 * KVH) * D)
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    v = qkv[:, (H + KVH) * D:].view(T, KVH, D)
+    qw, kw = torch.randn(D), torch.randn(D)
+    cos, sin = ref.rope_cos_sin(torch.arange(T), ref.rope_inv_freq(D, 10000.0))
+    slots = torch.tensor([0, 5, -1, 7, 11])
+    kc, vc = torch.zeros(P, S, KVH, D), torch.zeros(P, S, KVH, D)
+    out = ops.qkv_norm_rope_store(q, k, v, qw, kw, 1e-6, cos, sin, kc, vc, slots)
+    assert torch.allclose(out, ref.head_norm_rope(q, qw, 1e-6, cos, sin))
+    kn, vn = ref.head_norm_rope(k, kw, 1e-6, cos, sin), ref.rms_norm(v, None, 1e-6)
+    flat_k, flat_v = kc.view(P * S, KVH, D), vc.view(P * S, KVH, D)
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.allclose(flat_k[s], kn[t]) and torch.allclose(flat_v[s], vn[t])
+    written = {s for s in slots.tolist() if s >= 0}
+    for s in range(P * S):
+        if s not in written:        # the negative slot wrote nothing anywhere
+            assert not flat_k[s].any() and not flat_v[s].any()
