@@ -13,6 +13,9 @@ import os
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Sources a ROCm build leaves out (NVIDIA-only instructions); keep in step with CUDA_ONLY_OPS in
+# gemma4rt/ops/_native.py and the USE_ROCM guards in csrc/torch_bindings.cpp.
+CUDA_ONLY_SOURCES = ("csrc/attention/paged_attention.cu", "csrc/moe/moe_experts.cu", "csrc/sampling/sample.cu")
 
 
 def _ext_modules():
@@ -34,6 +37,11 @@ def _ext_modules():
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if is_rocm:
+        # kernels written with NVIDIA-only instructions (mma.sync / ldmatrix / cp.async, thread-block
+        # clusters) are left out; their ops run the PyTorch references (gemma4rt/ops/_native.py: CUDA_ONLY_OPS)
+        cuda_only = {os.path.join("csrc", *p.split("/")) for p in CUDA_ONLY_SOURCES}
+        sources = [s for s in sources if s not in cuda_only]
     if not sources:
         return [], {}
     if not is_rocm and "TORCH_CUDA_ARCH_LIST" not in os.environ:
@@ -44,13 +52,15 @@ def _ext_modules():
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
     nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    cxx = ["-O3", "-std=c++17"]
     if is_rocm:
-        nvcc = ["-O3", "-std=c++17"]
+        nvcc = ["-O3", "-std=c++17", "-DUSE_ROCM=1"]
+        cxx = cxx + ["-DUSE_ROCM=1"]
     ext = ce.CUDAExtension(
         name="gemma4rt._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
     )
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 

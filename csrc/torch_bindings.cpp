@@ -203,6 +203,7 @@ void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_ca
                                (int)k_cache.size(1), stream_of(k)), "store_kv");
 }
 
+#ifndef USE_ROCM  // a CUDA-only kernel: left out of ROCm builds (setup.py)
 void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& page_table,
                         const Tensor& cu_seqlens_q, const Tensor& seq_lens, const optional<Tensor>& block_ids,
                         int64_t sliding_window, double scale, int64_t num_splits, int64_t split_size,
@@ -245,6 +246,7 @@ void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   c10::cuda::CUDAGuard g(q.device());
   check_launch(launch_paged_attention(dtype_code(q), p, stream_of(q)), "paged_attention");
 }
+#endif
 
 void moe_route_op(const Tensor& logits, int64_t top_k, const optional<Tensor>& scale, Tensor& weights, Tensor& ids) {
   G4_CHECK_CUDA(logits); G4_CHECK_LAST(logits);
@@ -271,6 +273,7 @@ void moe_align_op(const Tensor& ids, int64_t num_experts, int64_t block_m, Tenso
                                 (int)tile_expert.numel(), stream_of(ids)), "moe_align");
 }
 
+#ifndef USE_ROCM  // a CUDA-only kernel: left out of ROCm builds (setup.py)
 void moe_experts_op(const Tensor& x, const Tensor& gate_up, const Tensor& down, const Tensor& weights,
                     const Tensor& sorted, const Tensor& tile_expert, const Tensor& num_tiles, int64_t block_m,
                     Tensor& out, Tensor& hbuf, Tensor& ybuf) {
@@ -292,7 +295,9 @@ void moe_experts_op(const Tensor& x, const Tensor& gate_up, const Tensor& down, 
                                   ybuf.data_ptr<float>(), out.data_ptr(), out.stride(0), T, (int)k, (int)E, (int)d,
                                   (int)I, stream_of(x)), "moe_experts");
 }
+#endif
 
+#ifndef USE_ROCM  // a CUDA-only kernel: left out of ROCm builds (setup.py)
 void sample_op(const Tensor& logits, const Tensor& temperature, const Tensor& top_k, const Tensor& top_p,
                const Tensor& min_p, const Tensor& seeds, const Tensor& steps, double softcap, Tensor& out) {
   G4_CHECK_CUDA(logits); G4_CHECK_LAST(logits);
@@ -309,6 +314,7 @@ void sample_op(const Tensor& logits, const Tensor& temperature, const Tensor& to
                              min_p.data_ptr<float>(), seeds.data_ptr<int64_t>(), steps.data_ptr<int64_t>(),
                              out.data_ptr<int64_t>(), stream_of(logits)), "sample");
 }
+#endif
 
 }  // namespace
 }  // namespace g4
@@ -327,16 +333,22 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out) -> ()");
   m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+#ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
         "Tensor seq_lens, Tensor? block_ids, int sliding_window, float scale, int num_splits, int split_size, "
         "int max_tiles, int warps_m, Tensor(a!) out, Tensor(b!) ws_o, Tensor(c!) ws_lse) -> ()");
+#endif
   m.def("moe_route(Tensor logits, int top_k, Tensor? per_expert_scale, Tensor(a!) weights, Tensor(b!) ids) -> ()");
   m.def("moe_align(Tensor ids, int num_experts, int block_m, Tensor(a!) sorted, Tensor(b!) tile_expert, "
         "Tensor(c!) num_tiles) -> ()");
+#ifndef USE_ROCM
   m.def("moe_experts(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor sorted, Tensor tile_expert, "
         "Tensor num_tiles, int block_m, Tensor(a!) out, Tensor(b!) hbuf, Tensor(c!) ybuf) -> ()");
+#endif
+#ifndef USE_ROCM
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seeds, "
         "Tensor steps, float softcap, Tensor(a!) out) -> ()");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
@@ -351,9 +363,13 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("gemv", &g4::gemv_op);
   m.impl("gemv_gelu_mul", &g4::gemv_gelu_mul_op);
   m.impl("store_kv", &g4::store_kv_op);
+#ifndef USE_ROCM
   m.impl("paged_attention", &g4::paged_attention_op);
+#endif
   m.impl("moe_route", &g4::moe_route_op);
   m.impl("moe_align", &g4::moe_align_op);
+#ifndef USE_ROCM
   m.impl("moe_experts", &g4::moe_experts_op);
   m.impl("sample", &g4::sample_op);
+#endif
 }

@@ -53,14 +53,24 @@ template <typename T> __device__ __forceinline__ void st16(T* p, const Vec16<T>&
   *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&r);
 }
 
+// Butterfly shuffle within a warp (a 64-lane wavefront on CDNA, where HIP has no *_sync variants).
+template <typename V>
+__device__ __forceinline__ V shfl_xor(V v, int o) {
+#if defined(USE_ROCM) || defined(__HIP_PLATFORM_AMD__)
+  return __shfl_xor(v, o);
+#else
+  return __shfl_xor_sync(0xffffffffu, v, o);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = kWarp / 2; o > 0; o >>= 1) v += shfl_xor(v, o);
   return v;
 }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, shfl_xor(v, o));
   return v;
 }
 

@@ -11,13 +11,13 @@ namespace {
 constexpr int kWarpsPerCta = 8;
 
 template <typename T, int MR, bool GLU>
-__global__ void __launch_bounds__(kWarpsPerCta * 32)
+__global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
             int64_t sy, int N, int K) {
   pdl_wait();     // see common.cuh
   pdl_trigger();
-  const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
   if (n >= N) return;
   constexpr int NR = GLU ? 2 : 1;      // weight rows per warp: n, and with GLU the up row n + N
   const T* wr[NR];
@@ -29,7 +29,7 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
 #pragma unroll
     for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
   constexpr int V = 8;                 // elements per 16-byte vector
-  constexpr int STEP = 32 * V;         // elements per warp-wide vector load
+  constexpr int STEP = kWarp * V;      // elements per warp-wide vector load
   auto fma_vec = [&](const Vec16<T> (&wv)[NR], int k) {
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
@@ -81,7 +81,7 @@ template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
                 cudaStream_t st) {
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
-  return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * 32, 0, st, x,
+  return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
                 sx, w, sw, y, sy, N, K);
 }
 

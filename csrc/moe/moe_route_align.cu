@@ -47,8 +47,8 @@ __global__ void route_kernel(const T* __restrict__ logits, int64_t sl, int64_t T
     }
 #pragma unroll
     for (int o = kWarp / 2; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      const float ov = shfl_xor(bv, o);
+      const int oi = shfl_xor(bi, o);
       if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
     const float p = bv / sum;

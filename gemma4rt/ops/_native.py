@@ -19,12 +19,23 @@ OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "norm_add_scale_norm", "hea
        "gelu_tanh_and_mul", "gelu_tanh_mul", "gemv", "gemv_gelu_mul", "store_kv", "paged_attention", "moe_route",
        "moe_align", "moe_experts", "sample")
 
+# Ops a ROCm build leaves out (their kernels use NVIDIA-only tensor-core / async-copy / cluster
+# instructions); there they run their PyTorch references.
+CUDA_ONLY_OPS = ("paged_attention", "moe_experts", "sample")
+BUILT_OPS = frozenset(n for n in OPS if NATIVE_AVAILABLE and not (torch.version.hip and n in CUDA_ONLY_OPS))
+
 if NATIVE_AVAILABLE:  # pragma: no cover - depends on the build
     def _fake(*args, **kwargs):
         return None
 
-    for _name in OPS:
+    for _name in BUILT_OPS:
         torch.library.register_fake(f"gemma4rt::{_name}")(_fake)
+
+
+def has_op(name: str) -> bool:
+    """Whether the loaded extension has this op (a ROCm build lacks CUDA_ONLY_OPS)."""
+    return name in BUILT_OPS
+
 
 HALF_TYPES = (torch.float16, torch.bfloat16)
 FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)

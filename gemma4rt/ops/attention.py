@@ -85,7 +85,8 @@ def paged_attention_planned(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def native_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    return (_native.use_native(q, k_cache, v_cache) and q.dtype in _native.HALF_TYPES and
+    return (_native.use_native(q, k_cache, v_cache) and _native.has_op("paged_attention") and
+            q.dtype in _native.HALF_TYPES and
             k_cache.dtype == q.dtype == v_cache.dtype and q.shape[-1] in NATIVE_HEAD_DIMS and
             q.shape[1] % k_cache.shape[2] == 0 and all(s % 8 == 0 for s in q.stride()[:-1]) and
             all(s % 8 == 0 for s in k_cache.stride()[:-1]) and all(s % 8 == 0 for s in v_cache.stride()[:-1]) and

@@ -36,7 +36,8 @@ def moe_block_m(num_tokens: int, top_k: int, num_experts: int) -> int:
 
 def moe_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                 weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    if (_native.use_native(x, gate_up, down, weights, ids) and x.dtype in _native.HALF_TYPES and
+    if (_native.use_native(x, gate_up, down, weights, ids) and _native.has_op("moe_experts") and
+            x.dtype in _native.HALF_TYPES and
             gate_up.dtype == x.dtype == down.dtype and x.shape[0] > 0 and x.shape[1] % 8 == 0 and
             gate_up.shape[1] % 16 == 0):
         T, d = x.shape

@@ -31,7 +31,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     (≤ 0: off), seeds/steps [N] int. Greedy rows (temperature ≤ 0) take the argmax. Returns ids [N] int64.
     The same (seed, step) gives the same token."""
     N, V = logits.shape
-    if (_native.use_native(logits, temperature, top_k, top_p, min_p, seeds, steps) and
+    if (_native.use_native(logits, temperature, top_k, top_p, min_p, seeds, steps) and _native.has_op("sample") and
             logits.dtype in _native.FLOAT_TYPES and N > 0 and V <= 8 * 49152 and N <= 65535):
         x = logits if logits.stride(-1) == 1 else logits.contiguous()
         out = torch.empty(N, dtype=torch.int64, device=x.device)

@@ -71,8 +71,10 @@ class DecodeGraphs:
     @classmethod
     def maybe_capture(cls, runner) -> Optional["DecodeGraphs"]:
         from gemma4rt import ops
-        if not ops.NATIVE_AVAILABLE:
-            log.warning("CUDA graphs off: the native extension is not built (the op references sync the host)")
+        from gemma4rt.ops import _native
+        if not ops.NATIVE_AVAILABLE or not _native.has_op("paged_attention"):
+            log.warning("CUDA graphs off: the native extension (with its attention kernel) is not built "
+                        "(the op references sync the host)")
             return None
         from gemma4rt.ops.attention import NATIVE_HEAD_DIMS
         head_dims = {l.head_dim for l in runner.config.text.layers}

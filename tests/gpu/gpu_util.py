@@ -14,6 +14,15 @@ def require_native():
                     allow_module_level=True)
 
 
+def require_op(name):
+    """Module-level: report the module as not run when the build lacks this op (a ROCm build leaves
+    out gemma4rt.ops._native.CUDA_ONLY_OPS)."""
+    from gemma4rt.ops import _native
+    if not _native.has_op(name):
+        pytest.skip(f"not run: this build of gemma4rt._C has no {name} (ROCm builds leave it out)",
+                    allow_module_level=True)
+
+
 DEV = "cuda"
 HALF = [torch.bfloat16, torch.float16]
 

@@ -8,9 +8,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_util import require_native  # noqa: E402
+from gpu_util import require_native, require_op  # noqa: E402
 
 require_native()
+require_op("paged_attention")
 
 from gpu_util import DEV, HALF, assert_close, graph_replay, poison  # noqa: E402
 from gemma4rt.ops import attention  # noqa: E402

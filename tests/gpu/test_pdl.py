@@ -10,9 +10,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_util import require_native  # noqa: E402
+from gpu_util import require_native, require_op  # noqa: E402
 
 require_native()
+require_op("paged_attention")
 
 from gpu_util import DEV  # noqa: E402
 from gemma4rt import ops  # noqa: E402

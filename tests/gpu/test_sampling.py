@@ -10,9 +10,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_util import require_native  # noqa: E402
+from gpu_util import require_native, require_op  # noqa: E402
 
 require_native()
+require_op("sample")
 
 from gpu_util import DEV, graph_replay  # noqa: E402
 from gemma4rt.ops import reference as ref  # noqa: E402
