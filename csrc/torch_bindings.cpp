@@ -158,33 +158,24 @@ void gelu_tanh_mul_op(const Tensor& gate, const Tensor& up, Tensor& out) {
                "gelu_tanh_mul");
 }
 
-void gemv_op(const Tensor& x, const Tensor& w, Tensor& out) {
+// glu = false: out = x·wᵀ (w [N, K]). glu = true: w = [gate; up] ([2I, K]) and
+// out = gelu_tanh(x·gateᵀ) · (x·upᵀ) [M, I]: the MLP's projection and activation in one launch.
+void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, const char* name) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
-              out.size(1) == w.size(0), "gemv: x [M, K], w [N, K] -> out [M, N]");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv: 1 to 8 rows");
+              w.size(0) == (glu ? 2 : 1) * out.size(1), name,
+              glu ? ": x [M, K], w [2I, K] -> out [M, I]" : ": x [M, K], w [N, K] -> out [M, N]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, name, ": 1 to 8 rows");
   TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
-              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), "gemv: bf16 or fp16, one dtype");
-  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv: one device");
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), name, ": bf16 or fp16, one dtype");
+  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), name, ": one device");
   c10::cuda::CUDAGuard g(x.device());
   check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                           out.data_ptr(), out.stride(0), (int)w.size(0), (int)x.size(1), false, stream_of(x)), "gemv");
+                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), glu, stream_of(x)), name);
 }
 
-// out = gelu_tanh(x·gateᵀ) · (x·upᵀ) with w = [gate; up] ([2I, K]): the MLP's projection and activation in one
-void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out) {
-  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
-              w.size(0) == 2 * out.size(1), "gemv_gelu_mul: x [M, K], w [2I, K] -> out [M, I]");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv_gelu_mul: 1 to 8 rows");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
-              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), "gemv_gelu_mul: bf16 or fp16, one dtype");
-  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv_gelu_mul: one device");
-  c10::cuda::CUDAGuard g(x.device());
-  check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), true, stream_of(x)),
-               "gemv_gelu_mul");
-}
+void gemv_op(const Tensor& x, const Tensor& w, Tensor& out) { gemv_run(x, w, out, false, "gemv"); }
+void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out) { gemv_run(x, w, out, true, "gemv_gelu_mul"); }
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
   G4_CHECK_CUDA(k); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache);

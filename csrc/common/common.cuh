@@ -74,29 +74,20 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block-wide sum; `sh` needs blockDim.x / kWarp floats. All threads get the result.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
+// Block-wide sum (MAX = false) or max; `sh` needs blockDim.x / kWarp floats. All threads get the result.
+template <bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* sh) {
   const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
-  v = warp_sum(v);
+  v = MAX ? warp_max(v) : warp_sum(v);
   __syncthreads();
   if (lane == 0) sh[w] = v;
   __syncthreads();
-  float t = 0.f;
-  for (int i = 0; i < nw; ++i) t += sh[i];
+  float t = MAX ? -INFINITY : 0.f;
+  for (int i = 0; i < nw; ++i) t = MAX ? fmaxf(t, sh[i]) : t + sh[i];
   return t;
 }
-
-// Block-wide max, as block_sum.
-__device__ __forceinline__ float block_max(float v, float* sh) {
-  const int lane = threadIdx.x % kWarp, w = threadIdx.x / kWarp, nw = (blockDim.x + kWarp - 1) / kWarp;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  float t = -INFINITY;
-  for (int i = 0; i < nw; ++i) t = fmaxf(t, sh[i]);
-  return t;
-}
+__device__ __forceinline__ float block_sum(float v, float* sh) { return block_reduce<false>(v, sh); }
+__device__ __forceinline__ float block_max(float v, float* sh) { return block_reduce<true>(v, sh); }
 
 __device__ __forceinline__ float gelu_tanh(float x) {
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;
