@@ -11,6 +11,8 @@
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0)
+#     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
+#              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
@@ -85,6 +87,19 @@ if has targets && [ "$(left)" -gt 90 ]; then
         --profile "$OUT/profile_cmp_$m.txt" >"$OUT/one_batch_cmp_$m.log" 2>&1
       echo "$m with $COMPARE_ENV rc=$?"; grep -E "batch-1 TPOT|GPU kernel time" "$OUT/one_batch_cmp_$m.log"
     fi
+  done
+fi
+
+if has batch && [ "$(left)" -gt 90 ]; then
+  bs=${BATCH_SIZE:-100}
+  echo "== decode at batch $bs (dummy weights, CUDA graphs)"
+  for m in ${TARGET_MODELS:-gemma-4-E2B-it gemma-4-26B-A4B-it}; do
+    [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
+    timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size $bs \
+      --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs$bs.jsonl" \
+      --profile "$OUT/profile_bs${bs}_$m.txt" >"$OUT/one_batch_bs${bs}_$m.log" 2>&1
+    echo "$m rc=$? ($(elapsed)s)"; grep -A1 "  bs " "$OUT/one_batch_bs${bs}_$m.log" | tail -1
+    [ -f "$OUT/profile_bs${bs}_$m.txt" ] && head -${PROFILE_LINES:-12} "$OUT/profile_bs${bs}_$m.txt" | cut -c1-160
   done
 fi
 
