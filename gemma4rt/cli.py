@@ -45,6 +45,9 @@ FLAGS = [
     (["--chunked-prefill-size"], "scheduler", "chunked_prefill_size", int, "tokens per step (-1: whole prompts)"),
     (["--schedule-policy"], "scheduler", "schedule_policy", str, "fcfs"),
     (["--scheduler-recv-interval"], "scheduler", "scheduler_recv_interval", int, "poll new requests every N steps"),
+    (["--scheduler-delay-factor"], "scheduler", "delay_factor", float,
+     "while requests run, hold new prompts until the oldest has waited this many times the last prompt "
+     "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
     (["--tp", "--tp-size", "--tensor-parallel-size"], "parallel", "tp", int, "tensor-parallel ranks (only 1 is implemented)"),
     (["--host"], "server", "host", str, "bind address"),
     (["--port"], "server", "port", int, "HTTP port"),

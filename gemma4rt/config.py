@@ -62,6 +62,7 @@ class SchedulerConfig:
     chunked_prefill_size: int = 8192     # per-step token budget; <= 0 disables chunking
     schedule_policy: str = "fcfs"
     scheduler_recv_interval: int = 1
+    delay_factor: float = 0.0            # vLLM's --scheduler-delay-factor (0: admit prompts at once)
 
 
 @dataclass(frozen=True)

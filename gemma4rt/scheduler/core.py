@@ -3,6 +3,7 @@ preemption by recompute. Synchronous and CPU only; the engine (or the scheduler 
 between steps: add_request/abort_request, then schedule() -> StepPlan, then process_result()."""
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Optional
 
@@ -44,6 +45,12 @@ class Scheduler(PageOps):
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
         self.num_preemptions = 0
+        # --scheduler-delay-factor (vLLM's semantics): see _admission_open
+        self.delay_factor = max(0.0, float(sched_cfg.delay_factor))
+        self._clock = time.time                 # the front door stamps arrival_time with time.time()
+        self._prev_time = 0.0
+        self._prev_prompt = False
+        self._last_prompt_latency = 0.0
 
     # ------------------------------------------------------------------------------------------
     # admission and abort
@@ -67,6 +74,8 @@ class Scheduler(PageOps):
         stops = frozenset(sp.stop_token_ids) | (self.eos_ids if keep_eos else frozenset())
         self._order += 1
         r = Request(req, stops, self._order)
+        if not r.arrival_time:
+            r.arrival_time = self._clock()
         self.requests[r.rid] = r
         self.waiting.append(r)
         return None
@@ -162,7 +171,22 @@ class Scheduler(PageOps):
             sampling=r.sampling, pages={n: list(t) for n, t in r.pages.items()},
             mm_items=r.mm_items, num_output_tokens=r.num_output_tokens)
 
+    def _admission_open(self) -> bool:
+        """Whether this step may admit waiting requests. With a delay factor d > 0 and requests running,
+        only once the oldest waiting request has waited longer than d x the latency of the last step that
+        admitted prompts, so that prompts arriving one by one are prefilled several per step (each
+        prompt step re-reads the weights, which at a mixed MoE step means nearly every expert)."""
+        now = self._clock()
+        if self._prev_prompt:
+            self._last_prompt_latency = now - self._prev_time
+        self._prev_time, self._prev_prompt = now, False
+        if self.delay_factor <= 0 or not self.waiting or not self.running:
+            return True
+        oldest = min(r.arrival_time for r in self.waiting)
+        return now - oldest > self.delay_factor * self._last_prompt_latency
+
     def schedule(self) -> Optional[StepPlan]:
+        admit = self._admission_open()
         budget = self.budget
         chosen: list[tuple[Request, int, int, bool]] = []       # (request, start, num, sample)
         scheduled: set = set()
@@ -193,7 +217,7 @@ class Scheduler(PageOps):
             scheduled.add(r.rid)
             budget -= end - start
             i += 1
-        if not self.waiting and len(chosen) == len(running):      # pure decode step
+        if (not self.waiting or not admit) and len(chosen) == len(running):      # pure decode step
             return self._finish_plan(chosen, [])
         # 2) running requests in the middle of a chunked prefill
         i = 0
@@ -221,7 +245,7 @@ class Scheduler(PageOps):
             i += 1
         # 3) admit waiting requests, first come first served
         new_reqs: list[NewRequestData] = []
-        while self.waiting and budget > 0 and len(running) < self.max_running:
+        while admit and self.waiting and budget > 0 and len(running) < self.max_running:
             r = self.waiting[0]
             # prompt logprobs need every prompt position computed: no prefix-cache hit for them
             if self.prefix_enabled and r.num_computed == 0 and not r.pages and not r.sampling.prompt_logprobs:
@@ -242,6 +266,7 @@ class Scheduler(PageOps):
                 self.prefix_hit_tokens += r.num_computed
                 self.prefix_query_tokens += r.num_prompt_tokens
             r.status = Status.RUNNING
+            self._prev_prompt = True
             running.append(r)
             n = end - r.num_computed
             chosen.append((r, r.num_computed, n, end == len(r.token_ids)))

@@ -251,3 +251,54 @@ def test_speculative_multi_token_results():
     out = s.process_result(StepResult(step_id=p.step_id, sampled=[SampledTokens(rid="a", token_ids=[8, 9, 1])]))
     o = out.outputs[0]
     assert o.new_token_ids == [8, 9, 1] and o.finish_reason == "stop"
+
+
+def test_scheduler_delay_factor_admits_prompts_together():
+    """--scheduler-delay-factor (vLLM's semantics): while a request runs, a new prompt waits until the oldest
+    waiting one has waited longer than factor x the last prompt step's latency; then all waiting prompts
+    are admitted in one step. With nothing running, a prompt is admitted at once."""
+    from gemma4rt.config import EngineConfig
+    from gemma4rt.engine import Engine
+    from gemma4rt.protocol import AddRequest, SamplingParams
+    from gemma4rt.worker.noop_runner import NoopRunner
+
+    def engine(factor):
+        cfg = EngineConfig(runner="noop", context_length=1024,
+                           cache=CacheConfig(page_size=4, max_total_tokens=1024),
+                           scheduler=SchedulerConfig(chunked_prefill_size=64, delay_factor=factor))
+        e = Engine(cfg, runner=NoopRunner(cfg, sliding_window=8, check=True))
+        now = [0.0]
+        e.scheduler._clock = lambda: now[0]
+        return e, now
+
+    def add(e, rid, t):
+        e.add_request(AddRequest(rid=rid, prompt_token_ids=list(range(10, 18)), arrival_time=t,
+                                 sampling=SamplingParams(max_new_tokens=20, temperature=0.0)))
+
+    e, now = engine(1.0)
+    plans = _plans(e)
+    add(e, "a", 0.0)
+    e.step()                                   # t=0: nothing running, a is admitted at once
+    assert [s.rid for s in plans[-1].scheduled] == ["a"]
+    now[0] = 1.0                               # the prompt step took 1.0
+    add(e, "b", 1.0)
+    e.step()
+    assert [s.rid for s in plans[-1].scheduled] == ["a"]          # b has waited 0 <= 1.0 x 1.0
+    now[0] = 1.5
+    add(e, "c", 1.5)
+    e.step()
+    assert [s.rid for s in plans[-1].scheduled] == ["a"]          # b has waited 0.5
+    now[0] = 2.5
+    e.step()                                                       # b has waited 1.5 > 1.0
+    assert [s.rid for s in plans[-1].scheduled] == ["a", "b", "c"]
+    res = run_all(e)
+    assert all(res[r][1] == "length" for r in "abc")
+
+    e0, now0 = engine(0.0)                     # the default: admitted in the next step
+    plans0 = _plans(e0)
+    add(e0, "a", 0.0)
+    e0.step()
+    now0[0] = 1.0
+    add(e0, "b", 1.0)
+    e0.step()
+    assert [s.rid for s in plans0[-1].scheduled] == ["a", "b"]
