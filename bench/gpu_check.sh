@@ -14,7 +14,7 @@
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
-#              started here ($SERVING_PROMPTS prompts, default 300)
+#              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
@@ -106,7 +106,8 @@ fi
 if has serving && [ "$(left)" -gt 90 ]; then
   echo "== serving throughput (${SERVING_MODELS:-E2B}, dummy weights)"
   timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
-    --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" >"$OUT/serving.log" 2>&1
+    --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" \
+    "--server-args=${SERVER_ARGS:-}" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
 fi
 
