@@ -335,8 +335,6 @@ TORCH_LIBRARY(gemma4rt, m) {
 #ifndef USE_ROCM
   m.def("moe_experts(Tensor x, Tensor gate_up, Tensor down, Tensor weights, Tensor sorted, Tensor tile_expert, "
         "Tensor num_tiles, int block_m, Tensor(a!) out, Tensor(b!) hbuf, Tensor(c!) ybuf) -> ()");
-#endif
-#ifndef USE_ROCM
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, Tensor seeds, "
         "Tensor steps, float softcap, Tensor(a!) out) -> ()");
 #endif

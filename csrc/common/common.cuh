@@ -16,6 +16,10 @@ namespace g4 {
 // Hardware warp width: 32 on NVIDIA, 64 on CDNA (hipify maps warpSize). Reductions loop over
 // kWarp / 2 … 1 instead of a literal 32.
 #if defined(USE_ROCM) || defined(__HIP_PLATFORM_AMD__)
+#define G4_ROCM 1
+#endif
+
+#ifdef G4_ROCM
 constexpr int kWarp = 64;
 #else
 constexpr int kWarp = 32;
@@ -56,7 +60,7 @@ template <typename T> __device__ __forceinline__ void st16(T* p, const Vec16<T>&
 // Butterfly shuffle within a warp (a 64-lane wavefront on CDNA, where HIP has no *_sync variants).
 template <typename V>
 __device__ __forceinline__ V shfl_xor(V v, int o) {
-#if defined(USE_ROCM) || defined(__HIP_PLATFORM_AMD__)
+#ifdef G4_ROCM
   return __shfl_xor(v, o);
 #else
   return __shfl_xor_sync(0xffffffffu, v, o);
@@ -110,12 +114,12 @@ inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 
 //     called it (or exited) the next kernel does not start.
 // Without a dependent launch both instructions are no-ops.
 __device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(USE_ROCM)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(G4_ROCM)
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(USE_ROCM)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && !defined(G4_ROCM)
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
@@ -138,7 +142,7 @@ inline bool pdl_enabled() {
 template <typename... KArgs, typename... Args>
 cudaError_t launch(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
                    Args&&... args) {
-#if !defined(USE_ROCM) && !defined(__HIP_PLATFORM_AMD__)
+#ifndef G4_ROCM
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;

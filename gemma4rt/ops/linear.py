@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma4rt.ops import _native
+from gemma4rt.ops.activation import gelu_tanh_and_mul
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
@@ -41,5 +42,4 @@ def linear_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], w_gate_up.shape[0] // 2, dtype=x.dtype, device=x.device)
         torch.ops.gemma4rt.gemv_gelu_mul(x, w_gate_up, out)
         return out
-    from gemma4rt.ops.activation import gelu_tanh_and_mul
     return gelu_tanh_and_mul(linear(x, w_gate_up))

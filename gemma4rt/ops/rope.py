@@ -8,6 +8,7 @@ import torch
 
 from gemma4rt.ops import _native
 from gemma4rt.ops import reference as ref
+from gemma4rt.ops.attention import store_kv
 
 rope_inv_freq = ref.rope_inv_freq
 rope_cos_sin = ref.rope_cos_sin
@@ -49,7 +50,6 @@ def qkv_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_wei
         torch.ops.gemma4rt.qkv_norm_rope_store(qq, kk, vv, w[0], w[1], float(eps), _f32(cos), _f32(sin), k_cache,
                                                v_cache, slot_mapping.to(torch.int64).contiguous(), out)
         return out
-    from gemma4rt.ops.attention import store_kv
     qn = head_norm_rope(q, q_weight, eps, cos, sin)
     store_kv(head_norm_rope(k, k_weight, eps, cos, sin), head_norm_rope(v, None, eps, None, None), k_cache, v_cache,
              slot_mapping)

@@ -176,11 +176,13 @@ class Scheduler(PageOps):
         only once the oldest waiting request has waited longer than d x the latency of the last step that
         admitted prompts, so that prompts arriving one by one are prefilled several per step (each
         prompt step re-reads the weights, which at a mixed MoE step means nearly every expert)."""
+        if self.delay_factor <= 0:
+            return True
         now = self._clock()
         if self._prev_prompt:
             self._last_prompt_latency = now - self._prev_time
         self._prev_time, self._prev_prompt = now, False
-        if self.delay_factor <= 0 or not self.waiting or not self.running:
+        if not self.waiting or not self.running:
             return True
         oldest = min(r.arrival_time for r in self.waiting)
         return now - oldest > self.delay_factor * self._last_prompt_latency
