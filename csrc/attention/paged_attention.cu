@@ -1,7 +1,7 @@
 // Paged attention for prefill and decode (one kernel): a CTA owns one request's tile of M query
 // rows (row = token·group + head-in-group, so the GQA heads that share a KV head are packed into
 // the MMA's M dimension), one KV head and one split of the key range. K/V pages stream through a
-// 2-stage cp.async pipeline into swizzled shared memory; QKᵀ and PV run on tensor cores
+// multi-stage cp.async pipeline into swizzled shared memory; QKᵀ and PV run on tensor cores
 // (mma.sync m16n8k16, fp32 accumulate), softmax online in fp32. Splits (decode over long contexts)
 // write normalised partials + log-sum-exp, combined by merge_kernel.
 #include "common/mma.cuh"
@@ -10,46 +10,68 @@
 namespace g4 {
 namespace {
 
-constexpr int KB = 32;  // keys per pipeline stage
+constexpr int kSplitKeys = 32;  // split sizes are multiples of this (KEYS_PER_STAGE in ops/attention.py)
 // Decode CTAs (one computing warp per 256 output columns) get this many warps per computing warp, the
 // extra ones only issuing K/V cp.async loads: one warp alone issues too few requests to keep HBM busy.
 // H200, batch-100 decode of the 26B-A4B (sliding KV ~800 MB per layer): 35.0 ms per step with 1, 30.6 with
 // 2, 30.7 with 4; 4 also costs occupancy (the computing warp's 246 registers are reserved for every warp).
 constexpr int kDecodeLoaders = 2;
 
-template <typename T, int D, int WM, int LD = 1>
+// KB keys per pipeline stage, NS stages in flight (NS - 1 tiles load while one is computed).
+template <typename T, int D, int WM, int LD = 1, int KB_ = 32, int NS_ = 2>
 struct Cfg {
+  static constexpr int KB = KB_, NS = NS_;
+  static_assert(kSplitKeys % KB == 0 && KB % 16 == 0 && NS >= 2, "bad attention tile");
   static constexpr int DW = D > 256 ? 256 : D;      // output columns per warp
   static constexpr int DS = D / DW;                 // warps along D
   static constexpr int M = 16 * WM;                 // query rows per CTA
   static constexpr int CW = WM * DS;                // warps that compute
   static constexpr int NT = 32 * CW * LD;           // threads: LD warps per computing warp
-  static constexpr int SMEM = (M * D + 2 * 2 * KB * D) * 2;
+  static constexpr int SMEM = (M * D + NS * 2 * KB * D) * 2;
 };
 
-template <typename T, int D, int WM, int LD>
-__global__ void __launch_bounds__(Cfg<T, D, WM, LD>::NT)
+template <typename T, int D, int WM, int LD, int KB_, int NS_>
+__global__ void __launch_bounds__(Cfg<T, D, WM, LD, KB_, NS_>::NT)
 attn_kernel(const AttnParams p) {
   pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
   pdl_trigger();
-  using C = Cfg<T, D, WM, LD>;
-  constexpr int M = C::M, DW = C::DW, NT = C::NT, CH = D / 8;
+  using C = Cfg<T, D, WM, LD, KB_, NS_>;
+  constexpr int M = C::M, DW = C::DW, NT = C::NT, CH = D / 8, KB = C::KB, NS = C::NS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* KVs = Qs + M * D;  // stage s: K at KVs + s*2*KB*D, V right after
 
   const int kvh = blockIdx.y, split = blockIdx.z;
   const int group = p.H / p.KVH;
-  // ---- which request / tile does this CTA own (device-side walk over cu_seqlens) ----
+  // ---- which request / tile does this CTA own: a warp-wide scan over cu_seqlens, 32 requests a round
+  // (a serial walk costs a dependent load per request, microseconds for a CTA of batch-100 decode) ----
+  const int lane = threadIdx.x % 32;
   int b = -1, tile = 0, n_q = 0, q0 = 0;
-  {
-    int acc = 0;
-    for (int i = 0; i < p.B; ++i) {
-      const int a0 = p.cu_seqlens_q[i], a1 = p.cu_seqlens_q[i + 1];
-      const int nt = ((a1 - a0) * group + M - 1) / M;
-      if ((int)blockIdx.x < acc + nt) { b = i; tile = blockIdx.x - acc; n_q = a1 - a0; q0 = a0; break; }
-      acc += nt;
+  for (int base = 0, acc = 0; base < p.B; base += 32) {
+    const int i = base + lane;
+    int a0 = 0, n = 0, nt = 0;
+    if (i < p.B) {
+      a0 = p.cu_seqlens_q[i];
+      n = p.cu_seqlens_q[i + 1] - a0;
+      nt = (n * group + M - 1) / M;
     }
+    int incl = nt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    const int x = (int)blockIdx.x - acc;
+    const unsigned hit = __ballot_sync(0xffffffffu, i < p.B && x >= incl - nt && x < incl);
+    if (hit) {
+      const int src = __ffs(hit) - 1;
+      b = base + src;
+      tile = x - __shfl_sync(0xffffffffu, incl - nt, src);
+      n_q = __shfl_sync(0xffffffffu, n, src);
+      q0 = __shfl_sync(0xffffffffu, a0, src);
+      break;
+    }
+    acc += __shfl_sync(0xffffffffu, incl, 31);
   }
   if (b < 0) return;
   const int L = p.seq_lens[b];
@@ -65,7 +87,7 @@ attn_kernel(const AttnParams p) {
     ks = k_lo + split * p.split_size;
     ke = min(k_hi, ks + p.split_size);
   }
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, warp = tid / 32;
   const int wm = warp % WM, wd = (warp / WM) % C::DS;
   const bool computes = warp < C::CW;   // the other warps only help load K/V tiles
   const int g = lane / 4, t4 = lane % 4;
@@ -97,9 +119,13 @@ attn_kernel(const AttnParams p) {
     }
   };
   const int n_tiles = ke > ks ? (ke - ks + KB - 1) / KB : 0;
-  if (n_tiles > 0) load_kv(ks, 0);
-  cp_async_commit();
-
+  // prologue: tiles 0 .. NS-2 in flight (one commit group each, empty past the end, so that
+  // cp_async_wait<NS-2> below always means "tile it has landed")
+#pragma unroll
+  for (int s = 0; s < NS - 1; ++s) {
+    if (s < n_tiles) load_kv(ks + s * KB, s);
+    cp_async_commit();
+  }
   // per-thread rows: g and g+8 of this warp's 16
   int qpos[2], qblk[2];
   bool rvalid[2];
@@ -118,19 +144,17 @@ attn_kernel(const AttnParams p) {
   float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.f, 0.f};
 
   for (int it = 0; it < n_tiles; ++it) {
-    if (it + 1 < n_tiles) {
-      load_kv(ks + (it + 1) * KB, (it + 1) & 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    cp_async_wait<NS - 2>();
+    // one barrier per tile: tile it is visible to every warp, and every warp has finished computing
+    // tile it-1, whose stage the load below overwrites
     __syncthreads();
+    if (it + NS - 1 < n_tiles) load_kv(ks + (it + NS - 1) * KB, (it + NS - 1) % NS);
+    cp_async_commit();
     if (computes) {
-      const T* Ks = KVs + (it & 1) * 2 * KB * D;
+      const T* Ks = KVs + (it % NS) * 2 * KB * D;
       const T* Vs = Ks + KB * D;
       const int kb = ks + it * KB;
-      // S = Q Kᵀ (16 rows x 32 keys per warp)
+      // S = Q Kᵀ (16 rows x KB keys per warp)
       float s[KB / 8][4];
 #pragma unroll
       for (int i = 0; i < KB / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
@@ -205,7 +229,6 @@ attn_kernel(const AttnParams p) {
         }
       }
     }
-    __syncthreads();
   }
   cp_async_wait<0>();
   if (!computes) return;
@@ -297,10 +320,10 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttnParams p
   }
 }
 
-template <typename T, int D, int WM, int LD>
+template <typename T, int D, int WM, int LD, int KB = 32, int NS = 2>
 cudaError_t run(const AttnParams& p, cudaStream_t st) {
-  using C = Cfg<T, D, WM, LD>;
-  auto kern = attn_kernel<T, D, WM, LD>;
+  using C = Cfg<T, D, WM, LD, KB, NS>;
+  auto kern = attn_kernel<T, D, WM, LD, KB, NS>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess) return e;
   dim3 grid(p.max_tiles, p.KVH, p.num_splits);
@@ -311,14 +334,24 @@ cudaError_t run(const AttnParams& p, cudaStream_t st) {
                 p);
 }
 
+// Decode pipeline, from bench/kernels/decode_sweep.py on an H200 (batch 100, ~1.1k context, bf16):
+// 16 keys x 3 stages beat 32 x 2 by 2-22% (26B-A4B sliding layer 353 -> 347 µs, full 274 -> 228 µs,
+// E2B sliding 45 -> 35 µs; 32 x 3 and 16 x 4 were slower than both), except where a CTA owns a single
+// 32-key split (batch 1): there the 32 x 2 tile is ~1 µs faster.
+template <typename T, int D>
+cudaError_t run_decode(const AttnParams& p, cudaStream_t st) {
+  if (p.num_splits > 1 && p.split_size <= 32) return run<T, D, 1, kDecodeLoaders, 32, 2>(p, st);
+  return run<T, D, 1, kDecodeLoaders, 16, 3>(p, st);
+}
+
 }  // namespace
 
 cudaError_t launch_paged_attention(int dtype, const AttnParams& p, cudaStream_t st) {
   if (p.T == 0 || p.max_tiles == 0) return cudaSuccess;
-  if (p.num_splits > 1 && (p.split_size % KB) != 0) return cudaErrorInvalidValue;
+  if (p.num_splits > 1 && (p.split_size % kSplitKeys) != 0) return cudaErrorInvalidValue;
 #define G4_ATTN(T)                                                       \
-  if (p.D == 256) return p.warps_m == 1 ? run<T, 256, 1, kDecodeLoaders>(p, st) : run<T, 256, 4, 1>(p, st); \
-  if (p.D == 512) return p.warps_m == 1 ? run<T, 512, 1, kDecodeLoaders>(p, st) : run<T, 512, 4, 1>(p, st); \
+  if (p.D == 256) return p.warps_m == 1 ? run_decode<T, 256>(p, st) : run<T, 256, 4, 1>(p, st); \
+  if (p.D == 512) return p.warps_m == 1 ? run_decode<T, 512>(p, st) : run<T, 512, 4, 1>(p, st); \
   return cudaErrorInvalidValue;
   if (dtype == kBF16) { G4_ATTN(__nv_bfloat16) }
   if (dtype == kF16) { G4_ATTN(__half) }

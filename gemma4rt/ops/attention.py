@@ -16,6 +16,12 @@ from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
 CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
+# Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
+# (request x KV head) grid already fills the GPU: many short CTAs balance uneven contexts and leave no
+# partial last wave. H200, batch 100, ~1.1k context (bench/kernels/decode_sweep.py): 26B-A4B sliding
+# layer 387 us unsplit -> 347 us in 256-key splits; 31B sliding 722 -> 656 us.
+DECODE_SPLIT_KEYS = 256
+MAX_FINE_SPLITS = 16
 NATIVE_HEAD_DIMS = (256, 512)
 
 
@@ -51,10 +57,12 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
     span = max(span, 1)
     est = max(1, min(max_tiles, max(num_seqs, tiles_tok))) * num_kv_heads
     splits = 1
-    if warps_m == 1 and est < CTAS_PER_SM * num_sms:
-        # a decode CTA is one or two warps: several fit on an SM, and with few (request x KV head)
-        # pairs only fine splits (down to one key stage) put enough loads in flight
-        splits = max(1, min(-(-CTAS_PER_SM * num_sms // est), -(-span // KEYS_PER_STAGE)))
+    if warps_m == 1:
+        if est < CTAS_PER_SM * num_sms:
+            # a decode CTA is two or four warps: several fit on an SM, and with few (request x KV head)
+            # pairs only fine splits (down to one key stage) put enough loads in flight
+            splits = min(-(-CTAS_PER_SM * num_sms // est), -(-span // KEYS_PER_STAGE))
+        splits = max(splits, min(-(-span // DECODE_SPLIT_KEYS), MAX_FINE_SPLITS))
     elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
     split_size = -(-span // splits)

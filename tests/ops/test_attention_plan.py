@@ -1,7 +1,8 @@
 """plan_attention: the host-side split plan of the native paged attention (no GPU needed)."""
 import pytest
 
-from gemma4rt.ops.attention import CTAS_PER_SM, KEYS_PER_STAGE, plan_attention
+from gemma4rt.ops.attention import (CTAS_PER_SM, DECODE_SPLIT_KEYS, KEYS_PER_STAGE, MAX_FINE_SPLITS,
+                                    plan_attention)
 
 
 @pytest.mark.parametrize("span,window", [(2048, 512), (2048, None), (40, None)])
@@ -14,8 +15,13 @@ def test_batch1_decode_splits_the_keys_finely(span, window):
     assert p.num_splits == -(-keys // KEYS_PER_STAGE)          # one key stage per split: all the parallelism
 
 
-def test_enough_ctas_means_no_split_and_prefill_is_not_split_finely():
-    assert plan_attention(64, 64, 32, 16, 4096, 1024).num_splits == 1    # 1024 CTAs already
+def test_enough_ctas_still_splits_decode_into_short_ranges_and_prefill_is_not_split_finely():
+    full = plan_attention(64, 64, 32, 16, 4096, 1024)                    # 1024 CTAs already
+    assert full.num_splits == -(-(1024 + 64) // DECODE_SPLIT_KEYS) and full.split_size <= DECODE_SPLIT_KEYS
+    long = plan_attention(100, 100, 16, 2, 65536, None)                  # long context: the split count is capped
+    assert long.num_splits == MAX_FINE_SPLITS and long.num_splits * long.split_size >= 65536
+    short = plan_attention(100, 100, 16, 8, 160, 1024)                   # short context: nothing to cut
+    assert short.num_splits == 1
     big = plan_attention(4096, 1, 8, 1, 4096, None)
     assert big.warps_m == 4 and big.num_splits == 1
     mid = plan_attention(64, 64, 8, 1, 2048, 512)                        # 64 CTAs: split up to the target

@@ -1,0 +1,98 @@
+"""Decode-attention sweep at serving geometries: batch 100 (and 1) at a mid-serving context, for the
+plan the engine would pick and for forced split sizes. Each call walks several layers' caches in turn
+(like a model step), so small per-layer caches do not stay in L2 between calls.
+
+    python -m bench.kernels.decode_sweep [--ctx 1100] [--out DIR]
+
+To compare kernel variants, build each and run the script once per build; rows carry the value of
+$SWEEP_TAG so that runs can be told apart in the jsonl.
+
+H200, 2026-11-29, ~1.1k context, batch 100 (us per layer): keys per stage x stages 32x2 / 32x3 / 16x3 /
+16x4 / 16x2 for the 26B-A4B sliding layer in 256-key splits 354 / 466 / 347 / 415 / 356, full layer 274 /
+281 / 228 / 339 / 232; E2B sliding (engine plan) 45 / 50 / 35 / 53 / 36. The kernel now runs 16x3 for
+decode (32x2 where a CTA owns one 32-key split)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from bench.kernels.common import measure_ceilings, time_us
+from gemma4rt.ops import attention
+
+S = 16
+GEOMS = [  # name, H, KVH, D, window
+    ("26B-sliding", 16, 8, 256, 1024),
+    ("26B-full", 16, 2, 512, None),
+    ("E2B-sliding", 8, 1, 256, 512),
+    ("E2B-full", 8, 1, 512, None),
+    ("E4B-sliding", 8, 2, 256, 512),
+    ("31B-sliding", 32, 16, 256, 1024),
+]
+
+
+def sweep(ctx: int, batches, ceil) -> list[dict]:
+    dt = torch.bfloat16
+    rows = []
+    for name, H, KVH, D, W in GEOMS:
+        for B in batches:
+            keys = min(ctx, W) if W else ctx
+            per_layer = B * keys * KVH * D * 2 * 2
+            layers = max(1, min(8, (512 << 20) // max(per_layer, 1)))
+            pages = -(-ctx // S)
+            caches = []
+            for _ in range(layers):
+                table = torch.randperm(B * pages, device="cuda").to(torch.int32).view(B, pages)
+                caches.append((torch.randn(B * pages, S, KVH, D, device="cuda", dtype=dt),
+                               torch.randn(B * pages, S, KVH, D, device="cuda", dtype=dt), table))
+            q = torch.randn(B, H, D, device="cuda", dtype=dt) / D ** 0.5
+            cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+            sl = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+            base = attention.plan_attention(B, B, H, KVH, pages * S, W)
+            span = min(pages * S, W + B) if W else pages * S
+            plans = {"plan": base}
+            if B > 1:
+                for ss in (32, 64, 128, 256, 512):
+                    if ss < span:
+                        plans[f"split{ss}"] = attention.AttentionPlan(-(-span // ss), ss, base.max_tiles, 1)
+                plans["nosplit"] = attention.AttentionPlan(1, -(-span // 32) * 32, base.max_tiles, 1)
+            for label, plan in plans.items():
+                out = torch.empty_like(q)
+                ws_o, ws_lse = attention.attention_workspace(plan, B, H, D, q.device)
+
+                def fn(plan=plan, out=out, ws_o=ws_o, ws_lse=ws_lse):
+                    for kc, vc, table in caches:
+                        attention.paged_attention_planned(q, kc, vc, table, cu, sl, W, None, 1.0, plan, out,
+                                                          ws_o, ws_lse)
+                t = time_us(fn, reps=9, inner=4) / layers
+                rows.append({"geom": name, "B": B, "ctx": ctx, "label": label, "splits": plan.num_splits,
+                             "split_size": plan.split_size, "us": round(t, 2),
+                             "GBps": round(per_layer / (t * 1e-6) / 1e9, 1),
+                             "bw_frac": round(per_layer / (t * 1e-6) / ceil["bw"], 3),
+                             "tag": os.environ.get("SWEEP_TAG", "")})
+                print(json.dumps(rows[-1]), flush=True)
+            del caches
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ctx", type=int, default=1100)
+    ap.add_argument("--batches", default="100,1")
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    a = ap.parse_args()
+    ceil = measure_ceilings()
+    print(json.dumps({"card": ceil["card"], "copy_GBps": round(ceil["bw"] / 1e9)}), flush=True)
+    rows = sweep(a.ctx, [int(b) for b in a.batches.split(",")], ceil)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "decode_sweep.jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "card": ceil["card"]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
