@@ -12,7 +12,8 @@
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0)
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
-#              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt)
+#              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
+#              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
@@ -97,9 +98,12 @@ if has batch && [ "$(left)" -gt 90 ]; then
     [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
     timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size $bs \
       --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs$bs.jsonl" \
-      --profile "$OUT/profile_bs${bs}_$m.txt" >"$OUT/one_batch_bs${bs}_$m.log" 2>&1
+      --profile "$OUT/profile_bs${bs}_$m.txt" --profile-prompt "$OUT/profile_bs${bs}_prompt_$m.txt" \
+      --profile-prompt-len ${PROMPT_LEN:-600} >"$OUT/one_batch_bs${bs}_$m.log" 2>&1
     echo "$m rc=$? ($(elapsed)s)"; grep -A1 "  bs " "$OUT/one_batch_bs${bs}_$m.log" | tail -1
-    [ -f "$OUT/profile_bs${bs}_$m.txt" ] && head -${PROFILE_LINES:-12} "$OUT/profile_bs${bs}_$m.txt" | cut -c1-160
+    for f in "$OUT/profile_bs${bs}_$m.txt" "$OUT/profile_bs${bs}_prompt_$m.txt"; do
+      [ -f "$f" ] && head -${PROFILE_LINES:-12} "$f" | cut -c1-160
+    done
   done
 fi
 

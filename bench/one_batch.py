@@ -73,25 +73,29 @@ class StepTimer:
 
 def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, max_bs: int, input_len: int,
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
-                 mem_fraction_static: float = 0.85):
+                 mem_fraction_static: float = 0.85, extra_prompt_len: int = 0):
+    """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
+    prompt-step profile)."""
     from gemma4rt.config import CacheConfig, EngineConfig, SchedulerConfig
     from gemma4rt.engine import Engine
 
     tokens = max_bs * (input_len + output_len) + 8 * page_size * max_bs
+    if extra_prompt_len:
+        tokens += extra_prompt_len + 8 * page_size
     # the sliding pool holds max_running windows; a static batch prefills whole prompts in one step,
     # so give it room for every token of every request (sliding pages are freed only between steps)
     from bench.roofline import load_model_config
     window = load_model_config(model_path).text.sliding_window
     win_pages = -(-window // page_size) + 2
     need_pages = max_bs * (-(-(input_len + output_len) // page_size) + 2)
-    max_running = max(max_bs, -(-need_pages // win_pages))
+    max_running = max(max_bs, -(-need_pages // win_pages)) + (1 if extra_prompt_len else 0)
     cfg = EngineConfig(
         model_path=model_path, dtype=dtype, device=device, load_format=load_format, seed=seed,
-        context_length=max(input_len + output_len + 2 * page_size, 64),
+        context_length=max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, disable_radix_cache=True,
                           mem_fraction_static=mem_fraction_static),
         scheduler=SchedulerConfig(max_running_requests=max_running,
-                                  chunked_prefill_size=max(max_bs * input_len, 2048)),
+                                  chunked_prefill_size=max(max_bs * input_len, extra_prompt_len + max_bs, 2048)),
         disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=max(max_bs, 1))
     return Engine(cfg)
 
@@ -242,12 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="after timing, profile 8 decode steps of the first batch size with torch.profiler and "
                         "write GPU-busy time per step and the kernels by total time to FILE")
+    p.add_argument("--profile-prompt", default=None, metavar="FILE",
+                   help="profile 8 steps that each carry one new prompt of --profile-prompt-len tokens beside "
+                        "the first batch size's decode rows (the serving pattern: prompts arrive one by one "
+                        "while a batch decodes); the same report as --profile, to FILE")
+    p.add_argument("--profile-prompt-len", type=int, default=600)
     return p
 
 
-def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str, steps: int = 8) -> dict:
+def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str, steps: int = 8,
+                   prompt_len: int = 0) -> dict:
     """Profile `steps` decode steps at batch `bs`: GPU kernel time per step against the step's wall time
-    (their gap is host work and launch latency), kernel launches per step, the kernels by total time."""
+    (their gap is host work and launch latency), kernel launches per step, the kernels by total time.
+    prompt_len > 0: before each profiled step one new request of prompt_len tokens arrives, so every
+    profiled step carries a whole prompt beside the bs decode rows (it decodes one token and finishes)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -255,20 +267,26 @@ def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str,
 
     low, high = _id_range(engine.model_info.vocab_size)
     sp = SamplingParams(max_new_tokens=steps + 4, temperature=0.0, ignore_eos=True)
+    tag = f"prof{prompt_len}"
     for i in range(bs):
-        engine.add_request(AddRequest(rid=f"prof-{i}", sampling=sp,
+        engine.add_request(AddRequest(rid=f"{tag}-{i}", sampling=sp,
                                       prompt_token_ids=synthetic_ids(i * 7, i, input_len, low, high)))
     while engine.has_work() and not (engine.scheduler.running and
                                      all(r.num_output_tokens >= 2 for r in engine.scheduler.running)):
         engine.step()                                   # prefill and the first decode steps unprofiled
     timer.records.clear()
+    one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
-        for _ in range(steps):
+        for k in range(steps):
             if not engine.has_work():
                 break
+            if prompt_len:
+                engine.add_request(AddRequest(rid=f"{tag}-new-{k}", sampling=one, prompt_token_ids=synthetic_ids(
+                    k * 13 + 5, bs + k, prompt_len, low, high)))
             engine.step()
-    profiled = [r for r in timer.records if not r[0]]
+    profiled = [r for r in timer.records if r[0] == bool(prompt_len)]
+    n_other = len(timer.records) - len(profiled)
     while engine.has_work():
         engine.step()
     n = max(1, len(profiled))
@@ -280,15 +298,20 @@ def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str,
     gpu_ms = sum(sum(v) for v in kernels.values()) / 1e3 / n
     launches = sum(len(v) for v in kernels.values()) / n
     top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
-    lines = [f"decode at batch {bs}, {n} steps: wall {wall_ms:.3f} ms/step, GPU kernel time {gpu_ms:.3f} ms/step "
-             f"({100 * gpu_ms / wall_ms:.0f}% busy), {launches:.0f} kernels/step",
+    what = (f"steps with one {prompt_len}-token prompt beside {bs} decode rows" if prompt_len else
+            f"decode at batch {bs}")
+    tokens = statistics.fmean(r[1] for r in profiled) if profiled else 0.0
+    lines = [f"{what}, {n} steps ({tokens:.0f} tokens/step): wall {wall_ms:.3f} ms/step, GPU kernel time "
+             f"{gpu_ms:.3f} ms/step ({100 * gpu_ms / wall_ms:.0f}% busy), {launches:.0f} kernels/step"
+             + (f" [{n_other} other steps in the window]" if n_other else ""),
              f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
     for name, v in top:
         lines.append(f"{sum(v) / n:>9.1f} {len(v) / n:>10.1f} {sum(v) / len(v):>8.1f}  {name[:110]}")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:20]))
-    return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "kernels_per_step": launches}
+    return {"wall_ms": wall_ms, "gpu_ms": gpu_ms, "kernels_per_step": launches, "steps": len(profiled),
+            "tokens_per_step": tokens, "prompt_len": prompt_len}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -303,7 +326,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     engine = build_engine(a.model_path, device=a.device, dtype=a.dtype, load_format=a.load_format,
                           max_bs=max(a.batch_size), input_len=a.input_len, output_len=a.output_len,
                           page_size=a.page_size, seed=a.seed, disable_cuda_graph=a.disable_cuda_graph,
-                          mem_fraction_static=a.mem_fraction_static)
+                          mem_fraction_static=a.mem_fraction_static,
+                          extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0
@@ -321,6 +345,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
         except Exception as e:      # a profiling failure must not hide the timings
             prof = {"error": f"{type(e).__name__}: {e}"}
             print("profile failed:", prof["error"])
+    prof_prompt = None
+    if a.profile_prompt:
+        try:
+            prof_prompt = profile_decode(engine, timer, a.batch_size[0], a.input_len, a.profile_prompt,
+                                         prompt_len=a.profile_prompt_len)
+        except Exception as e:
+            prof_prompt = {"error": f"{type(e).__name__}: {e}"}
+            print("prompt-step profile failed:", prof_prompt["error"])
     del timer, runner, engine
     gc.collect()
     if dev.type == "cuda":
@@ -336,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         r["bandwidth_fraction"] = r["roofline_ms"] / r["median_decode_ms"] if bw else None
     result = {"model": a.model_path, "load_format": a.load_format, "device": str(dev), "dtype": str(dt).split(".")[-1],
               "card": roofline.card_name() if dev.type == "cuda" else "cpu", "bandwidth": bw,
-              "decode_context": ctx, "load_s": load_s, "rows": rows, "profile": prof,
+              "decode_context": ctx, "load_s": load_s, "rows": rows, "profile": prof, "profile_prompt": prof_prompt,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if a.reference:
         try:

@@ -11,7 +11,8 @@ def test_one_batch_tiny_cpu(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "ob.jsonl"
     res = one_batch.main(["--model-path", path, "--device", "cpu", "--dtype", "float32", "--batch-size", "1", "3",
                           "--input-len", "40", "--output-len", "4", "--reference", "--output-file", str(out),
-                          "--profile", str(tmp_path / "prof.txt")])
+                          "--profile", str(tmp_path / "prof.txt"), "--profile-prompt", str(tmp_path / "pp.txt"),
+                          "--profile-prompt-len", "12"])
     rows = {r["batch_size"]: r for r in res["rows"]}
     assert set(rows) == {1, 3}
     for bs, r in rows.items():
@@ -31,7 +32,12 @@ def test_one_batch_tiny_cpu(tiny_checkpoint, tmp_path, capsys):
     prof = res["profile"]                       # CPU: no kernels, but the steps were profiled and timed
     assert "error" not in prof, prof
     assert prof["wall_ms"] > 0 and prof["kernels_per_step"] == 0
-    assert (tmp_path / "prof.txt").read_text().startswith("decode at batch 1, 8 steps")
+    assert (tmp_path / "prof.txt").read_text().startswith("decode at batch 1, 8 steps (1 tokens/step)")
+    pp = res["profile_prompt"]                  # every profiled step: the 12-token prompt + 1 decode row
+    assert "error" not in pp, pp
+    assert pp["steps"] == 8 and pp["tokens_per_step"] == 13 and pp["wall_ms"] > 0
+    assert (tmp_path / "pp.txt").read_text().startswith(
+        "steps with one 12-token prompt beside 1 decode rows, 8 steps (13 tokens/step)")
 
 
 def test_step_timer_classifies_prefill_and_decode():
