@@ -2,7 +2,7 @@
 plan the engine would pick and for forced split sizes. Each call walks several layers' caches in turn
 (like a model step), so small per-layer caches do not stay in L2 between calls.
 
-    python -m bench.kernels.decode_sweep [--ctx 1100] [--out DIR]
+    python -m bench.kernels.decode_sweep [--ctx 1100] [--batches 100,1] [--layouts nhd,hnd] [--out DIR]
 
 To compare kernel variants, build each and run the script once per build; rows carry the value of
 $SWEEP_TAG so that runs can be told apart in the jsonl.
@@ -33,10 +33,19 @@ GEOMS = [  # name, H, KVH, D, window
 ]
 
 
-def sweep(ctx: int, batches, ceil) -> list[dict]:
+def _kv(P: int, KVH: int, D: int, layout: str, dt) -> torch.Tensor:
+    """A [P, S, KVH, D] cache view. "nhd": the engine's layout (a page's slots, each with every KV head);
+    "hnd": head-major pages ([P, KVH, S, D] in memory, so one head's slots of a page are contiguous),
+    seen through strides, which the kernel takes as given."""
+    if layout == "hnd":
+        return torch.randn(P, KVH, S, D, device="cuda", dtype=dt).transpose(1, 2)
+    return torch.randn(P, S, KVH, D, device="cuda", dtype=dt)
+
+
+def sweep(ctx: int, batches, ceil, layouts=("nhd",)) -> list[dict]:
     dt = torch.bfloat16
     rows = []
-    for name, H, KVH, D, W in GEOMS:
+    for (name, H, KVH, D, W), layout in [(g, lay) for g in GEOMS for lay in layouts]:
         for B in batches:
             keys = min(ctx, W) if W else ctx
             per_layer = B * keys * KVH * D * 2 * 2
@@ -45,8 +54,7 @@ def sweep(ctx: int, batches, ceil) -> list[dict]:
             caches = []
             for _ in range(layers):
                 table = torch.randperm(B * pages, device="cuda").to(torch.int32).view(B, pages)
-                caches.append((torch.randn(B * pages, S, KVH, D, device="cuda", dtype=dt),
-                               torch.randn(B * pages, S, KVH, D, device="cuda", dtype=dt), table))
+                caches.append((_kv(B * pages, KVH, D, layout, dt), _kv(B * pages, KVH, D, layout, dt), table))
             q = torch.randn(B, H, D, device="cuda", dtype=dt) / D ** 0.5
             cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
             sl = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
@@ -67,7 +75,8 @@ def sweep(ctx: int, batches, ceil) -> list[dict]:
                         attention.paged_attention_planned(q, kc, vc, table, cu, sl, W, None, 1.0, plan, out,
                                                           ws_o, ws_lse)
                 t = time_us(fn, reps=9, inner=4) / layers
-                rows.append({"geom": name, "B": B, "ctx": ctx, "label": label, "splits": plan.num_splits,
+                rows.append({"geom": name, "layout": layout, "B": B, "ctx": ctx, "label": label,
+                             "splits": plan.num_splits,
                              "split_size": plan.split_size, "us": round(t, 2),
                              "GBps": round(per_layer / (t * 1e-6) / 1e9, 1),
                              "bw_frac": round(per_layer / (t * 1e-6) / ceil["bw"], 3),
@@ -82,11 +91,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, default=1100)
     ap.add_argument("--batches", default="100,1")
+    ap.add_argument("--layouts", default="nhd", help="nhd (the engine's KV layout), hnd (head-major pages), or both")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     a = ap.parse_args()
     ceil = measure_ceilings()
     print(json.dumps({"card": ceil["card"], "copy_GBps": round(ceil["bw"] / 1e9)}), flush=True)
-    rows = sweep(a.ctx, [int(b) for b in a.batches.split(",")], ceil)
+    rows = sweep(a.ctx, [int(b) for b in a.batches.split(",")], ceil, tuple(a.layouts.split(",")))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "decode_sweep.jsonl"), "a") as f:
