@@ -57,7 +57,10 @@ def test_reload_gives_identical_weights_and_logits(written, family):
     for model in (auto, named):
         assert type(model).__name__ == CLASSES[family]
         _assert_same_weights(expected, model)
-        assert torch.equal(_logits(model, family), ref_logits)
+        # the weights are bit-identical; the logits agree to fp32 rounding only: a reloaded model's tensors
+        # can differ in memory layout or alignment, which changes the CPU kernels' summation order (seen with
+        # transformers 5.24 on an AMD EPYC: 5e-6 on logits of ~14 for moe, 3e-6 for the assistant)
+        torch.testing.assert_close(_logits(model, family), ref_logits, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("family", tc.FAMILIES)
