@@ -387,8 +387,11 @@ class ModelRunner:
             bitmask, mask_rows, errors, pending = None, None, {}, ()
             if self._grammar_rids:             # no per-row work at all without constrained requests
                 bitmask, mask_rows, errors, pending = self.grammars.fill([s.grammar for s in sample_states])
-            res = self.sampler.sample(logits[torch.tensor(sample_rows, device=logits.device)], sample_states,
-                                      bitmask, mask_rows)
+            if sample_rows == list(range(logits.shape[0])):
+                picked = logits             # every row samples (decode): no [rows, V] gather copy
+            else:
+                picked = logits[torch.tensor(sample_rows, device=logits.device)]
+            res = self.sampler.sample(picked, sample_states, bitmask, mask_rows)
             for j, (i, r) in enumerate(zip(sample_idx, res)):
                 st = out[i]
                 seq = self.seqs[st.rid]
