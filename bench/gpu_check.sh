@@ -14,6 +14,8 @@
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
 #              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt)
+#     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
+#              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
@@ -105,6 +107,26 @@ if has batch && [ "$(left)" -gt 90 ]; then
       [ -f "$f" ] && head -${PROFILE_LINES:-12} "$f" | cut -c1-160
     done
   done
+fi
+
+if has sweep && [ "$(left)" -gt 90 ]; then
+  echo "== decode attention sweep"
+  timeout $(( $(left) - 60 )) $PY -m bench.kernels.decode_sweep --layouts ${SWEEP_LAYOUTS:-nhd,hnd} --out "$OUT" \
+    >"$OUT/decode_sweep.log" 2>&1
+  echo "sweep rc=$? ($(elapsed)s)"
+  $PY - "$OUT/decode_sweep.jsonl" <<'PYEOF' 2>/dev/null
+import collections, json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+best = collections.defaultdict(dict)
+for r in rows:
+    k = (r["geom"], r["B"], r["layout"])
+    if r["label"] == "plan":
+        best[k]["plan"] = r["us"]
+    if r["us"] < best[k].get("best", (1e9, ""))[0]:
+        best[k]["best"] = (r["us"], r["label"])
+for (g, b, lay), v in best.items():
+    print(f"{g:12s} B={b:<3d} {lay}: plan {v.get('plan', float('nan')):.1f} us, best {v['best'][0]:.1f} us ({v['best'][1]})")
+PYEOF
 fi
 
 if has serving && [ "$(left)" -gt 90 ]; then
