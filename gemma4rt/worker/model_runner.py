@@ -388,7 +388,8 @@ class ModelRunner:
             if self._grammar_rids:             # no per-row work at all without constrained requests
                 bitmask, mask_rows, errors, pending = self.grammars.fill([s.grammar for s in sample_states])
             if sample_rows == list(range(logits.shape[0])):
-                picked = logits             # every row samples (decode): no [rows, V] gather copy
+                picked = logits             # every row samples (decode): no [rows, V] gather copy; the
+                # sampler copies before it edits any logit
             else:
                 picked = logits[torch.tensor(sample_rows, device=logits.device)]
             res = self.sampler.sample(picked, sample_states, bitmask, mask_rows)

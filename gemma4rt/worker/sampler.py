@@ -69,7 +69,12 @@ class Sampler:
         dev = logits.device
         want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
         raw = logits if want_lp else None
-        work = logits.clone() if want_lp else logits
+        # the edits below (penalties, bias, blocked ids, grammar masks) go to a copy: the caller's logits
+        # are never changed; a batch without any edit (plain decoding) samples them as they are
+        edits = (want_lp or bool(mask_rows) or self.sample_limit is not None or bool(self._never) or
+                 any(self._needs_penalties(s.params) or s.params.logit_bias or s.params.suppress_token_ids or
+                     (s.num_output < s.params.min_new_tokens and s.grammar is None) for s in states))
+        work = logits.clone() if edits else logits
         # penalties, bias, suppression
         pen_rows = [i for i, s in enumerate(states) if self._needs_penalties(s.params)]
         if pen_rows:

@@ -38,3 +38,26 @@ def test_never_ids_are_not_sampled():
     flat = torch.zeros(4, V)
     flat[:, 3] = 50.0
     assert all(r.token_ids[0] != 3 for r in s.sample(flat, _states(4, temperature=1.0)))
+
+
+def test_sampling_never_changes_the_callers_logits():
+    # the runner hands the step's logits over without a copy when every row samples; whatever the
+    # sampler edits (blocked ids, bias, min_new_tokens, penalties) must go to its own copy
+    V = 32
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(0))
+    logits[:, 3] = 20.0
+    before = logits.clone()
+    blocking = [dict(logit_bias={3: -100.0}), dict(min_new_tokens=2), dict(suppress_token_ids=[3])]
+    other = [dict(repetition_penalty=4.0, frequency_penalty=8.0), dict(logprobs=True, top_logprobs=2)]
+    for s in (Sampler(V, (3,)), Sampler(V, (1,), sample_limit=16, never_ids=(3,))):
+        for extra in blocking + other:
+            states = _states(5, temperature=0.0, **extra)
+            for st in states:
+                st.prompt_ids = [3, 4]
+                st.output_counts = {3: 2}
+            got = [r.token_ids[0] for r in s.sample(logits, states)]
+            assert torch.equal(logits, before), extra
+            if extra in blocking or s.sample_limit is not None or "frequency_penalty" in extra:
+                assert all(t != 3 for t in got), extra   # the edit did apply, to the copy
+    plain = [r.token_ids[0] for r in Sampler(V, (1,)).sample(logits, _states(5, temperature=0.0))]
+    assert plain == [3] * 5 and torch.equal(logits, before)
