@@ -13,8 +13,9 @@ namespace {
 constexpr int kSplitKeys = 32;  // split sizes are multiples of this (KEYS_PER_STAGE in ops/attention.py)
 // Decode CTAs (one computing warp per 256 output columns) get this many warps per computing warp, the
 // extra ones only issuing K/V cp.async loads: one warp alone issues too few requests to keep HBM busy.
-// H200, batch-100 decode of the 26B-A4B (sliding KV ~800 MB per layer): 35.0 ms per step with 1, 30.6 with
-// 2, 30.7 with 4; 4 also costs occupancy (the computing warp's 246 registers are reserved for every warp).
+// H200, batch-100 decode of the 26B-A4B (sliding KV ~800 MB per layer), measured with the earlier 32-key x
+// 2-stage pipeline: 35.0 ms per step with 1, 30.6 with 2, 30.7 with 4; 4 also costs occupancy (the computing
+// warp's registers are reserved for every warp). Not re-tuned for the 16 x 3 pipeline.
 constexpr int kDecodeLoaders = 2;
 
 // KB keys per pipeline stage, NS stages in flight (NS - 1 tiles load while one is computed).
