@@ -69,12 +69,16 @@ class Sampler:
         dev = logits.device
         want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
         raw = logits if want_lp else None
-        # the edits below (penalties, bias, blocked ids, grammar masks) go to a copy: the caller's logits
-        # are never changed; a batch without any edit (plain decoding) samples them as they are
-        edits = (want_lp or bool(mask_rows) or self.sample_limit is not None or bool(self._never) or
-                 any(self._needs_penalties(s.params) or s.params.logit_bias or s.params.suppress_token_ids or
-                     (s.num_output < s.params.min_new_tokens and s.grammar is None) for s in states))
-        work = logits.clone() if edits else logits
+        # every edit below (penalties, bias, blocked ids, grammar masks) goes through edit(), which copies
+        # the logits once, at the first edit: the caller's logits are never changed, and a batch without
+        # any edit (plain decoding) samples them as they are
+        work = logits
+
+        def edit() -> torch.Tensor:
+            nonlocal work
+            if work is logits:
+                work = logits.clone()
+            return work
         # penalties, bias, suppression
         pen_rows = [i for i, s in enumerate(states) if self._needs_penalties(s.params)]
         if pen_rows:
@@ -88,30 +92,30 @@ class Sampler:
                     counts[j, ids] = torch.tensor(list(s.output_counts.values()), dtype=torch.int32, device=dev)
                 if s.params.repetition_penalty != 1.0 and s.prompt_ids:
                     pmask[j, torch.tensor(s.prompt_ids, device=dev).clamp(0, V - 1)] = True
-            sub = work[idx]
+            sub = work[idx]             # a gathered copy; written back below
             ps = [states[i].params for i in pen_rows]
             ref.apply_penalties(sub,
                                 counts, pmask,
                                 torch.tensor([p.repetition_penalty for p in ps], device=dev),
                                 torch.tensor([p.frequency_penalty for p in ps], device=dev),
                                 torch.tensor([p.presence_penalty for p in ps], device=dev))
-            work[idx] = sub
+            edit()[idx] = sub
         for i, s in enumerate(states):
             p = s.params
             if p.logit_bias:
                 for tid, b in p.logit_bias.items():
                     if 0 <= int(tid) < V:
-                        work[i, int(tid)] += float(b)
+                        edit()[i, int(tid)] += float(b)
             blocked = list(p.suppress_token_ids)
             if s.num_output < p.min_new_tokens and s.grammar is None:     # a grammar decides its own end
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
-                work[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
+                edit()[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
         if self.sample_limit is not None or self._never:
-            work.masked_fill_(self._blocked_mask(dev), float("-inf"))
+            edit().masked_fill_(self._blocked_mask(dev), float("-inf"))
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
-            apply_bitmask(work, bitmask, mask_rows)
+            apply_bitmask(edit(), bitmask, mask_rows)
         temps = torch.tensor([s.params.temperature for s in states], device=dev, dtype=torch.float32)
         greedy_all = all(s.params.is_greedy() for s in states)
         if greedy_all:
