@@ -15,6 +15,11 @@ from gemma4rt.ops import _native
 from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
+DECODE_MAX_Q = 8        # a step of at most this many query rows per request runs decode tiles (16 rows)
+# (A mixed step's attention as two launches, decode tiles for its decode rows and 64-row tiles for its prompt
+# rows, was built and measured on an H200 and was not faster: 12B batch 100 + a 600-token prompt, GPU time
+# 47.0 vs 45.4 ms per step, 26B-A4B 47.1 vs 46.5 ms. The prompt launch's own merge cost more than the
+# decode tiles it spared.)
 CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
 # Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
 # (request x KV head) grid already fills the GPU: many short CTAs balance uneven contexts and leave no
@@ -49,10 +54,14 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
     """Host-side plan from bounds the scheduler knows. Splits the key range when the
     (request × KV head × row tile) grid would leave the GPU under-filled (decode over long contexts)."""
     group = num_heads // num_kv_heads
-    warps_m = 1 if num_tokens <= 8 * max(num_seqs, 1) else 4
+    warps_m = 1 if num_tokens <= DECODE_MAX_Q * max(num_seqs, 1) else 4
     rows = 16 * warps_m
     tiles_tok = -(-num_tokens * group // rows)
     max_tiles = tiles_tok + num_seqs
+    # keys of a sliding layer's tile: at most the window plus the tile's queries. window + num_tokens is a
+    # loose bound, kept: the tight one (window at decode) changes the split sizes and measured slower in
+    # one H200 sweep (26B-A4B sliding layer at batch 100: 4 splits of 256 keys 363 us vs this plan's 5 of
+    # 224, 337 us; E4B 65 vs 51 us), though that sweep timed the tight plan first, which may have cost it
     span = max_seq_len if not sliding_window else min(max_seq_len, sliding_window + num_tokens)
     span = max(span, 1)
     est = max(1, min(max_tiles, max(num_seqs, tiles_tok))) * num_kv_heads

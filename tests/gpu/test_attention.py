@@ -101,6 +101,25 @@ def test_decode_multi_query(dtype, D):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D,H,KVH", [(256, 16, 8), (512, 16, 2), (256, 8, 1)])
+def test_mixed_step(dtype, D, H, KVH):
+    """A serving step: decode rows, a speculative row, then prompt chunks (one with an image block) in one
+    launch, with the plan's split and forced splits."""
+    torch.manual_seed(D + H + KVH)
+    q_lens = [1] * 40 + [3] + [1] * 9 + [300, 77]
+    seq = [int(x) for x in torch.randint(1, 1500, (50,))] + [300, 77 + 200]
+    seq = [max(s, n) for s, n in zip(seq, q_lens)]
+    q, kc, vc, table, cu, sl, _ = make_batch(q_lens, seq, H, KVH, D, dtype)
+    q = q / D ** 0.5
+    T = q.shape[0]
+    bids = torch.full((T,), -1, dtype=torch.int32, device=DEV)
+    bids[72:112] = 1
+    for window, blocks in [(None, None), (512, None), (128, bids)]:
+        check(q, kc, vc, table, cu, sl, window, blocks, dtype)
+        check(q, kc, vc, table, cu, sl, window, blocks, dtype, forced_splits=4)
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("D,H,KVH", [(256, 8, 4), (512, 8, 1)])
 def test_prefill_varlen_chunked(dtype, D, H, KVH):
     torch.manual_seed(3)

@@ -26,3 +26,40 @@ def test_enough_ctas_still_splits_decode_into_short_ranges_and_prefill_is_not_sp
     assert big.warps_m == 4 and big.num_splits == 1
     mid = plan_attention(64, 64, 8, 1, 2048, 512)                        # 64 CTAs: split up to the target
     assert 1 < mid.num_splits and 64 * mid.num_splits >= CTAS_PER_SM * 132 // 2
+
+
+def _tile_key_spans(q_lens, seq_lens, group, rows, window, bidirectional):
+    """The kernel's key range length of every row tile (see attn_kernel: k_lo .. k_hi)."""
+    out = []
+    for n_q, L in zip(q_lens, seq_lens):
+        first_q = L - n_q
+        for row0 in range(0, n_q * group, rows):
+            nrows = min(rows, n_q * group - row0)
+            minq = first_q + row0 // group
+            maxq = first_q + (row0 + nrows - 1) // group
+            k_lo = max(0, minq - window + 1) if window else 0
+            k_hi = L if bidirectional else maxq + 1
+            out.append(k_hi - k_lo)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_plan_covers_every_tile_key_range(seed, bidirectional):
+    """The splits (num_splits x split_size keys from each tile's first key) must cover every row tile's
+    key range, for decode, speculative and prefill-sized steps, with and without image blocks."""
+    import random
+    rng = random.Random(seed)
+    for _ in range(40):
+        H, KVH = rng.choice([(8, 1), (16, 8), (32, 16), (12, 4), (16, 2)])
+        window = rng.choice([None, 512, 1024, 100])
+        kind = rng.choice(["decode", "spec", "prefill"])
+        B = rng.randint(1, 60)
+        q_lens = [1 if kind == "decode" else rng.randint(1, 8) if kind == "spec" else rng.randint(1, 300)
+                  for _ in range(B)]
+        seq_lens = [q + rng.randint(0, 3000) for q in q_lens]
+        S = 16
+        width = max(-(-L // S) for L in seq_lens)
+        p = plan_attention(sum(q_lens), B, H, KVH, width * S, window)
+        spans = _tile_key_spans(q_lens, seq_lens, H // KVH, 16 * p.warps_m, window, bidirectional)
+        assert max(spans) <= p.num_splits * p.split_size, (p, max(spans), H, KVH, window, kind)
