@@ -73,10 +73,10 @@ class StepTimer:
 
 def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, max_bs: int, input_len: int,
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
-                 mem_fraction_static: float = 0.85, extra_prompt_len: int = 0):
+                 mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1):
     """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
     prompt-step profile)."""
-    from gemma4rt.config import CacheConfig, EngineConfig, SchedulerConfig
+    from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
     from gemma4rt.engine import Engine
 
     tokens = max_bs * (input_len + output_len) + 8 * page_size * max_bs
@@ -96,7 +96,8 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
                           mem_fraction_static=mem_fraction_static),
         scheduler=SchedulerConfig(max_running_requests=max_running,
                                   chunked_prefill_size=max(max_bs * input_len, extra_prompt_len + max_bs, 2048)),
-        disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=max(max_bs, 1))
+        disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=max(max_bs, 1),
+        parallel=ParallelConfig(tp=tp))
     return Engine(cfg)
 
 
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference forward (GPU)")
     p.add_argument("--bandwidth-tbps", type=float, default=None, help="skip the copy measurement, use this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (the roofline then divides the model's bytes by "
+                   "their summed bandwidth: optimistic, every GPU reads the replicated embeddings and LM head)")
     p.add_argument("--output-file", default=None, help="append one JSON line with everything measured")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="after timing, profile 8 decode steps of the first batch size with torch.profiler and "
@@ -327,7 +330,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           max_bs=max(a.batch_size), input_len=a.input_len, output_len=a.output_len,
                           page_size=a.page_size, seed=a.seed, disable_cuda_graph=a.disable_cuda_graph,
                           mem_fraction_static=a.mem_fraction_static,
-                          extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0)
+                          extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0
@@ -353,6 +356,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         except Exception as e:
             prof_prompt = {"error": f"{type(e).__name__}: {e}"}
             print("prompt-step profile failed:", prof_prompt["error"])
+    from gemma4rt.worker.tp_worker import stop_tp_runner
+    stop_tp_runner(engine.runner)
     del timer, runner, engine
     gc.collect()
     if dev.type == "cuda":
@@ -364,11 +369,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for r in rows:
         d = roofline.decode_bytes(model_cfg, ctx, r["batch_size"], elem, counts)
         r["bytes_per_step"] = d.total_bytes
-        r["roofline_ms"] = d.min_step_ms(bw) if bw else None
+        r["roofline_ms"] = d.min_step_ms(bw * a.tp) if bw else None
         r["bandwidth_fraction"] = r["roofline_ms"] / r["median_decode_ms"] if bw else None
     result = {"model": a.model_path, "load_format": a.load_format, "device": str(dev), "dtype": str(dt).split(".")[-1],
               "card": roofline.card_name() if dev.type == "cuda" else "cpu", "bandwidth": bw,
-              "decode_context": ctx, "load_s": load_s, "rows": rows, "profile": prof, "profile_prompt": prof_prompt,
+              "decode_context": ctx, "tp": a.tp, "load_s": load_s, "rows": rows, "profile": prof, "profile_prompt": prof_prompt,
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if a.reference:
         try:

@@ -48,7 +48,7 @@ FLAGS = [
     (["--scheduler-delay-factor"], "scheduler", "delay_factor", float,
      "while requests run, hold new prompts until the oldest has waited this many times the last prompt "
      "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
-    (["--tp", "--tp-size", "--tensor-parallel-size"], "parallel", "tp", int, "tensor-parallel ranks (only 1 is implemented)"),
+    (["--tp", "--tp-size", "--tensor-parallel-size"], "parallel", "tp", int, "tensor-parallel ranks, one GPU each"),
     (["--host"], "server", "host", str, "bind address"),
     (["--port"], "server", "port", int, "HTTP port"),
     (["--api-key"], "server", "api_key", str, "require 'Authorization: Bearer KEY'"),
@@ -165,8 +165,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
     for k, v in srv.mm_processor_kwargs.items():
         if k != "max_soft_tokens" or v not in (70, 140, 280, 560, 1120):
             ap.error(f"--mm-processor-kwargs: only max_soft_tokens in 70, 140, 280, 560, 1120 is supported, got {k}={v!r}")
-    if eng.parallel.tp != 1:
-        ap.error(f"--tp {eng.parallel.tp}: tensor parallelism is not implemented yet; gemma4rt runs on one GPU (--tp 1)")
+    if eng.parallel.tp < 1:
+        ap.error(f"--tp must be at least 1, got {eng.parallel.tp}")
     if eng.cache.kv_cache_dtype not in ("auto", "bfloat16", "bf16"):
         ap.error(f"--kv-cache-dtype {eng.cache.kv_cache_dtype}: only auto (the model dtype) is implemented")
     if eng.load_format not in ("auto", "dummy"):

@@ -21,6 +21,9 @@ def build_runner(engine_cfg: EngineConfig):
     if engine_cfg.runner == "noop":
         from gemma4rt.worker.noop_runner import NoopRunner
         return NoopRunner(engine_cfg)
+    if engine_cfg.parallel.tp > 1:
+        from gemma4rt.worker.tp_worker import start_tp_runner
+        return start_tp_runner(engine_cfg)
     from gemma4rt.worker.model_runner import ModelRunner
     return ModelRunner(engine_cfg)
 

@@ -13,7 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from gemma4rt.config import CacheConfig, EngineConfig, SchedulerConfig
+from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from gemma4rt.protocol import AddRequest, SamplingParams
 
 PromptType = Union[str, Sequence[int]]
@@ -40,7 +40,7 @@ class LLM:
                  context_length: Optional[int] = None, max_running_requests: int = 64,
                  chunked_prefill_size: int = 2048, page_size: int = 16,
                  max_total_tokens: Optional[int] = None, disable_radix_cache: bool = False,
-                 seed: int = 0, engine_config: Optional[EngineConfig] = None):
+                 seed: int = 0, tp_size: int = 1, engine_config: Optional[EngineConfig] = None):
         from gemma4rt.engine import Engine
 
         cfg = engine_config or EngineConfig(
@@ -49,10 +49,16 @@ class LLM:
             cache=CacheConfig(page_size=page_size, max_total_tokens=max_total_tokens,
                               disable_radix_cache=disable_radix_cache),
             scheduler=SchedulerConfig(max_running_requests=max_running_requests,
-                                      chunked_prefill_size=chunked_prefill_size))
+                                      chunked_prefill_size=chunked_prefill_size),
+            parallel=ParallelConfig(tp=tp_size))
         self.engine = Engine(cfg)
         self._tokenizer = None
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (tp_size > 1) and leave their process group; a no-op otherwise."""
+        from gemma4rt.worker.tp_worker import stop_tp_runner
+        stop_tp_runner(self.engine.runner)
 
     @property
     def tokenizer(self):

@@ -14,6 +14,7 @@ from torch import nn
 
 from gemma4rt.model.audio import AudioTower
 from gemma4rt.model.context import ForwardContext
+from gemma4rt.model.parallel import NO_TP, TP
 from gemma4rt.model.text import Gemma4TextModel
 from gemma4rt.model.unified_mm import UnifiedVisionEmbedder, audio_frames
 from gemma4rt.model.vision import MultimodalEmbedder, VisionTower
@@ -43,14 +44,14 @@ def audio_config(cfg: ModelConfig) -> dict:
 
 
 class Gemma4Model(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TP = NO_TP):
         super().__init__()
         if config.is_assistant:
             raise NotImplementedError(
                 "assistant (MTP drafter) checkpoints are loaded as drafters with "
                 "--speculative-draft-model-path, not served on their own")
         self.config = config
-        self.language_model = Gemma4TextModel(config.text)
+        self.language_model = Gemma4TextModel(config.text, tp)
         mm = [t for t in (config.image_token_id, config.audio_token_id, config.video_token_id) if t is not None]
         self.language_model.mm_token_ids = tuple(mm)
         d = config.text.hidden_size

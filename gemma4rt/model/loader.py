@@ -115,8 +115,12 @@ def _expected_ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: str, dtype: torch.dtype,
-                 device: torch.device, progress: bool = True) -> None:
+                 device: torch.device, progress: bool = True, tp=None) -> None:
+    """Load a checkpoint into `model`; with tensor parallelism (`tp`, model/parallel.py) each tensor is
+    cut to this rank's slice before its shape is checked."""
     from safetensors import safe_open
+    from gemma4rt.model.parallel import NO_TP, shard
+    tp = tp or NO_TP
     params = dict(model.named_parameters())
     files = checkpoint_files(model_dir)
     loaded: set[str] = set()
@@ -144,7 +148,7 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: str, dtype
                     raise CheckpointError(
                         f"unexpected tensor {key!r} in {os.path.basename(path)}: gemma4rt has no parameter for it "
                         f"(architecture {cfg.architecture})")
-                t = f.get_tensor(key)
+                t = shard(name, f.get_tensor(key), cfg.text, tp)
                 p = params[name]
                 if tuple(t.shape) != tuple(p.shape):
                     raise CheckpointError(f"tensor {key!r} in {os.path.basename(path)} has shape {tuple(t.shape)}, "
@@ -176,12 +180,20 @@ def _hf_name(name: str, cfg: ModelConfig) -> str:
 
 
 @torch.no_grad()
-def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                       per_name_seeds: bool = False) -> None:
     """Random weights at the real geometry: norms and scalars near 1 (q/k norms near head_dim^-1/4),
-    matrices N(0, 1/sqrt(fan_in))."""
+    matrices N(0, 1/sqrt(fan_in)). per_name_seeds: draw each parameter from a seed of its own name, so that
+    tensor-parallel ranks, whose sharded parameters differ in shape, still hold identical replicated ones."""
+    import zlib
     g = torch.Generator(device="cpu").manual_seed(seed)
+    gd = torch.Generator(device=device) if per_name_seeds and str(device).startswith("cuda") else None
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
+        if per_name_seeds:
+            g.manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
+            if gd is not None:
+                gd.manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
         leaf = name.rsplit(".", 1)[-1]
         if len(shape) == 0:      # clipped-linear bounds of the encoders: no clipping
             set_tensor(model, name, torch.tensor(float("-inf") if leaf.endswith("_min") else float("inf"),
@@ -198,7 +210,8 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
         else:
             fan_in = shape[-1]
             if str(device).startswith("cuda"):
-                set_tensor(model, name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in ** -0.5))
+                set_tensor(model, name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in ** -0.5,
+                                                                                              generator=gd))
                 continue
             t = torch.randn(shape, generator=g) * fan_in ** -0.5
         set_tensor(model, name, t.to(device=device, dtype=dtype))

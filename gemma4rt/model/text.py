@@ -14,6 +14,7 @@ from torch import nn
 
 from gemma4rt import ops
 from gemma4rt.model.context import ForwardContext
+from gemma4rt.model.parallel import NO_TP, TP
 from gemma4rt.model_config import FULL, SLIDING, LayerSpec, TextConfig
 
 
@@ -39,10 +40,15 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, tp: TP = NO_TP):
         super().__init__()
-        d, H, D, KVH = cfg.hidden_size, cfg.num_heads, spec.head_dim, spec.num_kv_heads
+        # this rank's query heads and the KV heads they read (model/parallel.py)
+        d, D = cfg.hidden_size, spec.head_dim
+        H = tp.part(cfg.num_heads)[1]
+        KVH = tp.kv_heads(cfg.num_heads, spec.num_kv_heads)[1]
         self.spec = spec
+        self.tp = tp
+        self.num_kv_heads = KVH
         self.q_proj = Linear(d, H * D)
         self.q_norm = Norm(D)
         self.o_proj = Linear(H * D, d)
@@ -68,7 +74,7 @@ class Attention(nn.Module):
                 eps: float, sliding_window: Optional[int], block_ids: Optional[torch.Tensor]) -> torch.Tensor:
         spec = self.spec
         T = x.shape[0]
-        D, KVH = spec.head_dim, spec.num_kv_heads
+        D, KVH = spec.head_dim, self.num_kv_heads
         k_raw = v_raw = None
         if hasattr(self, "qkv_proj"):
             parts = self.qkv_proj(x).split(self.split, dim=-1)
@@ -92,12 +98,14 @@ class Attention(nn.Module):
                                         k_cache, v_cache, ctx.slot_mappings[pool_name])
         o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
                                 ctx.seq_lens, sliding_window, block_ids, 1.0)
-        return self.o_proj(o.reshape(T, -1))
+        return self.tp.all_reduce(self.o_proj(o.reshape(T, -1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, d: int, inter: int):
+    def __init__(self, d: int, inter: int, tp: TP = NO_TP):
         super().__init__()
+        self.tp = tp
+        inter = tp.part(inter)[1]
         self.gate_proj = Linear(d, inter)
         self.up_proj = Linear(d, inter)
         self.down_proj = Linear(inter, d)
@@ -113,9 +121,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            return self.down_proj(ops.linear_gelu_mul(x, self.gate_up_proj.weight))
+            return self.tp.all_reduce(self.down_proj(ops.linear_gelu_mul(x, self.gate_up_proj.weight)))
         gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        return self.down_proj(ops.gelu_tanh_and_mul(gate_up))
+        return self.tp.all_reduce(self.down_proj(ops.gelu_tanh_and_mul(gate_up)))
 
 
 class Router(nn.Module):
@@ -134,13 +142,14 @@ class Experts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, tp: TP = NO_TP):
         super().__init__()
         d = cfg.hidden_size
         self.spec = spec
         self.cfg = cfg
-        self.self_attn = Attention(cfg, spec)
-        self.mlp = MLP(d, spec.intermediate_size)
+        self.tp = tp
+        self.self_attn = Attention(cfg, spec, tp)
+        self.mlp = MLP(d, spec.intermediate_size, tp)
         self.input_layernorm = Norm(d)
         self.post_attention_layernorm = Norm(d)
         self.pre_feedforward_layernorm = Norm(d)
@@ -153,7 +162,7 @@ class DecoderLayer(nn.Module):
             self.post_per_layer_input_norm = Norm(d)
         if cfg.enable_moe_block:
             self.router = Router(d, cfg.num_experts)
-            self.experts = Experts(d, cfg.num_experts, cfg.moe_intermediate_size)
+            self.experts = Experts(d, cfg.num_experts, tp.part(cfg.moe_intermediate_size)[1])
             self.post_feedforward_layernorm_1 = Norm(d)
             self.post_feedforward_layernorm_2 = Norm(d)
             self.pre_feedforward_layernorm_2 = Norm(d)
@@ -178,7 +187,7 @@ class DecoderLayer(nn.Module):
             z = ops.rms_norm(x, self._router_norm_weight(), eps)
             weights, ids = ops.moe_route(self.router.proj(z), cfg.top_k_experts, self.router.per_expert_scale)
             v = ops.rms_norm(x, self.pre_feedforward_layernorm_2.weight, eps)
-            e = ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+            e = self.tp.all_reduce(ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids))
             m = ops.norm_add_scale(e, m1, self.post_feedforward_layernorm_2.weight, None, eps)   # m1 + norm(e)
         if ple is None:
             return self._end(m, x, self.post_feedforward_layernorm.weight, next_norm)
@@ -213,13 +222,14 @@ class DecoderLayer(nn.Module):
 class Gemma4TextModel(nn.Module):
     """Embeddings → decoder layers → final norm. `logits()` applies the tied LM head + soft-cap."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tp: TP = NO_TP):
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         d = cfg.hidden_size
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = _param(cfg.vocab_size, d)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, s) for s in cfg.layers])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, s, tp) for s in cfg.layers])
         self.norm = Norm(d)
         if cfg.has_ple:
             L, P = cfg.num_layers, cfg.hidden_size_per_layer_input

@@ -135,6 +135,8 @@ async def _amain(sock_path: str, cfg: EngineConfig) -> int:
     pump_task = asyncio.get_running_loop().create_task(pump(ch, actor))
     await actor.stopped.wait()
     pump_task.cancel()
+    from gemma4rt.worker.tp_worker import stop_tp_runner
+    stop_tp_runner(engine.runner, timeout=10.0)     # the ranks would die with us anyway (parent-death signal)
     ch.close()
     return 0
 

@@ -12,36 +12,37 @@ import torch
 
 from gemma4rt.config import PoolSpec
 from gemma4rt.model.context import KVPool
+from gemma4rt.model.parallel import NO_TP, TP
 from gemma4rt.model_config import FULL, SLIDING, TextConfig
 
 POOL_OF_TYPE = {SLIDING: "sliding", FULL: "full"}
 
 
-def pool_layout(text: TextConfig) -> dict[str, tuple[list[int], int, int]]:
-    """pool name → (cache-owning layer indices, KV heads, head dim)."""
+def pool_layout(text: TextConfig, tp: TP = NO_TP) -> dict[str, tuple[list[int], int, int]]:
+    """pool name → (cache-owning layer indices, KV heads (this rank's), head dim)."""
     out = {}
     for lt, name in POOL_OF_TYPE.items():
         layers = text.cache_layers(lt)
         if layers:
             kvh, hd = text.geometry(lt)
-            out[name] = (layers, kvh, hd)
+            out[name] = (layers, tp.kv_heads(text.num_heads, kvh)[1], hd)
     return out
 
 
-def bytes_per_token(text: TextConfig, dtype: torch.dtype) -> dict[str, int]:
-    """K+V bytes one token occupies in each pool."""
+def bytes_per_token(text: TextConfig, dtype: torch.dtype, tp: TP = NO_TP) -> dict[str, int]:
+    """K+V bytes one token occupies in each pool (on one rank)."""
     es = torch.empty((), dtype=dtype).element_size()
-    return {name: 2 * len(layers) * kvh * hd * es for name, (layers, kvh, hd) in pool_layout(text).items()}
+    return {name: 2 * len(layers) * kvh * hd * es for name, (layers, kvh, hd) in pool_layout(text, tp).items()}
 
 
 def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_tokens: int,
                max_running: int, budget_bytes: Optional[int] = None,
-               max_chunk_tokens: int = 0) -> list[PoolSpec]:
+               max_chunk_tokens: int = 0, tp: TP = NO_TP) -> list[PoolSpec]:
     """Size the pools. The sliding pool needs a window per running request plus room for one
     prefill chunk (all of a chunk's tokens are stored before attention reads them); with a byte
     budget (GPU) the full pool gets what remains; `max_total_tokens` always bounds the full pool."""
-    layout = pool_layout(text)
-    bpt = bytes_per_token(text, dtype)
+    layout = pool_layout(text, tp)
+    bpt = bytes_per_token(text, dtype, tp)
     W = text.sliding_window
     specs = []
     win_pages = (W + page_size - 1) // page_size + 2
@@ -67,8 +68,8 @@ def plan_pools(text: TextConfig, page_size: int, dtype: torch.dtype, max_total_t
 
 
 def allocate_pools(text: TextConfig, specs: list[PoolSpec], dtype: torch.dtype,
-                   device: torch.device) -> dict[str, KVPool]:
-    layout = pool_layout(text)
+                   device: torch.device, tp: TP = NO_TP) -> dict[str, KVPool]:
+    layout = pool_layout(text, tp)
     pools = {}
     for spec in specs:
         layers, kvh, hd = layout[spec.name]

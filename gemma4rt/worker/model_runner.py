@@ -21,6 +21,7 @@ from gemma4rt.config import EngineConfig, ModelInfo, PoolSpec
 from gemma4rt.model.context import ForwardContext
 from gemma4rt.model.gemma4 import Gemma4Model
 from gemma4rt.model.loader import init_dummy_weights, load_weights, resolve_model_path
+from gemma4rt.model.parallel import NO_TP, TP, check_tp
 from gemma4rt.model_config import ModelConfig, load_model_config, parse_model_config
 from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, StepPlan, StepResult
 from gemma4rt.worker.constrained import GrammarSlots
@@ -72,20 +73,29 @@ class _Seq:
 
 
 class ModelRunner:
-    def __init__(self, engine_cfg: EngineConfig):
+    def __init__(self, engine_cfg: EngineConfig, tp: TP = NO_TP):
+        """tp: this rank's place in a tensor-parallel group (worker/tp_worker.py starts the ranks); rank 0
+        samples and answers, the others run the same forward passes (follow())."""
         self.engine_cfg = engine_cfg
+        self.tp = tp
         self.device = resolve_device(engine_cfg.device)
+        if self.device.type == "cuda" and tp.size > 1:
+            self.device = torch.device("cuda", tp.rank)
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(engine_cfg.dtype, self.device)
         torch.manual_seed(engine_cfg.seed)
         self._rng = random.Random(engine_cfg.seed)
         self.model_dir, self.config, gen_cfg = self._resolve_checkpoint(engine_cfg)
+        why = check_tp(self.config.text, tp.size)
+        if why is not None:
+            raise ValueError(why)
         with torch.device("meta"):
-            model = Gemma4Model(self.config)
+            model = Gemma4Model(self.config, tp)
         model.eval()
         if self.model_dir is not None and engine_cfg.load_format != "dummy":
-            load_weights(model, self.config, self.model_dir, self.dtype, self.device)
+            load_weights(model, self.config, self.model_dir, self.dtype, self.device, tp=tp)
         else:
-            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed)
+            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed, per_name_seeds=tp.size > 1)
         self.ple_host_table = None
         if engine_cfg.ple_on_host and self.config.text.has_ple and self.device.type == "cuda":
             # 2.3-2.8 B parameters that are only gathered: keep them in pinned host memory
@@ -113,8 +123,15 @@ class ModelRunner:
         chunk = sc.chunked_prefill_size if sc.chunked_prefill_size > 0 else self.context_length
         self.pool_specs: list[PoolSpec] = plan_pools(text, cc.page_size, self.dtype, max_tokens,
                                                      sc.max_running_requests, budget,
-                                                     max_chunk_tokens=min(chunk, self.context_length))
-        self.kv = allocate_pools(text, self.pool_specs, self.dtype, self.device)
+                                                     max_chunk_tokens=min(chunk, self.context_length), tp=tp)
+        if tp.size > 1:
+            # one scheduler hands out pages for every rank: each pool gets what the tightest rank can hold
+            import dataclasses
+            import torch.distributed as dist
+            n = torch.tensor([s.num_pages for s in self.pool_specs], dtype=torch.int64)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=tp.ctrl)
+            self.pool_specs = [dataclasses.replace(s, num_pages=int(k)) for s, k in zip(self.pool_specs, n.tolist())]
+        self.kv = allocate_pools(text, self.pool_specs, self.dtype, self.device, tp=tp)
         for s in self.pool_specs:
             log.info("KV pool %s: %d pages x %d tokens (%.1f MiB)", s.name, s.num_pages, s.page_size,
                      s.num_pages * s.bytes_per_page / 2**20)
@@ -224,7 +241,7 @@ class ModelRunner:
         generated = nr.token_ids[nr.num_prompt_tokens:nr.num_prompt_tokens + nr.num_output_tokens]
         for t in generated:
             st.record(t)
-        if p.grammar is not None:
+        if p.grammar is not None and self.tp.rank == 0:      # only rank 0 samples
             st.grammar = self.grammars.start(p.grammar, generated)   # compiles in the background
             self._grammar_rids.add(nr.rid)
         if nr.mm_items:
@@ -234,6 +251,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        if self.tp.size > 1:
+            _broadcast(plan, self.tp)               # the other ranks run the same step (follow())
+        scheduled, errors, logits, rows = self._forward(plan)
+        if logits is None:
+            return StepResult(step_id=plan.step_id, sampled=errors)
+        try:
+            sampled = self._sample(scheduled, logits, rows)
+        except BaseException:
+            if self.tp.size > 1:        # the other ranks wait for this step's tokens: none
+                _broadcast([[] for _ in scheduled], self.tp)
+            raise
+        if self.tp.size > 1:
+            _broadcast([s.token_ids for s in sampled], self.tp)
+        return StepResult(step_id=plan.step_id, sampled=sampled + errors)
+
+    @torch.inference_mode()
+    def follow(self) -> bool:
+        """Ranks > 0 of a tensor-parallel group: run the step rank 0 broadcasts and append the tokens it
+        sampled (rank 0 alone samples). False when rank 0 says stop."""
+        plan = _broadcast(None, self.tp)
+        if plan is None:
+            return False
+        scheduled, _, logits, _ = self._forward(plan, logits_needed=False)
+        if logits is not None:
+            for sr, toks in zip(scheduled, _broadcast(None, self.tp)):
+                self.seqs[sr.rid].token_ids.extend(toks)
+        return True
+
+    def stop_followers(self) -> None:
+        """Rank 0: tell the other ranks to return from follow()."""
+        if self.tp.size > 1 and self.tp.rank == 0:
+            _broadcast(None, self.tp)
+
+    def _forward(self, plan: StepPlan, logits_needed: bool = True):
+        """Apply the plan to the persistent batch and run the forward pass. Returns (scheduled requests,
+        errors of requests whose media failed, logits or None when nothing ran, logit rows per request);
+        logits_needed=False (a rank that does not sample) may return any non-None stand-in."""
         for rid in plan.removed_rids:
             self.seqs.pop(rid, None)
             self._mm_rids.discard(rid)
@@ -246,7 +300,7 @@ class ModelRunner:
             scheduled = [sr for sr in scheduled if sr.rid not in failed]
         errors = [SampledTokens(rid=rid, token_ids=[], error=e) for rid, e in failed.items()]
         if not scheduled:
-            return StepResult(step_id=plan.step_id, sampled=errors)
+            return scheduled, errors, None, None
         logits = None
         if self.graphs is not None and self.graphs.can_run(scheduled, self.seqs):
             arr, rows = self._host_arrays(scheduled)
@@ -254,8 +308,8 @@ class ModelRunner:
         if logits is None:
             ctx, rows = self._build_context(scheduled)
             hidden = self.model(ctx)
-            logits = self.model.compute_logits(hidden)
-        return StepResult(step_id=plan.step_id, sampled=self._sample(scheduled, logits, rows) + errors)
+            logits = self.model.compute_logits(hidden) if logits_needed else hidden
+        return scheduled, errors, logits, rows
 
     def _encode_media(self, scheduled: list[ScheduledRequest]) -> dict[str, str]:
         """Encode (into the encoder cache) the media rows this step reaches; {rid: error} for the
@@ -420,6 +474,8 @@ class ModelRunner:
         start of each pool, so call it only while no request is running (tests, offline scoring)."""
         if self.seqs:
             raise RuntimeError("score() needs an idle runner")
+        if self.tp.size > 1:
+            raise RuntimeError("score() runs on one rank only (--tp 1)")
         n = len(token_ids)
         pages = {}
         for spec in self.pool_specs:
@@ -438,3 +494,11 @@ class ModelRunner:
             return self.model.compute_logits(self.model(ctx))
         finally:
             self.seqs.pop(rid, None)
+
+
+def _broadcast(obj, tp: TP):
+    """Rank 0's `obj` on every rank of the tensor-parallel group (the CPU control group)."""
+    import torch.distributed as dist
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=tp.ctrl)
+    return box[0]

@@ -86,3 +86,15 @@ def test_moe_experts_touched_and_kv_formula():
     # 3 sliding owners x K,V x 4 positions x 16 dims x 2 B = 768; 1 full owner x 2 x 10 x 32 x 2 B = 1280
     assert roofline.kv_bytes_per_seq(tiny.text, 10, 2) == 768 + 1280
     assert roofline.kv_bytes_per_seq(tiny.text, 100, 2) > roofline.kv_bytes_per_seq(tiny.text, 10, 2)
+
+
+def test_one_batch_tensor_parallel_cpu(tiny_checkpoint):
+    """--tp 2 on the CPU (gloo): the same greedy batch decodes through two ranks, which stop afterwards."""
+    import torch.distributed as dist
+    path = tiny_checkpoint("dense", text_only=True)
+    res = one_batch.main(["--model-path", path, "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
+                          "--input-len", "20", "--output-len", "3", "--tp", "2"])
+    assert res["tp"] == 2
+    r = res["rows"][0]
+    assert r["generated_tokens"] == 6 and r["decode_steps"] == 2
+    assert not dist.is_initialized()          # the ranks were stopped and the group left

@@ -1,0 +1,94 @@
+"""Tensor-parallel ranks: rank 0's runner lives in the engine process (or the offline LLM's process) and
+starts ranks 1..N-1 as processes of their own, one per GPU. Each rank loads its shard of the weights
+(model/parallel.py) and its share of the KV heads; rank 0 broadcasts every step plan over a CPU (gloo)
+group, all ranks run the forward pass (NCCL all-reduces inside it on CUDA, gloo on the CPU), rank 0
+samples and broadcasts the sampled token ids, which the other ranks append to their copy of the batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+from gemma4rt.config import EngineConfig
+from gemma4rt.model.parallel import TP
+
+log = logging.getLogger(__name__)
+INIT_TIMEOUT = timedelta(minutes=30)      # loading a big checkpoint on every rank takes a while
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, size: int, init_method: str, device_type: str) -> TP:
+    import torch.distributed as dist
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=INIT_TIMEOUT)
+    ctrl = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return TP(rank=rank, size=size, group=dist.group.WORLD, ctrl=ctrl)
+
+
+def _follower_main(rank: int, size: int, init_method: str, cfg: EngineConfig, device_type: str,
+                   log_level: int) -> None:
+    logging.basicConfig(level=log_level, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
+    from gemma4rt.runtime.engine_proc import set_parent_death_signal
+    set_parent_death_signal()
+    from gemma4rt.worker.model_runner import ModelRunner
+    tp = _join(rank, size, init_method, device_type)
+    try:
+        runner = ModelRunner(cfg, tp)
+        while runner.follow():
+            pass
+    except BaseException:
+        log.exception("tensor-parallel rank %d failed", rank)
+        os._exit(1)          # rank 0's next collective fails instead of waiting for this rank
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def start_tp_runner(cfg: EngineConfig):
+    """Start ranks 1..N-1 and return rank 0's ModelRunner."""
+    import multiprocessing as mp
+    from gemma4rt.worker.model_runner import ModelRunner, resolve_device
+    n = cfg.parallel.tp
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and torch.cuda.device_count() < n:
+        raise ValueError(f"--tp {n} needs {n} GPUs, this machine shows {torch.cuda.device_count()}")
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_follower_main, name=f"gemma4rt-tp{r}", daemon=True,
+                         args=(r, n, init_method, cfg, device.type, logging.getLogger().getEffectiveLevel()))
+             for r in range(1, n)]
+    for p in procs:
+        p.start()
+    tp = _join(0, n, init_method, device.type)
+    runner = ModelRunner(cfg, tp)
+    runner.tp_procs = procs
+    log.info("tensor parallel: %d ranks (%s)", n, "NCCL" if device.type == "cuda" else "gloo")
+    return runner
+
+
+def stop_tp_runner(runner, timeout: float = 30.0) -> None:
+    """Let ranks 1..N-1 of rank 0's `runner` return from their step loop, wait for them, and leave the
+    process group (a no-op for a runner without ranks). A rank already gone is logged, not raised."""
+    procs = getattr(runner, "tp_procs", None)
+    if not procs:
+        return
+    runner.tp_procs = []
+    try:
+        runner.stop_followers()
+        for p in procs:
+            p.join(timeout=timeout)
+    except Exception as e:
+        log.warning("stopping the tensor-parallel ranks: %s", e)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
