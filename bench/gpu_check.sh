@@ -13,13 +13,16 @@
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0)
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
-#              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt)
+#              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt);
+#              COMPARE_ENV runs each model again under those settings (e.g. GEMMA4RT_DECODE_PREFIX=0)
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
 #              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
+#     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py, then batch-1 and
+#              batch-$BATCH_SIZE decode with --tp ${TP:-2} for $TP_MODELS (default 31B)
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -106,6 +109,27 @@ if has batch && [ "$(left)" -gt 90 ]; then
     for f in "$OUT/profile_bs${bs}_$m.txt" "$OUT/profile_bs${bs}_prompt_$m.txt"; do
       [ -f "$f" ] && head -${PROFILE_LINES:-12} "$f" | cut -c1-160
     done
+    if [ -n "${COMPARE_ENV:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row under other settings
+      env $COMPARE_ENV timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
+        --batch-size $bs --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs${bs}_cmp.jsonl" \
+        --profile "$OUT/profile_bs${bs}_cmp_$m.txt" --profile-prompt "$OUT/profile_bs${bs}_prompt_cmp_$m.txt" \
+        --profile-prompt-len ${PROMPT_LEN:-600} >"$OUT/one_batch_bs${bs}_cmp_$m.log" 2>&1
+      echo "$m with $COMPARE_ENV rc=$?"; grep -A1 "  bs " "$OUT/one_batch_bs${bs}_cmp_$m.log" | tail -1
+      for f in "$OUT/profile_bs${bs}_cmp_$m.txt" "$OUT/profile_bs${bs}_prompt_cmp_$m.txt"; do
+        [ -f "$f" ] && head -1 "$f" | cut -c1-160
+      done
+    fi
+  done
+fi
+
+if has tp && [ "$(left)" -gt 90 ]; then
+  echo "== tensor parallel (--tp ${TP:-2})"; run_pytest tp tests/gpu/test_tensor_parallel.py
+  for m in ${TP_MODELS:-gemma-4-31B-it}; do
+    [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
+    timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --tp ${TP:-2} \
+      --batch-size 1 ${BATCH_SIZE:-64} --input-len 1024 --output-len 32 --output-file "$OUT/one_batch_tp.jsonl" \
+      >"$OUT/one_batch_tp_$m.log" 2>&1
+    echo "$m --tp ${TP:-2} rc=$? ($(elapsed)s)"; grep -A3 "  bs " "$OUT/one_batch_tp_$m.log" | tail -3
   done
 fi
 
