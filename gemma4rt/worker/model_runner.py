@@ -273,7 +273,13 @@ class ModelRunner:
         plan = _broadcast(None, self.tp)
         if plan is None:
             return False
-        scheduled, _, logits, _ = self._forward(plan, logits_needed=False)
+        try:
+            scheduled, _, logits, _ = self._forward(plan, logits_needed=False)
+        except Exception:
+            # as on rank 0, where Engine.step fails the step's requests and goes on: the same inputs raise
+            # at the same point on every rank, and rank 0 then broadcasts no tokens
+            log.exception("tensor-parallel rank %d: step %d failed", self.tp.rank, plan.step_id)
+            return True
         if logits is not None:
             for sr, toks in zip(scheduled, _broadcast(None, self.tp)):
                 self.seqs[sr.rid].token_ids.extend(toks)
