@@ -181,11 +181,14 @@ def _hf_name(name: str, cfg: ModelConfig) -> str:
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                       per_name_seeds: bool = False) -> None:
+                       tp_size: int = 1) -> None:
     """Random weights at the real geometry: norms and scalars near 1 (q/k norms near head_dim^-1/4),
-    matrices N(0, 1/sqrt(fan_in)). per_name_seeds: draw each parameter from a seed of its own name, so that
-    tensor-parallel ranks, whose sharded parameters differ in shape, still hold identical replicated ones."""
+    matrices N(0, 1/sqrt(fan_in)). With tensor parallelism (tp_size > 1) each parameter is drawn from a seed
+    of its own name, so that ranks, whose sharded parameters differ in shape, hold identical replicated
+    ones, and the row-parallel matrices (o_proj, down projections: 1/tp_size of their inputs) keep the
+    scale of the whole matrix."""
     import zlib
+    per_name_seeds = tp_size > 1
     g = torch.Generator(device="cpu").manual_seed(seed)
     gd = torch.Generator(device=device) if per_name_seeds and str(device).startswith("cuda") else None
     for name, p in model.named_parameters():
@@ -209,6 +212,8 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
                 t = t * shape[-1] ** -0.25
         else:
             fan_in = shape[-1]
+            if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight", "experts.down_proj")):
+                fan_in *= tp_size
             if str(device).startswith("cuda"):
                 set_tensor(model, name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in ** -0.5,
                                                                                               generator=gd))

@@ -95,7 +95,7 @@ class ModelRunner:
         if self.model_dir is not None and engine_cfg.load_format != "dummy":
             load_weights(model, self.config, self.model_dir, self.dtype, self.device, tp=tp)
         else:
-            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed, per_name_seeds=tp.size > 1)
+            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed, tp_size=tp.size)
         self.ple_host_table = None
         if engine_cfg.ple_on_host and self.config.text.has_ple and self.device.type == "cuda":
             # 2.3-2.8 B parameters that are only gathered: keep them in pinned host memory

@@ -63,3 +63,27 @@ def test_check_tp_explains_what_does_not_divide(tiny_checkpoint):
     assert check_tp(cfg, 1) is None and check_tp(cfg, 2) is None
     assert "attention heads" in check_tp(cfg, 3)
     assert check_tp(cfg, 0) is not None
+
+
+def test_dummy_weights_of_two_ranks_share_the_replicated_parameters(tiny_checkpoint):
+    """--load-format dummy with --tp: every rank draws its own shapes, but the replicated parameters
+    (embeddings, norms, router) come out identical, and a row-parallel matrix keeps the whole matrix's
+    scale (std 1/sqrt(full fan-in))."""
+    from gemma4rt.model.gemma4 import Gemma4Model
+    from gemma4rt.model.loader import init_dummy_weights
+    cfg = load_model_config(tiny_checkpoint("moe", text_only=True))
+    models = []
+    for r in range(2):
+        with torch.device("meta"):
+            m = Gemma4Model(cfg, TP(r, 2))
+        init_dummy_weights(m, torch.float32, torch.device("cpu"), seed=3, tp_size=2)
+        models.append(dict(m.named_parameters()))
+    a, b = models
+    replicated = [n for n in a if a[n].shape == b[n].shape and "proj" not in n and "experts" not in n]
+    assert "language_model.embed_tokens.weight" in replicated and len(replicated) > 10
+    for n in replicated:
+        assert torch.equal(a[n], b[n]), n
+    o = a["language_model.layers.0.self_attn.o_proj.weight"]
+    full_fan_in = cfg.text.num_heads * cfg.text.layers[0].head_dim
+    assert o.shape[1] * 2 == full_fan_in
+    assert abs(o.std().item() * full_fan_in ** 0.5 - 1.0) < 0.15
