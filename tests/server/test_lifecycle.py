@@ -68,7 +68,9 @@ def test_queue_full_429(tiny):
     results = []
 
     def run():
-        results.append(tiny.post("/v1/completions", {"prompt": "x", "max_tokens": 200, "ignore_eos": True},
+        # long requests: they still run when the last of the 40 arrives, also on a loaded machine whose client
+        # threads start slowly (with 200 tokens, one full-suite run saw every request end before the queue filled)
+        results.append(tiny.post("/v1/completions", {"prompt": "x", "max_tokens": 3000, "ignore_eos": True},
                                  timeout=120))
     ts = [threading.Thread(target=run) for _ in range(40)]
     for t in ts:
