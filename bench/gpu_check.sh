@@ -14,7 +14,8 @@
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
 #              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt);
-#              COMPARE_ENV runs each model again under those settings (e.g. GEMMA4RT_DECODE_PREFIX=0)
+#              COMPARE_ENV / COMPARE_ARGS run each model again under those settings / with those one_batch flags
+#              (e.g. COMPARE_ARGS="--cuda-graph-max-tokens 1024": the prompt steps through mixed CUDA graphs)
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
 #              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
@@ -109,12 +110,12 @@ if has batch && [ "$(left)" -gt 90 ]; then
     for f in "$OUT/profile_bs${bs}_$m.txt" "$OUT/profile_bs${bs}_prompt_$m.txt"; do
       [ -f "$f" ] && head -${PROFILE_LINES:-12} "$f" | cut -c1-160
     done
-    if [ -n "${COMPARE_ENV:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row under other settings
+    if [ -n "${COMPARE_ENV:-}${COMPARE_ARGS:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row, other settings
       env $COMPARE_ENV timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
-        --batch-size $bs --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs${bs}_cmp.jsonl" \
+        ${COMPARE_ARGS:-} --batch-size $bs --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs${bs}_cmp.jsonl" \
         --profile "$OUT/profile_bs${bs}_cmp_$m.txt" --profile-prompt "$OUT/profile_bs${bs}_prompt_cmp_$m.txt" \
         --profile-prompt-len ${PROMPT_LEN:-600} >"$OUT/one_batch_bs${bs}_cmp_$m.log" 2>&1
-      echo "$m with $COMPARE_ENV rc=$?"; grep -A1 "  bs " "$OUT/one_batch_bs${bs}_cmp_$m.log" | tail -1
+      echo "$m with ${COMPARE_ENV:-}${COMPARE_ARGS:-} rc=$?"; grep -A1 "  bs " "$OUT/one_batch_bs${bs}_cmp_$m.log" | tail -1
       for f in "$OUT/profile_bs${bs}_cmp_$m.txt" "$OUT/profile_bs${bs}_prompt_cmp_$m.txt"; do
         [ -f "$f" ] && head -1 "$f" | cut -c1-160
       done

@@ -73,7 +73,8 @@ class StepTimer:
 
 def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, max_bs: int, input_len: int,
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
-                 mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1):
+                 mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1,
+                 cuda_graph_max_tokens: int = 0):
     """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
     prompt-step profile)."""
     from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
@@ -96,7 +97,10 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
                           mem_fraction_static=mem_fraction_static),
         scheduler=SchedulerConfig(max_running_requests=max_running,
                                   chunked_prefill_size=max(max_bs * input_len, extra_prompt_len + max_bs, 2048)),
-        disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=max(max_bs, 1),
+        disable_cuda_graph=disable_cuda_graph,
+        # with mixed graphs, room for the profiled prompt's request beside the batch
+        cuda_graph_max_bs=max(max_bs, 1) + (1 if extra_prompt_len and cuda_graph_max_tokens else 0),
+        cuda_graph_max_tokens=cuda_graph_max_tokens,
         parallel=ParallelConfig(tp=tp))
     return Engine(cfg)
 
@@ -238,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=0,
+                   help="mixed prefill + decode CUDA graphs up to this many tokens (the --profile-prompt steps)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch (4 new tokens) per batch size")
     p.add_argument("--reference", action="store_true", help="also time batch-1 decode in transformers' model")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference forward (GPU)")
@@ -330,7 +336,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           max_bs=max(a.batch_size), input_len=a.input_len, output_len=a.output_len,
                           page_size=a.page_size, seed=a.seed, disable_cuda_graph=a.disable_cuda_graph,
                           mem_fraction_static=a.mem_fraction_static,
-                          extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp)
+                          extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp,
+                          cuda_graph_max_tokens=a.cuda_graph_max_tokens)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0

@@ -34,6 +34,9 @@ FLAGS = [
     (["--random-seed"], "engine", "seed", int, "global random seed"),
     (["--disable-cuda-graph"], "engine", "disable_cuda_graph", "flag", "no CUDA graphs"),
     (["--cuda-graph-max-bs"], "engine", "cuda_graph_max_bs", int, "largest batch captured in a CUDA graph"),
+    (["--cuda-graph-max-tokens"], "engine", "cuda_graph_max_tokens", int,
+     "also capture CUDA graphs for steps that carry prompt tokens (mixed prefill + decode), up to this many "
+     "tokens a step, padded to 128/256/512-token buckets (0: off; experimental)"),
     (["--page-size"], "cache", "page_size", int, "tokens per KV page"),
     (["--mem-fraction-static", "--gpu-memory-utilization"], "cache", "mem_fraction_static", float,
      "fraction of GPU memory for weights + KV"),

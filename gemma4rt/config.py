@@ -86,6 +86,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     ple_on_host: bool = False            # E2B/E4B: keep the per-layer-embedding table in pinned host memory
     cuda_graph_max_bs: int = 160
+    cuda_graph_max_tokens: int = 0       # > 0: also graphs for steps with prompt tokens, up to this many tokens
     revision: Optional[str] = None
     runner: str = "auto"                 # auto (the model) | noop (fake tokens, no model: tests, benchmarks)
 

@@ -43,6 +43,8 @@ class ForwardContext:
     # PLE token rows E_ple[ids] [T, L·P], gathered on the host when the table lives there
     ple_token_rows: Optional[torch.Tensor] = None
     allow_shared_layer_skip: bool = True
+    # rows owned by no request (a mixed CUDA graph's padding) get a zero attention output
+    zero_attn_out: bool = False
     extras: dict = field(default_factory=dict)
 
     @property

@@ -28,6 +28,7 @@ CTAS_PER_SM = 4         # split decode attention until about this many CTAs per 
 DECODE_SPLIT_KEYS = 256
 MAX_FINE_SPLITS = 16
 NATIVE_HEAD_DIMS = (256, 512)
+WORKSPACE_CAP_BYTES = 256 << 20    # split partials of one attention call
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -50,7 +51,7 @@ class AttentionPlan:
 
 
 def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
-                   sliding_window: Optional[int] = None, num_sms: int = 132) -> AttentionPlan:
+                   sliding_window: Optional[int] = None, num_sms: int = 132, head_dim: int = 256) -> AttentionPlan:
     """Host-side plan from bounds the scheduler knows. Splits the key range when the
     (request × KV head × row tile) grid would leave the GPU under-filled (decode over long contexts)."""
     group = num_heads // num_kv_heads
@@ -74,6 +75,9 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
         splits = max(splits, min(-(-span // DECODE_SPLIT_KEYS), MAX_FINE_SPLITS))
     elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
+    # the fp32 partials of the splits: [splits, tokens, heads, head_dim]; a big step (a prompt beside decode
+    # rows, decode tiles) with fine splits would need a GB of them, and their merge
+    splits = max(1, min(splits, WORKSPACE_CAP_BYTES // max(1, 4 * num_tokens * num_heads * head_dim)))
     split_size = -(-span // splits)
     split_size = -(-split_size // KEYS_PER_STAGE) * KEYS_PER_STAGE
     splits = -(-span // split_size)
@@ -113,14 +117,19 @@ def native_attention_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     page_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     sliding_window: Optional[int] = None, block_ids: Optional[torch.Tensor] = None,
-                    scale: float = 1.0) -> torch.Tensor:
+                    scale: float = 1.0, zero_out: bool = False) -> torch.Tensor:
+    """See reference.paged_attention. zero_out: rows past cu_seqlens_q[-1] (owned by no request) come out
+    zero instead of unwritten."""
     if native_attention_ok(q, k_cache, v_cache) and q.shape[0] > 0:
         T, H, D = q.shape
         plan = plan_attention(T, seq_lens.shape[0], H, k_cache.shape[2], page_table.shape[1] * k_cache.shape[1],
-                              sliding_window)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+                              sliding_window, head_dim=D)
+        out = (torch.zeros if zero_out else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
         ws_o, ws_lse = attention_workspace(plan, T, H, D, q.device)
         return paged_attention_planned(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, sliding_window,
                                        block_ids, scale, plan, out, ws_o, ws_lse)
-    return ref.paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens,
-                               sliding_window, block_ids, scale)
+    out = ref.paged_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, sliding_window, block_ids,
+                              scale)
+    if zero_out:
+        out[int(cu_seqlens_q[-1]):] = 0
+    return out

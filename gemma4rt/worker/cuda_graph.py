@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps.
+"""CUDA graphs for decode steps and, optionally, for steps that carry prompt tokens.
 
 At start-up the forward pass (embeddings → layers → final norm → tied LM head + soft-cap) is captured
 for bucketed batch sizes up to `--cuda-graph-max-bs`, with every input in a static buffer. A decode
@@ -6,6 +6,13 @@ step (one new token per request, no drafts, no media, no prompt logprobs) copies
 the buffers, pads the batch to the next bucket (padded rows point at each pool's scratch page and
 store nothing) and replays. The attention plan (page tables, lengths) is data, outside the graph.
 Sampling runs after the replay, eagerly.
+
+Mixed graphs (`--cuda-graph-max-tokens N` > 0) cover steps whose requests carry any number of tokens
+(decode rows beside prompt chunks), at most N tokens and `--cuda-graph-max-bs` requests: captured for
+token buckets with the request count fixed at the maximum. A step's tokens are padded to its bucket;
+the padded tokens belong to no request (the requests past the real ones own no rows), store nothing,
+and their attention output is zeroed, so that every later op sees finite rows. Such a step replays one
+graph instead of launching each of its ~600 kernels from Python.
 """
 from __future__ import annotations
 
@@ -31,12 +38,31 @@ def buckets(max_bs: int) -> list[int]:
     return out
 
 
-class DecodeGraphs:
-    def __init__(self, runner, max_bs: int):
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts of the mixed graphs: 128-token steps to 1024, 256 to 4096, 512 beyond (a step pads at
+    most that many tokens)."""
+    out, t = [], 128
+    while t < max_tokens:
+        out.append(t)
+        t += 128 if t < 1024 else 256 if t < 4096 else 512
+    out.append(max_tokens)
+    return out
+
+
+DECODE, MIXED = "decode", "mixed"
+
+
+class StepGraphs:
+    def __init__(self, runner, max_bs: int, max_tokens: int = 0, capture: bool = True):
+        """max_tokens > 0: also mixed graphs (module docstring). capture=False builds the static buffers
+        and contexts but runs them eagerly (tests of the padding on the CPU)."""
         self.runner = runner
         self.device = runner.device
         self.max_bs = max_bs
         self.buckets = buckets(max_bs)
+        self.max_tokens = max(max_tokens, max_bs) if max_tokens > 0 else 0
+        self.token_buckets = token_buckets(self.max_tokens) if self.max_tokens else []
+        self.do_capture = capture
         dev = self.device
         self.scratch = {name: pool.k.shape[1] - 1 for name, pool in runner.kv.items()}
         ctx_len = runner.context_length
@@ -44,32 +70,35 @@ class DecodeGraphs:
         # context buckets: the attention plan (split-KV sizes) follows the page-table width, so short
         # contexts get their own graphs instead of planning for the whole context length
         self.ctx_buckets = sorted({min(ctx_len, c) for c in (4096, ctx_len)})
-        B = max_bs
-        self.input_ids = torch.zeros(B, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        B, T = max_bs, max(max_bs, self.max_tokens)
+        self.input_ids = torch.zeros(T, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(T, dtype=torch.long, device=dev)
         self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
         self.tables = {n: torch.full((B, w), self.scratch[n], dtype=torch.int32, device=dev)
                        for n, w in self.width.items()}
-        self.slots = {n: torch.full((B,), -1, dtype=torch.long, device=dev) for n in self.width}
+        self.slots = {n: torch.full((T,), -1, dtype=torch.long, device=dev) for n in self.width}
         self.logits_indices = torch.arange(B, dtype=torch.long, device=dev)
         self.ple_rows = None
         if runner.ple_host_table is not None:
-            self.ple_rows = torch.zeros(B, runner.ple_host_table.shape[1], dtype=runner.ple_host_table.dtype,
+            self.ple_rows = torch.zeros(T, runner.ple_host_table.shape[1], dtype=runner.ple_host_table.dtype,
                                         device=dev)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[str, int, int], torch.Tensor] = {}
         self.pool = None
-        # pinned host staging buffers
-        self.h_ids = torch.zeros(B, dtype=torch.long).pin_memory()
-        self.h_pos = torch.zeros(B, dtype=torch.long).pin_memory()
-        self.h_lens = torch.ones(B, dtype=torch.int32).pin_memory()
-        self.h_slots = {n: torch.full((B,), -1, dtype=torch.long).pin_memory() for n in self.width}
-        self.h_tables = {n: torch.full((B * w,), self.scratch[n], dtype=torch.int32).pin_memory()
-                         for n, w in self.width.items()}
+        # pinned host staging buffers (plain host memory without a GPU)
+        pin = dev.type == "cuda"
+        host = lambda *a, **k: torch.full(*a, **k).pin_memory() if pin else torch.full(*a, **k)  # noqa: E731
+        self.h_ids = host((T,), 0, dtype=torch.long)
+        self.h_pos = host((T,), 0, dtype=torch.long)
+        self.h_cu = host((B + 1,), 0, dtype=torch.int32)
+        self.h_lens = host((B,), 1, dtype=torch.int32)
+        self.h_logit_rows = host((B,), 0, dtype=torch.long)
+        self.h_slots = {n: host((T,), -1, dtype=torch.long) for n in self.width}
+        self.h_tables = {n: host((B * w,), self.scratch[n], dtype=torch.int32) for n, w in self.width.items()}
 
     @classmethod
-    def maybe_capture(cls, runner) -> Optional["DecodeGraphs"]:
+    def maybe_capture(cls, runner) -> Optional["StepGraphs"]:
         from gemma4rt import ops
         from gemma4rt.ops import _native
         if not ops.NATIVE_AVAILABLE or not _native.has_op("paged_attention"):
@@ -82,13 +111,14 @@ class DecodeGraphs:
             log.warning("CUDA graphs off: the native attention covers bf16/fp16 with head dims %s, this model "
                         "has %s in %s", NATIVE_HEAD_DIMS, sorted(head_dims), runner.dtype)
             return None
-        max_bs = min(runner.engine_cfg.cuda_graph_max_bs, runner.engine_cfg.scheduler.max_running_requests)
-        g = cls(runner, max_bs)
+        cfg = runner.engine_cfg
+        max_bs = min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests)
+        g = cls(runner, max_bs, cfg.cuda_graph_max_tokens)
         try:
             g.capture()
         except Exception as e:
             # keep no traceback (it would pin the runner and its KV pools in memory)
-            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
+            log.warning("CUDA graph capture failed (%s: %s); steps run eagerly", type(e).__name__, e)
             g.graphs.clear()
             g.outputs.clear()
             g.runner = None
@@ -99,13 +129,23 @@ class DecodeGraphs:
     def _w(self, name: str, c: int) -> int:
         return (c + self.runner.kv[name].page_size - 1) // self.runner.kv[name].page_size
 
-    def _ctx(self, b: int, c: int) -> ForwardContext:
+    def _ctx(self, kind: str, n: int, c: int) -> ForwardContext:
+        """The static context of graph (kind, n, c): n requests of one token (decode) or n tokens of
+        max_bs requests (mixed)."""
+        b, t = (n, n) if kind == DECODE else (self.max_bs, n)
         return ForwardContext(
-            input_ids=self.input_ids[:b], positions=self.positions[:b], cu_seqlens_q=self.cu[:b + 1],
-            seq_lens=self.seq_lens[:b], page_tables={n: t[:b, :self._w(n, c)] for n, t in self.tables.items()},
-            slot_mappings={n: t[:b] for n, t in self.slots.items()}, kv=self.runner.kv,
+            input_ids=self.input_ids[:t], positions=self.positions[:t], cu_seqlens_q=self.cu[:b + 1],
+            seq_lens=self.seq_lens[:b], page_tables={k: v[:b, :self._w(k, c)] for k, v in self.tables.items()},
+            slot_mappings={k: v[:t] for k, v in self.slots.items()}, kv=self.runner.kv,
             logits_indices=self.logits_indices[:b],
-            ple_token_rows=None if self.ple_rows is None else self.ple_rows[:b])
+            ple_token_rows=None if self.ple_rows is None else self.ple_rows[:t],
+            # mixed: the rows of padded tokens are no request's (zeroed attention output), and every
+            # layer runs every row (no KV-shared-layer row skipping, whose shapes follow the data)
+            allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind == MIXED)
+
+    def keys(self) -> list[tuple[str, int, int]]:
+        return ([(DECODE, b, c) for c in self.ctx_buckets for b in self.buckets] +
+                [(MIXED, t, c) for c in self.ctx_buckets for t in self.token_buckets])
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -113,61 +153,89 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for c in reversed(self.ctx_buckets):
-                for b in reversed(self.buckets):
-                    ctx = self._ctx(b, c)
-                    for _ in range(2):                     # warm up (autotuning, lazy init) outside capture
-                        model.compute_logits(model(ctx))
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                        out = model.compute_logits(model(ctx))
-                    if self.pool is None:
-                        self.pool = g.pool()
-                    self.graphs[(b, c)] = g
-                    self.outputs[(b, c)] = out
+            for key in reversed(self.keys()):                 # largest first: later ones reuse its memory
+                ctx = self._ctx(*key)
+                for _ in range(2):                     # warm up (autotuning, lazy init) outside capture
+                    model.compute_logits(model(ctx))
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                    out = model.compute_logits(model(ctx))
+                if self.pool is None:
+                    self.pool = g.pool()
+                self.graphs[key] = g
+                self.outputs[key] = out
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s and contexts %s", self.buckets, self.ctx_buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s and contexts %s%s", self.buckets, self.ctx_buckets,
+                 f", mixed-step graphs for {self.token_buckets} tokens" if self.token_buckets else "")
 
-    def can_run(self, scheduled, seqs) -> bool:
+    def can_run(self, scheduled, seqs) -> Optional[str]:
+        """DECODE or MIXED when a graph can run this step, else None."""
         if not scheduled or len(scheduled) > self.max_bs:
-            return False
+            return None
+        kind = DECODE
+        tokens = 0
         for sr in scheduled:
-            if sr.num_tokens != 1 or sr.draft_token_ids or not sr.sample:
-                return False
-            # a decode step (past the prompt) never touches media rows or prompt logprobs
-            if sr.start < seqs[sr.rid].num_prompt:
-                return False
-        return True
+            if sr.draft_token_ids:
+                return None
+            seq = seqs[sr.rid]
+            tokens += sr.num_tokens
+            if sr.num_tokens != 1 or not sr.sample or sr.start < seq.num_prompt:
+                # prompt rows: no prompt logprobs (logits of every row), no media rows (soft tokens,
+                # bidirectional blocks)
+                if not self.max_tokens or seq.sampling.params.prompt_logprobs or seq.mm_items:
+                    return None
+                kind = MIXED
+        if kind == MIXED and tokens > self.max_tokens:
+            return None
+        return kind
 
-    def run(self, arr) -> Optional[torch.Tensor]:
-        B = int(arr.input_ids.shape[0])
-        b = next(x for x in self.buckets if x >= B)
+    def run(self, arr, kind: str = DECODE) -> Optional[torch.Tensor]:
+        B, T = int(arr.seq_lens.shape[0]), int(arr.input_ids.shape[0])
+        N = int(arr.logits_indices.shape[0])
+        if kind == DECODE:
+            n = next(x for x in self.buckets if x >= B)
+            b, t = n, n
+        else:
+            n = next(x for x in self.token_buckets if x >= T)
+            b, t = self.max_bs, n
         c = next((x for x in self.ctx_buckets
-                  if all(t.shape[1] <= self._w(n, x) for n, t in arr.page_tables.items())), None)
+                  if all(tb.shape[1] <= self._w(name, x) for name, tb in arr.page_tables.items())), None)
         if c is None:
             return None                                      # longer than the context: eager path
-        self.h_ids[:B] = torch.from_numpy(arr.input_ids)
-        self.h_ids[B:b] = 0
-        self.h_pos[:B] = torch.from_numpy(arr.positions)
-        self.h_pos[B:b] = 0
+        self.h_ids[:T] = torch.from_numpy(arr.input_ids)
+        self.h_ids[T:t] = 0
+        self.h_pos[:T] = torch.from_numpy(arr.positions)
+        self.h_pos[T:t] = 0
+        self.h_cu[:B + 1] = torch.from_numpy(arr.cu_seqlens)
+        # padded requests: one token each at decode (their rows read the scratch page); none when mixed
+        self.h_cu[B + 1:b + 1] = (torch.arange(B + 1, b + 1, dtype=torch.int32) if kind == DECODE else T)
         self.h_lens[:B] = torch.from_numpy(arr.seq_lens)
         self.h_lens[B:b] = 1
-        self.input_ids[:b].copy_(self.h_ids[:b], non_blocking=True)
-        self.positions[:b].copy_(self.h_pos[:b], non_blocking=True)
+        self.h_logit_rows[:N] = torch.from_numpy(arr.logits_indices)
+        self.h_logit_rows[N:b] = (torch.arange(N, b) if kind == DECODE else 0)
+        self.input_ids[:t].copy_(self.h_ids[:t], non_blocking=True)
+        self.positions[:t].copy_(self.h_pos[:t], non_blocking=True)
+        self.cu[:b + 1].copy_(self.h_cu[:b + 1], non_blocking=True)
         self.seq_lens[:b].copy_(self.h_lens[:b], non_blocking=True)
-        for name, t in arr.page_tables.items():
+        self.logits_indices[:b].copy_(self.h_logit_rows[:b], non_blocking=True)
+        for name, tb in arr.page_tables.items():
             # only the used width travels: the kernels never read pages past a row's length
-            w = t.shape[1]
+            w = tb.shape[1]
             ht = self.h_tables[name][:b * w].view(b, w)
-            ht[:B] = torch.from_numpy(np.where(t >= 0, t, self.scratch[name]))
+            ht[:B] = torch.from_numpy(np.where(tb >= 0, tb, self.scratch[name]))
             ht[B:] = self.scratch[name]
             self.tables[name][:b, :w].copy_(ht, non_blocking=True)
             hs = self.h_slots[name]
-            hs[:B] = torch.from_numpy(arr.slot_mappings[name])
-            hs[B:b] = -1
-            self.slots[name][:b].copy_(hs[:b], non_blocking=True)
+            hs[:T] = torch.from_numpy(arr.slot_mappings[name])
+            hs[T:t] = -1
+            self.slots[name][:t].copy_(hs[:t], non_blocking=True)
         if self.ple_rows is not None:
-            self.ple_rows[:B].copy_(self.runner.ple_rows_from_host(arr.input_ids), non_blocking=True)
-        self.graphs[(b, c)].replay()
-        return self.outputs[(b, c)][:B]
+            self.ple_rows[:T].copy_(self.runner.ple_rows_from_host(arr.input_ids), non_blocking=True)
+            self.ple_rows[T:t].zero_()
+        key = (kind, n, c)
+        if not self.do_capture:
+            model = self.runner.model
+            return model.compute_logits(model(self._ctx(*key)))[:N]
+        self.graphs[key].replay()
+        return self.outputs[key][:N]

@@ -159,8 +159,8 @@ class ModelRunner:
         self._grammar_rids: set[str] = set()  # requests with a grammar
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
-            from gemma4rt.worker.cuda_graph import DecodeGraphs
-            self.graphs = DecodeGraphs.maybe_capture(self)
+            from gemma4rt.worker.cuda_graph import StepGraphs
+            self.graphs = StepGraphs.maybe_capture(self)
 
     # ------------------------------------------------------------------ setup
     def _resolve_checkpoint(self, cfg: EngineConfig) -> tuple[Optional[str], ModelConfig, dict]:
@@ -308,9 +308,10 @@ class ModelRunner:
         if not scheduled:
             return scheduled, errors, None, None
         logits = None
-        if self.graphs is not None and self.graphs.can_run(scheduled, self.seqs):
+        kind = self.graphs.can_run(scheduled, self.seqs) if self.graphs is not None else None
+        if kind is not None:
             arr, rows = self._host_arrays(scheduled)
-            logits = self.graphs.run(arr)
+            logits = self.graphs.run(arr, kind)
         if logits is None:
             ctx, rows = self._build_context(scheduled)
             hidden = self.model(ctx)

@@ -63,3 +63,16 @@ def test_plan_covers_every_tile_key_range(seed, bidirectional):
         p = plan_attention(sum(q_lens), B, H, KVH, width * S, window)
         spans = _tile_key_spans(q_lens, seq_lens, H // KVH, 16 * p.warps_m, window, bidirectional)
         assert max(spans) <= p.num_splits * p.split_size, (p, max(spans), H, KVH, window, kind)
+
+
+def test_split_workspace_is_capped():
+    """A big step in decode tiles (a prompt beside decode rows) would need a GB of fp32 split partials
+    for a 512-wide full layer; the plan keeps them under WORKSPACE_CAP_BYTES and still covers the keys."""
+    from gemma4rt.ops.attention import WORKSPACE_CAP_BYTES
+    T, H, D = 700, 32, 512
+    p = plan_attention(T, 101, H, 4, 4096, None, head_dim=D)
+    assert p.warps_m == 1
+    assert p.num_splits * T * H * D * 4 <= WORKSPACE_CAP_BYTES
+    assert p.num_splits * p.split_size >= 4096
+    small = plan_attention(100, 100, 16, 8, 4096, 1024, head_dim=256)    # decode: far below the cap
+    assert small == plan_attention(100, 100, 16, 8, 4096, 1024)
