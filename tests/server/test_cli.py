@@ -19,6 +19,7 @@ def test_flags_and_aliases():
     eng, srv, _ = parse_args(["--tensor-parallel-size", "1", "--model-path", "x"])
     assert eng.parallel.tp == 1 and srv.port == 30000 and srv.host == "127.0.0.1" and eng.model_path == "x"
     assert parse_args(["--tp", "2"])[0].parallel.tp == 2
+    assert parse_args(["--cuda-graph-max-tokens", "1024"])[0].cuda_graph_max_tokens == 1024
     for bad in (["--tp", "0"], ["--kv-cache-dtype", "fp8_e4m3"], ["--limit-mm-per-prompt", "[1]"],
                 ["--limit-mm-per-prompt", '{"gif": 1}'], ["--mm-processor-kwargs", '{"max_soft_tokens": 99}']):
         with pytest.raises(SystemExit):
