@@ -64,7 +64,7 @@ def test_bidirectional_mask_negative_controls(tiny_checkpoint, monkeypatch):
     real = text_module.ops.paged_attention
 
     def variant(mode):
-        def attn(q, kc, vc, pt, cu, lens, window, block_ids, scale):
+        def attn(q, kc, vc, pt, cu, lens, window, block_ids, scale, **kw):
             ids = variant.block
             if mode == "full_too":
                 block_ids = ids
@@ -72,7 +72,7 @@ def test_bidirectional_mask_negative_controls(tiny_checkpoint, monkeypatch):
                 block_ids = torch.where(block_ids >= 0, 0, -1).to(block_ids.dtype)
             elif mode == "none":
                 block_ids = None
-            return real(q, kc, vc, pt, cu, lens, window, block_ids, scale)
+            return real(q, kc, vc, pt, cu, lens, window, block_ids, scale, **kw)
         return attn
 
     from gemma4rt.worker import mm_inputs
