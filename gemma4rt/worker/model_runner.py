@@ -252,6 +252,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         if self.tp.size > 1:
+            dead = [p for p in getattr(self, "tp_procs", ()) if not p.is_alive()]
+            if dead:     # fail the step at once rather than wait in a collective for a rank that is gone
+                raise RuntimeError(f"tensor-parallel rank process {dead[0].name} exited (code {dead[0].exitcode}); "
+                                   "restart the server")
             _broadcast(plan, self.tp)               # the other ranks run the same step (follow())
         scheduled, errors, logits, rows = self._forward(plan)
         if logits is None:

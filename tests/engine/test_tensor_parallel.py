@@ -87,3 +87,19 @@ def test_dummy_weights_of_two_ranks_share_the_replicated_parameters(tiny_checkpo
     full_fan_in = cfg.text.num_heads * cfg.text.layers[0].head_dim
     assert o.shape[1] * 2 == full_fan_in
     assert abs(o.std().item() * full_fan_in ** 0.5 - 1.0) < 0.15
+
+
+def test_a_dead_rank_fails_steps_instead_of_hanging(tiny_checkpoint):
+    from gemma4rt.protocol import AddRequest
+    llm = LLM(tiny_checkpoint("dense", text_only=True), device="cpu", seed=0, tp_size=2)
+    runner = llm.engine.runner
+    try:
+        proc = runner.tp_procs[0]
+        proc.kill()
+        proc.join(10)
+        llm.engine.add_request(AddRequest(rid="r", prompt_token_ids=[2, 5, 6],
+                                          sampling=SamplingParams(max_new_tokens=2)))
+        outs = llm.engine.step().outputs
+        assert outs and outs[0].finish_reason == "error" and "exited" in outs[0].error
+    finally:
+        llm.close()
