@@ -21,7 +21,8 @@ class TP:
     rank: int = 0
     size: int = 1
     group: Any = None         # torch.distributed process group of the forward pass's all-reduces
-    ctrl: Any = None          # a CPU (gloo) group for the step plans and sampled tokens
+    ctrl: Any = None          # a CPU (gloo) group (start-up agreement; the step messages when pipe is None)
+    pipe: Any = None          # rank 0: a list of connections to ranks 1..N-1; others: the one from rank 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:

@@ -26,23 +26,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _join(rank: int, size: int, init_method: str, device_type: str) -> TP:
+def _join(rank: int, size: int, init_method: str, device_type: str, pipe=None) -> TP:
     import torch.distributed as dist
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=INIT_TIMEOUT)
     ctrl = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return TP(rank=rank, size=size, group=dist.group.WORLD, ctrl=ctrl)
+    return TP(rank=rank, size=size, group=dist.group.WORLD, ctrl=ctrl, pipe=pipe)
 
 
 def _follower_main(rank: int, size: int, init_method: str, cfg: EngineConfig, device_type: str,
-                   log_level: int) -> None:
+                   log_level: int, pipe) -> None:
     logging.basicConfig(level=log_level, format=f"%(asctime)s tp{rank} %(levelname)s %(message)s")
     from gemma4rt.runtime.engine_proc import set_parent_death_signal
     set_parent_death_signal()
     from gemma4rt.worker.model_runner import ModelRunner
-    tp = _join(rank, size, init_method, device_type)
+    tp = _join(rank, size, init_method, device_type, pipe)
     try:
         runner = ModelRunner(cfg, tp)
         while runner.follow():
@@ -64,12 +64,16 @@ def start_tp_runner(cfg: EngineConfig):
         raise ValueError(f"--tp {n} needs {n} GPUs, this machine shows {torch.cuda.device_count()}")
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe(duplex=False) for _ in range(1, n)]       # (read end, write end): step messages
     procs = [ctx.Process(target=_follower_main, name=f"gemma4rt-tp{r}", daemon=True,
-                         args=(r, n, init_method, cfg, device.type, logging.getLogger().getEffectiveLevel()))
+                         args=(r, n, init_method, cfg, device.type, logging.getLogger().getEffectiveLevel(),
+                               pipes[r - 1][0]))
              for r in range(1, n)]
     for p in procs:
         p.start()
-    tp = _join(0, n, init_method, device.type)
+    for rd, _ in pipes:
+        rd.close()                  # the children hold the read ends
+    tp = _join(0, n, init_method, device.type, [wr for _, wr in pipes])
     runner = ModelRunner(cfg, tp)
     runner.tp_procs = procs
     log.info("tensor parallel: %d ranks (%s)", n, "NCCL" if device.type == "cuda" else "gloo")

@@ -242,3 +242,23 @@ def test_video_gives_transformers_greedy_answer(srv):
     with torch.no_grad():
         out = hf.generate(**hf_video_inputs(ids, items), max_new_tokens=N, min_new_tokens=N, do_sample=False)
     assert r["choices"][0]["message"]["content"] == tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def test_image_request_through_two_tensor_parallel_ranks():
+    """--tp 2 on the CPU: the step plan that carries the image's preprocessed arrays reaches the second
+    rank, both ranks encode it, and the sharded model gives transformers' greedy answer."""
+    from gemma4rt.frontend.mm_fetch import LoadedMedia, _digest, decode_image
+
+    img_uri = png_uri(image(40, 56, 3))
+    raw = base64.b64decode(img_uri.split(",", 1)[1])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": img_uri}}]}]
+    want, exp = _reference(msgs, [LoadedMedia("image", decode_image(raw), _digest(raw), 0)])
+    s = Server("--tp", "2", "--device", "cpu", "--context-length", "4096", "--mm-processor-kwargs",
+               json.dumps({"max_soft_tokens": BUDGET}), timeout=300)
+    try:
+        r = _ask(s, msgs)
+        assert r["usage"]["prompt_tokens"] == len(exp.token_ids)
+        assert r["choices"][0]["message"]["content"] == want
+    finally:
+        s.stop()
