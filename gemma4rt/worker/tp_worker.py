@@ -1,8 +1,9 @@
 """Tensor-parallel ranks: rank 0's runner lives in the engine process (or the offline LLM's process) and
 starts ranks 1..N-1 as processes of their own, one per GPU. Each rank loads its shard of the weights
-(model/parallel.py) and its share of the KV heads; rank 0 broadcasts every step plan over a CPU (gloo)
-group, all ranks run the forward pass (NCCL all-reduces inside it on CUDA, gloo on the CPU), rank 0
-samples and broadcasts the sampled token ids, which the other ranks append to their copy of the batch.
+(model/parallel.py) and its share of the KV heads; rank 0 sends every step plan down one pipe per rank
+(msgpack), all ranks run the forward pass (NCCL all-reduces inside it on CUDA, gloo on the CPU), rank 0
+samples and sends the sampled token ids, which the other ranks append to their copy of the batch. A CPU
+(gloo) group settles the KV pool sizes at start-up.
 """
 from __future__ import annotations
 
