@@ -14,6 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from gemma4rt.model.parallel import NO_TP, TP, shard
 from gemma4rt.model_config import ConfigError, ModelConfig, load_model_config, parse_model_config
 
 log = logging.getLogger(__name__)
@@ -115,12 +116,10 @@ def _expected_ignored(name: str, cfg: ModelConfig) -> bool:
 
 
 def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: str, dtype: torch.dtype,
-                 device: torch.device, progress: bool = True, tp=None) -> None:
+                 device: torch.device, progress: bool = True, tp: TP = NO_TP) -> None:
     """Load a checkpoint into `model`; with tensor parallelism (`tp`, model/parallel.py) each tensor is
     cut to this rank's slice before its shape is checked."""
     from safetensors import safe_open
-    from gemma4rt.model.parallel import NO_TP, shard
-    tp = tp or NO_TP
     params = dict(model.named_parameters())
     files = checkpoint_files(model_dir)
     loaded: set[str] = set()
@@ -194,9 +193,10 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
     for name, p in model.named_parameters():
         shape = tuple(p.shape)
         if per_name_seeds:
-            g.manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
+            s = seed * 1000003 + zlib.crc32(name.encode())
+            g.manual_seed(s)
             if gd is not None:
-                gd.manual_seed(seed * 1000003 + zlib.crc32(name.encode()))
+                gd.manual_seed(s)
         leaf = name.rsplit(".", 1)[-1]
         if len(shape) == 0:      # clipped-linear bounds of the encoders: no clipping
             set_tensor(model, name, torch.tensor(float("-inf") if leaf.endswith("_min") else float("inf"),

@@ -16,10 +16,7 @@ from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
 DECODE_MAX_Q = 8        # a step of at most this many query rows per request runs decode tiles (16 rows)
-# (A mixed step's attention as two launches, decode tiles for its decode rows and 64-row tiles for its prompt
-# rows, was built and measured on an H200 and was not faster: 12B batch 100 + a 600-token prompt, GPU time
-# 47.0 vs 45.4 ms per step, 26B-A4B 47.1 vs 46.5 ms. The prompt launch's own merge cost more than the
-# decode tiles it spared.)
+# (one launch per step, decode and prompt rows alike: two launches per mixed step measured slower, RESULTS.md)
 CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
 # Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
 # (request x KV head) grid already fills the GPU: many short CTAs balance uneven contexts and leave no

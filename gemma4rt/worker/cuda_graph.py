@@ -94,6 +94,7 @@ class StepGraphs:
         self.h_cu = host((B + 1,), 0, dtype=torch.int32)
         self.h_lens = host((B,), 1, dtype=torch.int32)
         self.h_logit_rows = host((B,), 0, dtype=torch.long)
+        self.h_arange = torch.arange(B + 1, dtype=torch.long)        # padded decode rows: cu and logit rows
         self.h_slots = {n: host((T,), -1, dtype=torch.long) for n in self.width}
         self.h_tables = {n: host((B * w,), self.scratch[n], dtype=torch.int32) for n, w in self.width.items()}
 
@@ -209,11 +210,11 @@ class StepGraphs:
         self.h_pos[T:t] = 0
         self.h_cu[:B + 1] = torch.from_numpy(arr.cu_seqlens)
         # padded requests: one token each at decode (their rows read the scratch page); none when mixed
-        self.h_cu[B + 1:b + 1] = (torch.arange(B + 1, b + 1, dtype=torch.int32) if kind == DECODE else T)
+        self.h_cu[B + 1:b + 1] = self.h_arange[B + 1:b + 1] if kind == DECODE else T
         self.h_lens[:B] = torch.from_numpy(arr.seq_lens)
         self.h_lens[B:b] = 1
         self.h_logit_rows[:N] = torch.from_numpy(arr.logits_indices)
-        self.h_logit_rows[N:b] = (torch.arange(N, b) if kind == DECODE else 0)
+        self.h_logit_rows[N:b] = self.h_arange[N:b] if kind == DECODE else 0
         self.input_ids[:t].copy_(self.h_ids[:t], non_blocking=True)
         self.positions[:t].copy_(self.h_pos[:t], non_blocking=True)
         self.cu[:b + 1].copy_(self.h_cu[:b + 1], non_blocking=True)
