@@ -89,7 +89,7 @@ if has targets && [ "$(left)" -gt 90 ]; then
     echo "$m rc=$? ($(elapsed)s)"; grep -vE "^\s*$|Warning|warn|profiler_st" "$OUT/one_batch_$m.log" | tail -8
     [ -f "$OUT/profile_$m.txt" ] && head -${PROFILE_LINES:-16} "$OUT/profile_$m.txt"
     if [ -n "${COMPARE_ENV:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row under other settings
-      env $COMPARE_ENV timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
+      env ${COMPARE_ENV:-} timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
         --batch-size 1 --input-len 1024 --output-len 32 --output-file "$OUT/one_batch_cmp.jsonl" \
         --profile "$OUT/profile_cmp_$m.txt" >"$OUT/one_batch_cmp_$m.log" 2>&1
       echo "$m with $COMPARE_ENV rc=$?"; grep -E "batch-1 TPOT|GPU kernel time" "$OUT/one_batch_cmp_$m.log"
@@ -111,7 +111,7 @@ if has batch && [ "$(left)" -gt 90 ]; then
       [ -f "$f" ] && head -${PROFILE_LINES:-12} "$f" | cut -c1-160
     done
     if [ -n "${COMPARE_ENV:-}${COMPARE_ARGS:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row, other settings
-      env $COMPARE_ENV timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
+      env ${COMPARE_ENV:-} timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
         ${COMPARE_ARGS:-} --batch-size $bs --input-len 1024 --output-len 16 --output-file "$OUT/one_batch_bs${bs}_cmp.jsonl" \
         --profile "$OUT/profile_bs${bs}_cmp_$m.txt" --profile-prompt "$OUT/profile_bs${bs}_prompt_cmp_$m.txt" \
         --profile-prompt-len ${PROMPT_LEN:-600} >"$OUT/one_batch_bs${bs}_cmp_$m.log" 2>&1

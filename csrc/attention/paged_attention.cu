@@ -281,6 +281,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttnParams p
   const int tok = (int)(th / p.H), head = (int)(th % p.H);
   const int S = p.num_splits, D = p.D, cols = D / 4, groups = kMergeThreads / cols;
   const int64_t stride = (int64_t)p.T * p.H;
+  if (tok >= p.cu_seqlens_q[p.B]) {
+    // a padded row (a CUDA graph's tokens past the last request): no CTA wrote its partials; zero it
+    if (threadIdx.x < cols) {
+      T* orow = static_cast<T*>(p.out) + (int64_t)tok * p.so_t + (int64_t)head * p.so_h + threadIdx.x * 4;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) orow[i] = from_f<T>(0.f);
+    }
+    return;
+  }
   float* wsh = msh;                 // [S] split weights
   float* part = msh + S;            // [groups][D] partial sums
   float* red = part + groups * D;   // reduction scratch

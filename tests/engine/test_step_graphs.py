@@ -46,3 +46,24 @@ def test_token_buckets():
     assert b[0] == 128 and b[-1] == 5000 and b == sorted(set(b))
     assert max(y - x for x, y in zip(b, b[1:])) <= 512
     assert all(y - x == 128 for x, y in zip(b, b[1:]) if y <= 1024)
+
+
+def test_mixed_request_cap(tiny_checkpoint, monkeypatch):
+    """Steps with more requests than the mixed graphs' request count (MIXED_MAX_BS) run eagerly; decode
+    steps still use graphs up to --cuda-graph-max-bs."""
+    from gemma4rt.worker import cuda_graph
+    monkeypatch.setattr(cuda_graph, "MIXED_MAX_BS", 3)
+    path = tiny_checkpoint("dense", text_only=True)
+    llm = LLM(path, device="cpu", seed=0, max_running_requests=6, chunked_prefill_size=40)
+    r = llm.engine.runner
+    g = StepGraphs(r, max_bs=6, max_tokens=100, capture=False)
+    assert g.mixed_bs == 3 and g.max_bs == 6
+    seen = []
+    run = g.run
+    g.run = lambda arr, kind=DECODE: (seen.append((kind, int(arr.seq_lens.shape[0]))), run(arr, kind))[1]
+    r.graphs = g
+    prompts = [[2] + [(5 * i + j) % 90 + 5 for j in range(n)] for i, n in enumerate([5, 70, 12, 33, 60, 8])]
+    out = llm.generate(prompts, [SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)] * 6)
+    assert all(len(o.token_ids) == 8 for o in out)
+    assert any(k == MIXED for k, _ in seen) and any(k == DECODE and n > 3 for k, n in seen), seen
+    assert all(n <= 3 for k, n in seen if k == MIXED), seen

@@ -120,6 +120,47 @@ def test_mixed_step(dtype, D, H, KVH):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D,H,KVH", [(256, 8, 1), (512, 8, 1), (256, 16, 8)])
+def test_decode_tiles_with_prompt_rows(dtype, D, H, KVH):
+    """Steps of at most DECODE_MAX_Q tokens per request on average run decode tiles, though one request may
+    carry a prompt chunk far longer (decode rows beside a chunk with a cached prefix)."""
+    torch.manual_seed(D + H + 1)
+    for q_lens, seq in [([1, 14], [702, 34]), ([1] * 50 + [300], [int(x) for x in torch.randint(1, 1500, (50,))] + [700])]:
+        seq = [max(s, n) for s, n in zip(seq, q_lens)]
+        q, kc, vc, table, cu, sl, _ = make_batch(q_lens, seq, H, KVH, D, dtype)
+        q = q / D ** 0.5
+        for window in (None, 512, 100):
+            plan = check(q, kc, vc, table, cu, sl, window, None, dtype)
+            assert plan.warps_m == 1, plan
+            check(q, kc, vc, table, cu, sl, window, None, dtype, forced_splits=3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D,H,KVH", [(256, 8, 1), (512, 16, 2)])
+def test_padded_rows_zero_out(dtype, D, H, KVH):
+    """A mixed CUDA graph's step: tokens past cu_seqlens_q[-1] and requests of no tokens (seq_len 1, the
+    scratch page); zero_out=True gives zero rows there (split merge included) and the real rows unchanged."""
+    torch.manual_seed(D + H + 2)
+    q_lens, seq = [1, 14, 6], [702, 34, 6]
+    q, kc, vc, table, cu, sl, _ = make_batch(q_lens, seq, H, KVH, D, dtype, extra_pages=1)
+    q = q / D ** 0.5
+    T, B, Tp, Bp = q.shape[0], len(q_lens), 128, 8
+    qp = torch.randn(Tp, H, D, device=DEV, dtype=dtype)
+    qp[:T] = q
+    cup = torch.cat([cu, torch.full((Bp - B,), T, dtype=cu.dtype, device=DEV)])
+    slp = torch.cat([sl, torch.ones(Bp - B, dtype=sl.dtype, device=DEV)])
+    scratch = kc.shape[0] - 1
+    tp = torch.full((Bp, 4096 // kc.shape[1]), scratch, dtype=torch.int32, device=DEV)
+    tp[:B, :table.shape[1]] = table
+    for window in (None, 512):
+        exp = ref.paged_attention(q, kc, vc, table, cu, sl, window, None, 1.0)
+        torch.empty(1 << 28, dtype=torch.uint8, device=DEV).fill_(0xFF)      # poison the allocator's reuse
+        out = attention.paged_attention(qp, kc, vc, tp, cup, slp, window, None, 1.0, zero_out=True)
+        assert_close(out[:T], exp, dtype, f"real rows window={window}", rel=2e-2 if dtype == torch.bfloat16 else 5e-3)
+        assert (out[T:] == 0).all(), f"padded rows not zero (window={window})"
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("D,H,KVH", [(256, 8, 4), (512, 8, 1)])
 def test_prefill_varlen_chunked(dtype, D, H, KVH):
     torch.manual_seed(3)
