@@ -8,8 +8,8 @@ store nothing) and replays. The attention plan (page tables, lengths) is data, o
 Sampling runs after the replay, eagerly.
 
 Mixed graphs (`--cuda-graph-max-tokens N` > 0) cover steps whose requests carry any number of tokens
-(decode rows beside prompt chunks), at most N tokens and min(`--cuda-graph-max-bs`, MIXED_MAX_BS)
-requests: captured for token buckets with the request count fixed at that maximum. A step's tokens
+(decode rows beside prompt chunks), at most N tokens and `--cuda-graph-max-bs`
+requests: captured for token buckets with the request count fixed at the maximum. A step's tokens
 are padded to its bucket; the padded tokens belong to no request (the requests past the real ones own
 no rows), store nothing, and their attention output is zeroed (the split merge writes zero rows there),
 so that every later op sees finite rows. Such a step replays one graph instead of launching each of its
@@ -51,12 +51,6 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 DECODE, MIXED = "decode", "mixed"
-# Request count of the mixed graphs (steps with more requests run eagerly). On an H200 with 1024-token
-# graphs they captured at 100 requests (E2B, dummy weights, the server's 131072-token context) and captured
-# and ran at 101 in bench.one_batch (batch 100 + one prompt; E2B and 26B-A4B), while capture at 160 (the
-# default --cuda-graph-max-bs) hit an illegal memory access in the warm-up's attention launch, with decode
-# or prefill tiles alike. Until that is understood they stay at the counts that ran.
-MIXED_MAX_BS = 101
 
 
 class StepGraphs:
@@ -67,8 +61,7 @@ class StepGraphs:
         self.device = runner.device
         self.max_bs = max_bs
         self.buckets = buckets(max_bs)
-        self.mixed_bs = min(max_bs, MIXED_MAX_BS)
-        self.max_tokens = max(max_tokens, self.mixed_bs) if max_tokens > 0 else 0
+        self.max_tokens = max(max_tokens, max_bs) if max_tokens > 0 else 0
         self.token_buckets = token_buckets(self.max_tokens) if self.max_tokens else []
         self.do_capture = capture
         dev = self.device
@@ -140,8 +133,8 @@ class StepGraphs:
 
     def _ctx(self, kind: str, n: int, c: int) -> ForwardContext:
         """The static context of graph (kind, n, c): n requests of one token (decode) or n tokens of
-        mixed_bs requests (mixed)."""
-        b, t = (n, n) if kind == DECODE else (self.mixed_bs, n)
+        max_bs requests (mixed)."""
+        b, t = (n, n) if kind == DECODE else (self.max_bs, n)
         return ForwardContext(
             input_ids=self.input_ids[:t], positions=self.positions[:t], cu_seqlens_q=self.cu[:b + 1],
             seq_lens=self.seq_lens[:b], page_tables={k: v[:b, :self._w(k, c)] for k, v in self.tables.items()},
@@ -151,6 +144,23 @@ class StepGraphs:
             # mixed: the rows of padded tokens are no request's (zeroed attention output), and every
             # layer runs every row (no KV-shared-layer row skipping, whose shapes follow the data)
             allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind == MIXED)
+
+    def _capture_inputs(self, kind: str, n: int) -> None:
+        """Valid static inputs to capture graph (kind, n, ·) with: every request of one token on the scratch
+        pages, storing nothing. A mixed graph may have more requests than tokens (max_bs requests, a
+        128-token bucket): the requests past its n tokens own none, and the logit rows stay below n. (An
+        arange over the requests there had them read and write rows past the buffers: on an H200 capture
+        at 160 requests hit an illegal memory access.)"""
+        b, t = (n, n) if kind == DECODE else (self.max_bs, n)
+        r = torch.arange(b + 1, dtype=torch.long)
+        self.cu[:b + 1].copy_(r.clamp(max=t))
+        self.logits_indices[:b].copy_(r[:b].clamp(max=t - 1))
+        self.seq_lens[:b].fill_(1)
+        self.input_ids[:t].zero_()
+        self.positions[:t].zero_()
+        for name, tb in self.tables.items():
+            tb.fill_(self.scratch[name])
+            self.slots[name].fill_(-1)
 
     def keys(self) -> list[tuple[str, int, int]]:
         return ([(DECODE, b, c) for c in self.ctx_buckets for b in self.buckets] +
@@ -163,6 +173,7 @@ class StepGraphs:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for key in reversed(self.keys()):                 # largest first: later ones reuse its memory
+                self._capture_inputs(*key[:2])
                 ctx = self._ctx(*key)
                 for _ in range(2):                     # warm up (autotuning, lazy init) outside capture
                     model.compute_logits(model(ctx))
@@ -195,7 +206,7 @@ class StepGraphs:
                 if not self.max_tokens or seq.sampling.params.prompt_logprobs or seq.mm_items:
                     return None
                 kind = MIXED
-        if kind == MIXED and (tokens > self.max_tokens or len(scheduled) > self.mixed_bs):
+        if kind == MIXED and tokens > self.max_tokens:
             return None
         return kind
 
@@ -207,7 +218,7 @@ class StepGraphs:
             b, t = n, n
         else:
             n = next(x for x in self.token_buckets if x >= T)
-            b, t = self.mixed_bs, n
+            b, t = self.max_bs, n
         c = next((x for x in self.ctx_buckets
                   if all(tb.shape[1] <= self._w(name, x) for name, tb in arr.page_tables.items())), None)
         if c is None:

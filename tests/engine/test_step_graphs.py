@@ -48,22 +48,24 @@ def test_token_buckets():
     assert all(y - x == 128 for x, y in zip(b, b[1:]) if y <= 1024)
 
 
-def test_mixed_request_cap(tiny_checkpoint, monkeypatch):
-    """Steps with more requests than the mixed graphs' request count (MIXED_MAX_BS) run eagerly; decode
-    steps still use graphs up to --cuda-graph-max-bs."""
-    from gemma4rt.worker import cuda_graph
-    monkeypatch.setattr(cuda_graph, "MIXED_MAX_BS", 3)
+
+def test_capture_inputs_valid_for_every_graph(tiny_checkpoint):
+    """The static inputs each graph is warmed up and captured with describe a valid step, also when a mixed
+    graph has more requests than tokens (max_bs 130, a 128-token bucket): offsets within the tokens, no
+    request with more tokens than its length, logit rows inside the step; and the forward runs on them."""
     path = tiny_checkpoint("dense", text_only=True)
-    llm = LLM(path, device="cpu", seed=0, max_running_requests=6, chunked_prefill_size=40)
-    r = llm.engine.runner
-    g = StepGraphs(r, max_bs=6, max_tokens=100, capture=False)
-    assert g.mixed_bs == 3 and g.max_bs == 6
-    seen = []
-    run = g.run
-    g.run = lambda arr, kind=DECODE: (seen.append((kind, int(arr.seq_lens.shape[0]))), run(arr, kind))[1]
-    r.graphs = g
-    prompts = [[2] + [(5 * i + j) % 90 + 5 for j in range(n)] for i, n in enumerate([5, 70, 12, 33, 60, 8])]
-    out = llm.generate(prompts, [SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)] * 6)
-    assert all(len(o.token_ids) == 8 for o in out)
-    assert any(k == MIXED for k, _ in seen) and any(k == DECODE and n > 3 for k, n in seen), seen
-    assert all(n <= 3 for k, n in seen if k == MIXED), seen
+    llm = LLM(path, device="cpu", seed=0, max_running_requests=130, chunked_prefill_size=200)
+    g = StepGraphs(llm.engine.runner, max_bs=130, max_tokens=200, capture=False)
+    assert (MIXED, 128, g.ctx_buckets[0]) in g.keys()
+    model = llm.engine.runner.model
+    for key in g.keys():
+        g._capture_inputs(*key[:2])
+        ctx = g._ctx(*key)
+        cu, lens, T = ctx.cu_seqlens_q, ctx.seq_lens, ctx.input_ids.shape[0]
+        assert int(cu[0]) == 0 and bool((cu[1:] >= cu[:-1]).all()) and int(cu[-1]) <= T, key
+        assert bool(((cu[1:] - cu[:-1]) <= lens).all()), key
+        assert int(ctx.logits_indices.max()) < T, key
+        assert bool((torch.cat(list(ctx.slot_mappings.values())) == -1).all()), key
+        if key[0] == MIXED or key[1] in (1, 130):
+            out = model.compute_logits(model(ctx))
+            assert out.shape[0] == ctx.logits_indices.shape[0] and bool(torch.isfinite(out).all()), key
