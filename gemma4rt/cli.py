@@ -51,6 +51,9 @@ FLAGS = [
     (["--scheduler-delay-factor"], "scheduler", "delay_factor", float,
      "while requests run, hold new prompts until the oldest has waited this many times the last prompt "
      "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
+    (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
+     "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); "
+     "experimental, --tp 1 only"),
     (["--tp", "--tp-size", "--tensor-parallel-size"], "parallel", "tp", int, "tensor-parallel ranks, one GPU each"),
     (["--host"], "server", "host", str, "bind address"),
     (["--port"], "server", "port", int, "HTTP port"),

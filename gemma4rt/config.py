@@ -63,6 +63,7 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     scheduler_recv_interval: int = 1
     delay_factor: float = 0.0            # vLLM's --scheduler-delay-factor (0: admit prompts at once)
+    overlap_schedule: bool = False       # schedule step k+1 while step k runs (--enable-overlap-schedule)
 
 
 @dataclass(frozen=True)

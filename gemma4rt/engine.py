@@ -37,6 +37,14 @@ class Engine:
         self.scheduler = Scheduler(engine_cfg.scheduler, engine_cfg.cache, self.pool_specs, self.model_info)
         self.num_steps = 0
         self.step_log = StepLog(self.scheduler)
+        self.overlap = engine_cfg.scheduler.overlap_schedule and hasattr(self.runner, "launch")
+        if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host):
+            # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers
+            # each step's per-layer-embedding rows by token id on the host
+            log.warning("overlap scheduling is off: it needs --tp 1 and no --ple-on-host")
+            self.overlap = False
+        self.scheduler.overlap = self.overlap
+        self._in_flight = None          # overlap: (plan, launched step) whose result is not processed yet
 
     @property
     def tokenizer_path(self) -> str:
@@ -52,12 +60,14 @@ class Engine:
         return self.scheduler.flush_cache()
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
 
     def step(self) -> TokenOutputs:
+        if self.overlap:
+            return self._step_overlapped()
         plan = self.scheduler.schedule()
         if plan is None:
             return self.scheduler.pop_outputs()
@@ -69,6 +79,35 @@ class Engine:
             result = StepResult(step_id=plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
         self.num_steps += 1
         self.step_log.record(plan, time.perf_counter() - t0)
+        return self.scheduler.process_result(result)
+
+
+    def _step_overlapped(self) -> TokenOutputs:
+        """Overlap scheduling: make and launch plan k while step k-1 still runs on the device, then
+        wait for step k-1's tokens and process them. The scheduler takes each plan as done when it is
+        made (placeholders for the sampled tokens, which the next step reads on the device)."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        launched = None
+        if plan is not None:
+            try:
+                launched = self.runner.launch(plan)
+            except Exception as e:
+                log.exception("step %d failed", plan.step_id)
+                launched = StepResult(step_id=plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
+            self.num_steps += 1
+        prev, self._in_flight = self._in_flight, (plan, launched) if plan is not None else None
+        if prev is None:
+            return self.scheduler.pop_outputs()
+        p_plan, p_launched = prev
+        result = p_launched
+        if not isinstance(result, StepResult):
+            try:
+                result = self.runner.collect(p_launched)
+            except Exception as e:
+                log.exception("step %d failed", p_plan.step_id)
+                result = StepResult(step_id=p_plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
+        self.step_log.record(p_plan, time.perf_counter() - t0)
         return self.scheduler.process_result(result)
 
 

@@ -40,7 +40,8 @@ class LLM:
                  context_length: Optional[int] = None, max_running_requests: int = 64,
                  chunked_prefill_size: int = 2048, page_size: int = 16,
                  max_total_tokens: Optional[int] = None, disable_radix_cache: bool = False,
-                 seed: int = 0, tp_size: int = 1, engine_config: Optional[EngineConfig] = None):
+                 seed: int = 0, tp_size: int = 1, overlap_schedule: bool = False,
+                 engine_config: Optional[EngineConfig] = None):
         from gemma4rt.engine import Engine
 
         cfg = engine_config or EngineConfig(
@@ -49,7 +50,8 @@ class LLM:
             cache=CacheConfig(page_size=page_size, max_total_tokens=max_total_tokens,
                               disable_radix_cache=disable_radix_cache),
             scheduler=SchedulerConfig(max_running_requests=max_running_requests,
-                                      chunked_prefill_size=chunked_prefill_size),
+                                      chunked_prefill_size=chunked_prefill_size,
+                                      overlap_schedule=overlap_schedule),
             parallel=ParallelConfig(tp=tp_size))
         self.engine = Engine(cfg)
         self._tokenizer = None

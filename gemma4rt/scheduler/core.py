@@ -39,7 +39,9 @@ class Scheduler(PageOps):
         self.running: list[Request] = []
         self.removed: list[str] = []
         self.pending: list[RequestOutput] = []
-        self.inflight: list[tuple[Request, ScheduledRequest]] = []
+        # (request, its share) of each plan whose result has not come back: one plan, or two with overlap
+        self.inflight: deque[list[tuple[Request, ScheduledRequest]]] = deque()
+        self.overlap = sched_cfg.overlap_schedule
         self.step_id = 0
         self._order = 0
         self.prefix_hit_tokens = 0
@@ -157,6 +159,7 @@ class Scheduler(PageOps):
         return None
 
     def _preempt(self, r: Request) -> None:
+        self._drop_pending(r)
         self._release_pages(r)
         if r.known_to_worker:
             self.removed.append(r.rid)
@@ -164,6 +167,14 @@ class Scheduler(PageOps):
         r.reset_for_recompute()
         self.waiting.appendleft(r)
         self.num_preemptions += 1
+
+    def _drop_pending(self, r: Request) -> None:
+        """Overlap: forget the tokens of r still in flight (r is recomputed from its known tokens; the
+        results of those steps are ignored: r is no longer running when they arrive)."""
+        if r.pending:
+            del r.token_ids[r.pending[0][0]:]
+            r.pending = []
+            r.hold = False
 
     def _new_request_data(self, r: Request) -> NewRequestData:
         return NewRequestData(
@@ -196,8 +207,13 @@ class Scheduler(PageOps):
         # 1) decodes first
         i = 0
         sliding = bool(self.sliding_pools)
+        held = 0
         while i < len(running):
             r = running[i]
+            if r.hold:                                # waits for its token of the step in flight
+                held += 1
+                i += 1
+                continue
             start = r.num_computed
             if start < len(r.token_ids) - 1:          # still in prefill
                 i += 1
@@ -219,13 +235,13 @@ class Scheduler(PageOps):
             scheduled.add(r.rid)
             budget -= end - start
             i += 1
-        if (not self.waiting or not admit) and len(chosen) == len(running):      # pure decode step
+        if (not self.waiting or not admit) and len(chosen) + held == len(running):      # pure decode step
             return self._finish_plan(chosen, [])
         # 2) running requests in the middle of a chunked prefill
         i = 0
         while i < len(running) and budget > 0:
             r = running[i]
-            if r.rid in scheduled:
+            if r.rid in scheduled or r.hold:
                 i += 1
                 continue
             if self.sliding_pools:
@@ -280,7 +296,8 @@ class Scheduler(PageOps):
         if not chosen:
             return None
         sched = []
-        inflight = self.inflight
+        inflight: list = []
+        self.inflight.append(inflight)
         SR = ScheduledRequest
         for (r, start, n, sample) in chosen:
             if r.known_to_worker and not r.pages_dirty:
@@ -305,10 +322,31 @@ class Scheduler(PageOps):
                     draft_token_ids=list(r.draft_token_ids) if sample and r.draft_token_ids else [])
             sched.append(sr)
             inflight.append((r, sr))
+        if self.overlap:
+            self._advance(inflight)
         self.step_id += 1
         removed, self.removed = self.removed, []
         return StepPlan(step_id=self.step_id, new_requests=new_reqs, scheduled=sched,
                         removed_rids=removed)
+
+    def _advance(self, inflight: list) -> None:
+        """Overlap: take the plan as done before its result comes back, so that the next plan can be made
+        while it runs: its chunks count as computed and each sampled request gets a placeholder for its
+        token, which the next step reads on the device. Held until the token is back: a request with a
+        grammar (its step may be deferred while the grammar compiles, and then yields no token), with
+        drafts, or which surely ends with this token (length). (Penalties need the token on the host too:
+        the worker then finishes the step in flight before sampling; no hold needed.)"""
+        ctx = self.context_length
+        for r, sr in inflight:
+            r.num_computed = sr.start + sr.num_tokens
+            if not sr.sample:
+                continue
+            r.pending.append((len(r.token_ids), sr))
+            r.token_ids.append(-1)
+            sp = r.sampling
+            if (sr.draft_token_ids or sp.grammar is not None
+                    or len(r.token_ids) - r.num_prompt_tokens >= sp.max_new_tokens or len(r.token_ids) >= ctx):
+                r.hold = True
 
     # ------------------------------------------------------------------------------------------
     # results
@@ -350,7 +388,9 @@ class Scheduler(PageOps):
 
     def process_result(self, result: StepResult) -> TokenOutputs:
         outputs, self.pending = self.pending, []
-        inflight, self.inflight = self.inflight, []
+        inflight = self.inflight.popleft() if self.inflight else []
+        if self.overlap:
+            return self._process_overlapped(result, inflight, outputs)
         if result.error is not None:
             for r, _ in inflight:
                 if r.status == Status.RUNNING:
@@ -434,3 +474,74 @@ class Scheduler(PageOps):
             else:
                 outputs.append(self._output(r, new, s, len(new)))
         return TokenOutputs(outputs=outputs)
+
+    def _process_overlapped(self, result: StepResult, inflight: list, outputs: list) -> TokenOutputs:
+        """process_result under overlap scheduling: the plan's chunks already count as computed
+        (_advance); each sampled token takes its placeholder's place. A request that finishes here may
+        have one more step in flight: that step's result is ignored (it is no longer running)."""
+        RUNNING = Status.RUNNING
+        if result.error is not None:
+            for r, _ in inflight:
+                if r.status == RUNNING:
+                    r.error = f"Worker error: {result.error}"
+                    self._finish(r, "error")
+                    outputs.append(self._output(r, []))
+            return TokenOutputs(outputs=outputs)
+        by_rid = {x.rid: x for x in result.sampled}
+        ctx = self.context_length
+        for r, sr in inflight:
+            if r.status is not RUNNING:
+                continue
+            s = by_rid.get(r.rid)
+            if s is not None and s.error is not None:
+                self._fail(r, s.error)
+                outputs.append(self.pending.pop())
+                continue
+            if not sr.sample:
+                if self.prefix_enabled:
+                    self._register(r)
+                if s is not None and s.prompt_logprobs is not None:
+                    outputs.append(self._output(r, [], s, 0))
+                continue
+            if not r.pending or r.pending[0][1] is not sr:
+                continue                     # preempted since (its placeholders were dropped)
+            pos = r.pending.pop(0)[0]
+            if s is not None and s.deferred:      # a grammar still compiling: recompute the last position
+                del r.token_ids[pos:]
+                r.pending, r.hold = [], False
+                r.num_computed = pos - 1
+                if s.prompt_logprobs is not None:
+                    outputs.append(self._output(r, [], s, 0))
+                continue
+            if s is None or len(s.token_ids) != 1:
+                self._fail(r, "The worker returned no token." if s is None or not s.token_ids
+                           else "Overlap scheduling got several tokens for one step.")
+                outputs.append(self.pending.pop())
+                continue
+            t = s.token_ids[0]
+            toks, sp = r.token_ids, r.sampling
+            toks[pos] = t
+            nout = pos - r.num_prompt_tokens
+            if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
+                r.finish_reason = "stop"
+                r.matched_stop = t
+            elif nout + 1 >= sp.max_new_tokens or pos + 1 >= ctx:
+                r.finish_reason = "length"
+            if not r.pending:
+                r.hold = False
+            if self.prefix_enabled and min(r.num_computed, pos + 1) // self.page_size > r.num_registered:
+                self._register_known(r, pos + 1)
+            fin = r.finish_reason
+            if fin is not None:
+                self._finish(r, fin)
+            outputs.append(self._output(r, [t], s, 1))
+        return TokenOutputs(outputs=outputs)
+
+    def _register_known(self, r: Request, known: int) -> None:
+        """_register over the computed positions whose tokens are known (not placeholders)."""
+        n = r.num_computed
+        r.num_computed = min(n, known)
+        try:
+            self._register(r)
+        finally:
+            r.num_computed = n

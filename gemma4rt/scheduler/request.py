@@ -22,6 +22,7 @@ class Request:
         "num_computed", "pages", "num_sent_pages", "known_to_worker", "num_cached_tokens",
         "stop_ids", "finish_reason", "matched_stop", "error", "draft_token_ids", "keys",
         "mm_spans", "bidi_spans", "order", "num_registered", "slide_lo", "ever_admitted", "cap", "slide_check", "pages_dirty",
+        "pending", "hold",
     )
 
     def __init__(self, req: AddRequest, stop_ids: frozenset, order: int):
@@ -52,6 +53,10 @@ class Request:
         self.cap = 0                  # tokens every pool's page table covers (a lower bound)
         self.slide_check = 0          # num_computed from which a sliding page may leave the window
         self.pages_dirty = False      # pages appended since the last plan
+        # overlap scheduling: positions of tokens sampled by steps in flight (placeholders in token_ids),
+        # and whether the request waits for them before its next step
+        self.pending: list[int] = []
+        self.hold = False
 
     @property
     def num_output_tokens(self) -> int:

@@ -210,7 +210,10 @@ class StepGraphs:
             return None
         return kind
 
-    def run(self, arr, kind: str = DECODE) -> Optional[torch.Tensor]:
+    def run(self, arr, kind: str = DECODE, fix=None) -> Optional[torch.Tensor]:
+        """Replay the graph for this step's arrays; None when no graph fits (the caller runs eagerly).
+        fix: (rows, tokens) device tensors written into the input ids after the copy (overlap scheduling:
+        tokens the previous step sampled, still on the device)."""
         B, T = int(arr.seq_lens.shape[0]), int(arr.input_ids.shape[0])
         N = int(arr.logits_indices.shape[0])
         if kind == DECODE:
@@ -235,6 +238,8 @@ class StepGraphs:
         self.h_logit_rows[:N] = torch.from_numpy(arr.logits_indices)
         self.h_logit_rows[N:b] = self.h_arange[N:b] if kind == DECODE else 0
         self.input_ids[:t].copy_(self.h_ids[:t], non_blocking=True)
+        if fix is not None:
+            self.input_ids.index_copy_(0, *fix)
         self.positions[:t].copy_(self.h_pos[:t], non_blocking=True)
         self.cu[:b + 1].copy_(self.h_cu[:b + 1], non_blocking=True)
         self.seq_lens[:b].copy_(self.h_lens[:b], non_blocking=True)

@@ -12,6 +12,7 @@ import torch
 from gemma4rt.ops import reference as ref
 from gemma4rt.ops import sampling as ops_sampling
 from gemma4rt.protocol import SamplingParams
+from gemma4rt.worker.transfer import to_device
 
 
 @dataclass
@@ -65,6 +66,15 @@ class Sampler:
                bitmask: Optional[torch.Tensor] = None, mask_rows: Optional[list[int]] = None) -> list[SampleResult]:
         """logits: [N, V] fp32, soft-capped; one row per state. bitmask / mask_rows: grammar masks
         (worker.constrained.GrammarSlots.fill) for the constrained rows. One result per row."""
+        return self.results(self.sample_device(logits, states, bitmask, mask_rows), states)
+
+    def sample_device(self, logits: torch.Tensor, states: list[SeqSamplingState],
+                      bitmask: Optional[torch.Tensor] = None, mask_rows: Optional[list[int]] = None,
+                      unseen: Optional[list[int]] = None) -> tuple:
+        """The device part of sample(): (chosen ids [N], and the chosen ids' logprobs [N] and the top
+        (values, ids) [N, k] when any state wants logprobs, else None), without a host sync.
+        unseen[i]: tokens of row i's request sampled by a step still in flight (overlap scheduling), not
+        yet in its state's counts: they count toward min_new_tokens and the seeded sampling step."""
         N, V = logits.shape
         dev = logits.device
         want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
@@ -107,36 +117,46 @@ class Sampler:
                     if 0 <= int(tid) < V:
                         edit()[i, int(tid)] += float(b)
             blocked = list(p.suppress_token_ids)
-            if s.num_output < p.min_new_tokens and s.grammar is None:     # a grammar decides its own end
+            n_out = s.num_output + (unseen[i] if unseen else 0)
+            if n_out < p.min_new_tokens and s.grammar is None:     # a grammar decides its own end
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
             if blocked:
-                edit()[i, torch.tensor([b for b in blocked if 0 <= b < V], dtype=torch.long, device=dev)] = float("-inf")
+                edit()[i, to_device([b for b in blocked if 0 <= b < V], dev, torch.long)] = float("-inf")
         if self.sample_limit is not None or self._never:
             edit().masked_fill_(self._blocked_mask(dev), float("-inf"))
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(edit(), bitmask, mask_rows)
-        temps = torch.tensor([s.params.temperature for s in states], device=dev, dtype=torch.float32)
+        temps = to_device([s.params.temperature for s in states], dev, torch.float32)
         greedy_all = all(s.params.is_greedy() for s in states)
         if greedy_all:
             chosen = torch.argmax(work, dim=-1)
         else:
-            top_k = torch.tensor([s.params.top_k for s in states], device=dev)
-            top_p = torch.tensor([s.params.top_p for s in states], device=dev, dtype=torch.float32)
-            min_p = torch.tensor([s.params.min_p for s in states], device=dev, dtype=torch.float32)
-            temps = torch.where(torch.tensor([s.params.is_greedy() for s in states], device=dev),
+            top_k = to_device([s.params.top_k for s in states], dev, torch.long)
+            top_p = to_device([s.params.top_p for s in states], dev, torch.float32)
+            min_p = to_device([s.params.min_p for s in states], dev, torch.float32)
+            temps = torch.where(to_device([s.params.is_greedy() for s in states], dev, torch.bool),
                                 torch.zeros_like(temps), temps)
-            seeds = torch.tensor([s.seed for s in states], dtype=torch.int64, device=dev)
-            steps = torch.tensor([s.num_output for s in states], dtype=torch.int64, device=dev)
+            seeds = to_device([s.seed for s in states], dev, torch.int64)
+            steps = to_device([s.num_output + (unseen[i] if unseen else 0) for i, s in enumerate(states)], dev,
+                              torch.int64)
             # one pass over the logits on the GPU (Philox noise keyed by (seed, step)); on the CPU
             # the reference with exponential noise from a generator seeded by (seed, step)
             chosen = ops_sampling.sample(work, temps, top_k, top_p, min_p, seeds, steps, None)
+        lps = None
+        if want_lp:
+            lps = ref.logprobs_topk(raw, chosen, max(s.params.top_logprobs for s in states))
+        return chosen, lps
+
+    @staticmethod
+    def results(sampled: tuple, states: list[SeqSamplingState]) -> list[SampleResult]:
+        """sample_device()'s tensors (on the host or not) as one SampleResult per row."""
+        chosen, lps = sampled
         chosen_list = chosen.tolist()
         results = []
+        want_lp = lps is not None
         if want_lp:
-            kmax = max(s.params.top_logprobs for s in states)
-            clp, tv, ti = ref.logprobs_topk(raw, chosen, kmax)
-            clp, tv, ti = clp.tolist(), tv.tolist(), ti.tolist()
+            clp, tv, ti = (x.tolist() for x in lps)
         for i, s in enumerate(states):
             lp = tl = None
             if want_lp and (s.params.logprobs or s.params.top_logprobs):

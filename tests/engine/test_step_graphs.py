@@ -17,9 +17,9 @@ def _generate(path, graphs: bool, family_kw):
         g = StepGraphs(r, max_bs=6, max_tokens=100, capture=False)
         run = g.run
 
-        def spy(arr, kind=DECODE):
+        def spy(arr, kind=DECODE, *a):
             kinds.append(kind)
-            return run(arr, kind)
+            return run(arr, kind, *a)
         g.run = spy
         r.graphs = g
     prompts = [[2] + [(7 * i + 3 * j) % 90 + 5 for j in range(n)] for i, n in enumerate([5, 70, 12, 33, 90, 8])]

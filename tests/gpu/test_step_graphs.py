@@ -54,7 +54,7 @@ def _run(runner, prompts, forced):
     runner.sampler.sample = lambda lg, *a, **k: (seen.append(lg.float().cpu().clone()), orig_sample(lg, *a, **k))[1]
     if runner.graphs is not None:
         orig_run = runner.graphs.run
-        runner.graphs.run = lambda arr, kind=DECODE: (kinds.append(kind), orig_run(arr, kind))[1]
+        runner.graphs.run = lambda arr, kind=DECODE, *a: (kinds.append(kind), orig_run(arr, kind, *a))[1]
     for i, step in enumerate(_schedule()):
         sched = [ScheduledRequest(rid=r, start=s, num_tokens=n, new_pages={}, sample=smp) for r, s, n, smp in step]
         res = runner.execute(StepPlan(step_id=i, new_requests=new if i == 0 else [], scheduled=sched, removed_rids=[]))

@@ -1,0 +1,128 @@
+"""Overlap scheduling (--enable-overlap-schedule): step k+1 is planned and launched before step k's tokens
+reach the host (the next step reads them on the device). Its outputs must be those of the synchronous
+engine: greedy and seeded sampling, log-probabilities, stop tokens, min_new_tokens, preemption, penalties
+and grammars (held back one step), prompt logprobs, aborts, prefix-cache reuse."""
+import re
+
+import pytest
+import torch
+
+from gemma4rt import LLM
+from gemma4rt.protocol import AddRequest, GrammarSpec, SamplingParams
+from gemma4rt.worker.model_runner import ModelRunner
+
+PROMPTS = [[2] + [(7 * i + 3 * j) % 90 + 5 for j in range(n)] for i, n in enumerate([5, 70, 12, 33, 90, 8, 3, 150])]
+
+
+def _params(stop=None):
+    return [SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=True,
+                           top_logprobs=2 if i == 3 else 0, ignore_eos=True, min_new_tokens=2 if i == 5 else 0,
+                           stop_token_ids=[stop[i]] if stop and stop[i] is not None else [])
+            for i in range(len(PROMPTS))]
+
+
+def _run(path, overlap, params, prompts=PROMPTS, **kw):
+    llm = LLM(path, device="cpu", seed=0, overlap_schedule=overlap, **kw)
+    assert llm.engine.overlap == overlap
+    return llm, llm.generate(prompts, params)
+
+
+def _same(a, b):
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason, (x.token_ids, y.token_ids)
+        if x.logprobs is not None:
+            torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), rtol=0, atol=1e-4)
+        assert x.top_logprobs == y.top_logprobs or torch.allclose(
+            torch.tensor([[v for _, v in t] for t in x.top_logprobs]),
+            torch.tensor([[v for _, v in t] for t in y.top_logprobs]), atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["e", "moe"])
+def test_overlap_equals_synchronous(tiny_checkpoint, family, monkeypatch):
+    path = tiny_checkpoint(family, text_only=family != "e")
+    kw = dict(max_running_requests=4, chunked_prefill_size=40)
+    _, first = _run(path, False, _params(), **kw)
+    # stop ids met mid-generation (the third token of every other request)
+    stop = [o.token_ids[2] if i % 2 == 0 and len(o.token_ids) > 3 else None for i, o in enumerate(first)]
+    _, sync = _run(path, False, _params(stop), **kw)
+    assert any(o.finish_reason == "stop" for o in sync)
+    fills = []
+    orig = ModelRunner._missing_tokens
+    monkeypatch.setattr(ModelRunner, "_missing_tokens", lambda self: (lambda f: (fills.append(f is not None), f)[1])(orig(self)))
+    _, over = _run(path, True, _params(stop), **kw)
+    _same(sync, over)
+    assert sum(fills) > 10, "decode steps did not read the previous step's tokens on the device"
+
+
+def test_overlap_with_preemption_and_prefix_reuse(tiny_checkpoint):
+    path = tiny_checkpoint("dense", text_only=True)
+    sp = [SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)] * 6
+    prompts = PROMPTS[:6]
+    kw = dict(max_running_requests=6, chunked_prefill_size=64, max_total_tokens=300)
+    llm_s, sync = _run(path, False, sp, prompts, **kw)
+    llm_o, over = _run(path, True, sp, prompts, **kw)
+    assert llm_o.engine.stats().num_preemptions > 0
+    _same(sync, over)
+
+
+def test_overlap_prefix_cache_reuse():
+    """The demo model (its sliding window keeps a 150-token prompt's pages cached): a second run of the
+    same prompts hits the prefix cache and gives the same tokens, as the synchronous engine does."""
+    prompt = [2] + [(11 * j) % 300 + 10 for j in range(150)]
+    sp = [SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_new_tokens=20, temperature=0.9, seed=4, ignore_eos=True)]
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(chunked_prefill_size=32, page_size=16, overlap_schedule=overlap)
+        first = llm.generate([prompt], sp[:1])
+        again = llm.generate([prompt, prompt[:120]], sp)
+        assert llm.engine.scheduler.prefix_hit_tokens > 0
+        runs.append(first + again)
+    _same(runs[0], runs[1])
+
+
+def test_overlap_held_requests_penalties_grammar_prompt_logprobs(tiny_checkpoint):
+    path = tiny_checkpoint("dense", text_only=True)
+    sp = [SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3,
+                         frequency_penalty=0.5),
+          SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True, prompt_logprobs=True, logprobs=True),
+          SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True),
+          SamplingParams(max_new_tokens=8, temperature=0.7, seed=5, ignore_eos=True)]
+    kw = dict(max_running_requests=4, chunked_prefill_size=32)
+    _, sync = _run(path, False, sp, PROMPTS[:4], **kw)
+    _, over = _run(path, True, sp, PROMPTS[:4], **kw)
+    _same(sync, over)
+
+
+def test_overlap_grammar_on_demo_model():
+    digits = SamplingParams(max_new_tokens=8, temperature=1.0, seed=3, grammar=GrammarSpec(kind="regex", value="[0-9]{3}"))
+    free = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    sync = LLM().generate([[2, 10, 11, 12], [2, 40, 41]], [free, digits])
+    over = LLM(overlap_schedule=True).generate([[2, 10, 11, 12], [2, 40, 41]], [free, digits])
+    assert re.fullmatch(r"[0-9]{3}", over[1].text), over[1].text
+    assert over[0].token_ids == sync[0].token_ids and over[1].token_ids == sync[1].token_ids
+
+
+def test_overlap_abort_mid_generation(tiny_checkpoint):
+    path = tiny_checkpoint("dense", text_only=True)
+    llm = LLM(path, device="cpu", seed=0, overlap_schedule=True, max_running_requests=4)
+    eng = llm.engine
+    sp = SamplingParams(max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        assert eng.add_request(AddRequest(rid=f"a{i}", prompt_token_ids=PROMPTS[i], sampling=sp)) is None
+    got = {f"a{i}": [] for i in range(3)}
+    fin = {}
+    steps = 0
+    while eng.has_work():
+        steps += 1
+        if steps == 6:
+            assert eng.abort("a1")
+        for o in eng.step().outputs:
+            got[o.rid].extend(o.new_token_ids)
+            if o.finish_reason:
+                fin[o.rid] = o.finish_reason
+    assert fin == {"a0": "length", "a1": "abort", "a2": "length"}
+    assert len(got["a0"]) == 30 and len(got["a2"]) == 30 and len(got["a1"]) < 30
+    ref = LLM(path, device="cpu", seed=0, max_running_requests=4).generate([PROMPTS[0], PROMPTS[2]], sp)
+    assert got["a0"] == ref[0].token_ids and got["a2"] == ref[1].token_ids
+    assert not eng.scheduler.running and not eng.scheduler.inflight and eng._in_flight is None
