@@ -19,7 +19,8 @@
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
 #              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
-#              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags)
+#              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags), and
+#              again with $SERVER_COMPARE_ARGS added when set (e.g. "--enable-overlap-schedule")
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py, then batch-1 and
@@ -160,6 +161,13 @@ if has serving && [ "$(left)" -gt 90 ]; then
     --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" \
     "--server-args=${SERVER_ARGS:-}" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
+  if [ -n "${SERVER_COMPARE_ARGS:-}" ] && [ "$(left)" -gt 90 ]; then     # the same run with other server flags
+    mkdir -p "$OUT/cmp"
+    timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
+      --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT/cmp" \
+      "--server-args=${SERVER_ARGS:-} $SERVER_COMPARE_ARGS" >"$OUT/serving_cmp.log" 2>&1
+    echo "== serving with $SERVER_COMPARE_ARGS"; tail -4 "$OUT/serving_cmp.log"
+  fi
 fi
 
 image_run() {   # $1 = model name
