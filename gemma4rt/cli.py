@@ -12,13 +12,13 @@ import logging
 from typing import Optional
 
 from gemma4rt.config import (
-    CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ServerConfig,
+    CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, ServerConfig, SpeculativeConfig,
 )
 
 log = logging.getLogger("gemma4rt.cli")
 
 _SECTIONS = {"engine": EngineConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "parallel": ParallelConfig, "server": ServerConfig}
+             "parallel": ParallelConfig, "server": ServerConfig, "speculative": SpeculativeConfig}
 
 # (flags, section, field, type, help); type "flag" = store_true
 FLAGS = [
@@ -54,6 +54,15 @@ FLAGS = [
     (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
      "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); "
      "experimental, --tp 1 only"),
+    (["--speculative-algorithm"], "speculative", "algorithm", str,
+     "NEXTN (also EAGLE, MTP): speculative decoding with the Gemma 4 assistant drafter named by "
+     "--speculative-draft-model-path (greedy requests; a chain of drafts verified by the target)"),
+    (["--speculative-draft-model-path"], "speculative", "draft_model_path", str,
+     "the target's -assistant checkpoint (local path or hub id; a built-in name with --load-format dummy)"),
+    (["--speculative-num-steps"], "speculative", "num_steps", int, "drafts per step"),
+    (["--speculative-num-draft-tokens"], "speculative", "num_draft_tokens", int,
+     "tokens a verification step scores: num_steps + 1 (a chain)"),
+    (["--speculative-eagle-topk"], "speculative", "eagle_topk", int, "draft branches per step: 1 (a chain)"),
     (["--tp", "--tp-size", "--tensor-parallel-size"], "parallel", "tp", int, "tensor-parallel ranks, one GPU each"),
     (["--host"], "server", "host", str, "bind address"),
     (["--port"], "server", "port", int, "HTTP port"),
@@ -84,9 +93,7 @@ IGNORED_FLAGS = {
     "--decode-attention-backend": 1, "--mm-attention-backend": 1, "--dp-size": 1, "--pp-size": 1,
     "--ep-size": 1, "--max-prefill-tokens": 1, "--enable-mixed-chunk": 0, "--schedule-conservativeness": 1,
     "--enable-priority-scheduling": 0, "--swa-full-tokens-ratio": 1, "--stream-interval": 1,
-    "--incremental-streaming-output": 0, "--disable-piecewise-cuda-graph": 0, "--speculative-algorithm": 1,
-    "--speculative-draft-model-path": 1, "--speculative-num-steps": 1, "--speculative-eagle-topk": 1,
-    "--speculative-num-draft-tokens": 1, "--grammar-backend": 1, "--sampling-defaults": 1,
+    "--incremental-streaming-output": 0, "--disable-piecewise-cuda-graph": 0, "--grammar-backend": 1, "--sampling-defaults": 1,
     "--enable-cache-report": 0, "--log-requests": 0, "--log-requests-level": 1, "--allow-auto-truncate": 0,
     "--watchdog-timeout": 1, "--skip-server-warmup": 0, "--enable-deterministic-inference": 0,
     "--admin-api-key": 1, "--hf-chat-template-name": 1, "--completion-template": 1,
@@ -160,7 +167,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
         vals[s][f] = v
     srv = ServerConfig(**vals["server"])
     eng = EngineConfig(cache=CacheConfig(**vals["cache"]), scheduler=SchedulerConfig(**vals["scheduler"]),
-                       parallel=ParallelConfig(**vals["parallel"]), **vals["engine"])
+                       parallel=ParallelConfig(**vals["parallel"]), speculative=SpeculativeConfig(**vals["speculative"]),
+                       **vals["engine"])
     for p, flag in ((srv.reasoning_parser, "--reasoning-parser"), (srv.tool_call_parser, "--tool-call-parser")):
         if p not in (None, "gemma4", "auto"):
             ap.error(f"{flag}: only 'gemma4' is supported, got {p!r}")
@@ -171,6 +179,20 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
     for k, v in srv.mm_processor_kwargs.items():
         if k != "max_soft_tokens" or v not in (70, 140, 280, 560, 1120):
             ap.error(f"--mm-processor-kwargs: only max_soft_tokens in 70, 140, 280, 560, 1120 is supported, got {k}={v!r}")
+    sp = eng.speculative
+    if sp.algorithm is not None or sp.draft_model_path is not None:
+        if (sp.algorithm or "").upper() not in ("NEXTN", "EAGLE", "MTP"):
+            ap.error(f"--speculative-algorithm: NEXTN, EAGLE or MTP (the assistant drafter), got {sp.algorithm!r}")
+        if not sp.draft_model_path:
+            ap.error("--speculative-algorithm needs --speculative-draft-model-path (the target's -assistant model)")
+        if not 1 <= sp.num_steps <= 7:
+            ap.error(f"--speculative-num-steps must be 1..7 (a verification step scores at most 8 tokens), got {sp.num_steps}")
+        if sp.num_draft_tokens is not None and sp.num_draft_tokens != sp.num_steps + 1:
+            ap.error(f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 (a chain), got {sp.num_draft_tokens}")
+        if sp.eagle_topk != 1:
+            ap.error(f"--speculative-eagle-topk: only 1 (a chain of drafts) is implemented, got {sp.eagle_topk}")
+        if eng.parallel.tp != 1:
+            ap.error("speculative decoding runs with --tp 1 only")
     if eng.parallel.tp < 1:
         ap.error(f"--tp must be at least 1, got {eng.parallel.tp}")
     if eng.cache.kv_cache_dtype not in ("auto", "bfloat16", "bf16"):

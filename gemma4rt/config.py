@@ -72,6 +72,17 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with a Gemma 4 assistant (MTP) drafter (SGLang's flags). Every algorithm name
+    SGLang maps to it (NEXTN, EAGLE, MTP) means the same here: a chain of num_steps drafts per step."""
+    algorithm: Optional[str] = None            # NEXTN | EAGLE | MTP
+    draft_model_path: Optional[str] = None
+    num_steps: int = 3
+    num_draft_tokens: Optional[int] = None     # a chain: num_steps + 1
+    eagle_topk: int = 1
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_path: Optional[str] = None     # None: the built-in demo model
     served_model_name: Optional[str] = None
@@ -84,6 +95,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     disable_cuda_graph: bool = False
     ple_on_host: bool = False            # E2B/E4B: keep the per-layer-embedding table in pinned host memory
     cuda_graph_max_bs: int = 160

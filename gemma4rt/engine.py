@@ -36,12 +36,13 @@ class Engine:
         self.pool_specs = list(self.runner.pool_specs)
         self.scheduler = Scheduler(engine_cfg.scheduler, engine_cfg.cache, self.pool_specs, self.model_info)
         self.num_steps = 0
-        self.step_log = StepLog(self.scheduler)
+        self.step_log = StepLog(self.scheduler, self.runner)
         self.overlap = engine_cfg.scheduler.overlap_schedule and hasattr(self.runner, "launch")
-        if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host):
+        if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host
+                             or engine_cfg.speculative.draft_model_path):
             # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers
             # each step's per-layer-embedding rows by token id on the host
-            log.warning("overlap scheduling is off: it needs --tp 1 and no --ple-on-host")
+            log.warning("overlap scheduling is off: it needs --tp 1, no --ple-on-host and no speculative decoding")
             self.overlap = False
         self.scheduler.overlap = self.overlap
         self._in_flight = None          # overlap: (plan, launched step) whose result is not processed yet
@@ -116,8 +117,9 @@ class StepLog:
     seconds spent in steps with prompt tokens and in pure decode steps, prompt tokens and media
     requests prefilled, decode rows per step, generated tokens per second, running and waiting."""
 
-    def __init__(self, scheduler, interval: float = 5.0):
-        self.scheduler, self.interval = scheduler, interval
+    def __init__(self, scheduler, runner=None, interval: float = 5.0):
+        self.scheduler, self.runner, self.interval = scheduler, runner, interval
+        self._spec_seen = (0, 0, 0)
         self._reset(time.perf_counter())
 
     def _reset(self, now: float) -> None:
@@ -147,4 +149,12 @@ class StepLog:
                      span, self.p_steps, self.p_tokens, self.media, self.p_s, self.d_steps,
                      self.d_rows / max(1, self.d_steps), 1e3 * self.d_s / max(1, self.d_steps),
                      self.d_rows / span, len(sc.running), len(sc.waiting))
+            r = self.runner
+            if getattr(r, "drafter", None) is not None:
+                cur = (r.spec_verify_rows, r.spec_drafted, r.spec_accepted)
+                rows, drafted, acc = (c - p for c, p in zip(cur, self._spec_seen))
+                self._spec_seen = cur
+                if rows:
+                    log.info("speculative: %d verifications, %d of %d drafts accepted, %.2f tokens per "
+                             "verification", rows, acc, drafted, 1 + acc / rows)
             self._reset(now)

@@ -160,6 +160,7 @@ class SampledTokens(msgspec.Struct, kw_only=True, array_like=True):
     error: Optional[str] = None       # this request failed (e.g. its grammar did not compile)
     deferred: bool = False            # no token this step (its grammar is still compiling): the
                                       # scheduler repeats the step's last position later
+    next_draft_ids: list[int] = []    # speculative decoding: drafts to verify after token_ids next step
 
 
 class StepResult(msgspec.Struct, kw_only=True):

@@ -460,7 +460,12 @@ class Scheduler(PageOps):
                         r.finish_reason = "length"
                         break
             r.num_computed = len(toks) - 1
-            if r.draft_token_ids:
+            # speculative decoding: the drafts the next step verifies, as many as can still be output
+            nd = s.next_draft_ids
+            if nd and r.finish_reason is None:
+                room = min(sp.max_new_tokens - (len(toks) - r.num_prompt_tokens), ctx - len(toks)) - 1
+                r.draft_token_ids = list(nd[:max(0, room)])
+            elif r.draft_token_ids:
                 r.draft_token_ids = []
             if prefix and r.num_computed // ps > r.num_registered:
                 self._register(r)

@@ -183,6 +183,19 @@ class ModelRunner:
         self._last_sampled: Optional[tuple[torch.Tensor, dict[str, int]]] = None
         self._step_missing: list[tuple[int, str]] = []
         self._open: Optional[_Launched] = None      # the launched step not collected yet
+        self.drafter, self.spec_steps = None, 0
+        self.spec_drafted = self.spec_accepted = self.spec_verify_rows = 0   # drafts verified / accepted
+        self._step_ctx = self._step_hidden = None    # the eager step's context and final hidden rows
+        spec = engine_cfg.speculative
+        if spec.draft_model_path:
+            if self.tp.size > 1:
+                raise ValueError("speculative decoding runs with --tp 1 only")
+            from gemma4rt.spec.drafter import load_drafter
+            self.drafter = load_drafter(spec.draft_model_path, self.config.text, self.dtype, self.device,
+                                        engine_cfg.load_format, engine_cfg.seed)
+            self.spec_steps = spec.num_steps
+            log.info("speculative decoding: drafter %s, %d drafts per step (greedy requests)",
+                     spec.draft_model_path, self.spec_steps)
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import StepGraphs
@@ -338,7 +351,10 @@ class ModelRunner:
         if not scheduled:
             return scheduled, errors, None, None
         logits = None
+        self._step_ctx = self._step_hidden = None
         kind = self.graphs.can_run(scheduled, self.seqs) if self.graphs is not None else None
+        if kind is not None and self.drafter is not None and any(self._spec_ok(self.seqs[sr.rid]) for sr in scheduled):
+            kind = None                  # the drafter needs the hidden states: an eager step
         if kind is not None:
             arr, rows = self._host_arrays(scheduled)
             logits = self.graphs.run(arr, kind, self._missing_tokens())
@@ -348,6 +364,8 @@ class ModelRunner:
             if fix is not None:
                 ctx.input_ids.index_copy_(0, *fix)
             hidden = self.model(ctx)
+            if self.drafter is not None:
+                self._step_ctx, self._step_hidden = ctx, hidden
             logits = self.model.compute_logits(hidden) if logits_needed else hidden
         return scheduled, errors, logits, rows
 
@@ -538,6 +556,7 @@ class ModelRunner:
     def _sample(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, rows) -> list[SampledTokens]:
         out: list[SampledTokens] = []
         sample_rows, sample_states, sample_idx = [], [], []
+        verify: list[tuple[int, int, int]] = []         # (index, first logit row, rows): draft verification
         for i, (sr, (first, n)) in enumerate(zip(scheduled, rows)):
             seq = self.seqs[sr.rid]
             st = SampledTokens(rid=sr.rid, token_ids=[])
@@ -550,11 +569,14 @@ class ModelRunner:
                 head: list = [None] if sr.start == 0 else []
                 st.prompt_logprobs = head + lp
                 st.prompt_top_logprobs = head + top
-            if sr.sample:
+            if sr.sample and sr.draft_token_ids:
+                verify.append((i, first, n))
+            elif sr.sample:
                 sample_rows.append(first + n - 1)
                 sample_states.append(seq.sampling)
                 sample_idx.append(i)
             out.append(st)
+        accepted = self._verify(scheduled, logits, verify, out) if verify else {}
         if sample_rows:
             # grammar masks on the CPU while the GPU still runs the forward pass
             bitmask, mask_rows, errors, pending = None, None, {}, ()
@@ -585,7 +607,86 @@ class ModelRunner:
                 for t in r.token_ids:
                     seq.token_ids.append(t)
                     seq.sampling.record(t)
+        if self.drafter is not None and self._step_hidden is not None:
+            self._draft_next(scheduled, rows, accepted, out)
         return out
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _spec_ok(self, seq) -> bool:
+        """Whether this request decodes speculatively: greedy, and nothing that makes a verification row's
+        choice differ from a plain step's (logprobs, penalties, bias, suppressed ids, grammars, pending
+        min_new_tokens)."""
+        st = seq.sampling
+        p = st.params
+        return (self.drafter is not None and p.is_greedy() and not p.logprobs and not p.top_logprobs
+                and not p.logit_bias and not p.suppress_token_ids and st.grammar is None
+                and not self.sampler._needs_penalties(p) and st.num_output >= p.min_new_tokens)
+
+    def _verify(self, scheduled, logits: torch.Tensor, verify: list, out: list) -> dict[int, int]:
+        """Greedy verification of a chain of drafts: the target's choice at each of the request's rows (the
+        known token, then each draft) is computed in one pass; drafts are accepted while they equal it, and
+        the first differing choice (or the one after the last draft) follows. The tokens are therefore those
+        of plain greedy decoding. Returns {request index: drafts accepted}."""
+        rows, states = [], []
+        for i, first, n in verify:
+            rows.extend(range(first, first + n))
+            states.extend([self.seqs[scheduled[i].rid].sampling] * n)
+        chosen = self.sampler.sample(logits[to_device(rows, logits.device, torch.long)], states)
+        k = 0
+        accepted = {}
+        for i, first, n in verify:
+            sr = scheduled[i]
+            got = [chosen[k + j].token_ids[0] for j in range(n)]
+            k += n
+            d = sr.draft_token_ids
+            a = 0
+            while a < len(d) and got[a] == d[a]:
+                a += 1
+            st = out[i]
+            st.token_ids = list(d[:a]) + [got[a]]
+            accepted[i] = a
+            self.spec_drafted += len(d)
+            self.spec_accepted += a
+            self.spec_verify_rows += 1
+            seq = self.seqs[sr.rid]
+            for t in st.token_ids:
+                seq.token_ids.append(t)
+                seq.sampling.record(t)
+        return accepted
+
+    def _draft_next(self, scheduled, rows, accepted: dict[int, int], out: list) -> None:
+        """Drafts for the next step of every speculative request that got a token now, from its newest
+        token and the target's hidden state that produced it (SampledTokens.next_draft_ids); accepted:
+        drafts accepted per verified request (its hidden row is the one after them)."""
+        idx, hrows, toks, pos = [], [], [], []
+        for i, (sr, (first, n)) in enumerate(zip(scheduled, rows)):
+            st = out[i]
+            seq = self.seqs[sr.rid]
+            if not st.token_ids or st.error or not self._spec_ok(seq):
+                continue
+            idx.append(i)
+            hrows.append(first + (accepted[i] if i in accepted else n - 1))
+            toks.append(st.token_ids[-1])
+            pos.append(len(seq.token_ids) - 1)
+        if not idx:
+            return
+        dev = self.device
+        ctx = self._step_ctx
+        sel = to_device(idx, dev, torch.long)
+        p = to_device(pos, dev, torch.long)
+        B = len(idx)
+        dctx = ForwardContext(
+            input_ids=to_device(toks, dev, torch.long), positions=p,
+            cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=dev), seq_lens=p.to(torch.int32),
+            page_tables={k: v[sel] for k, v in ctx.page_tables.items()},
+            slot_mappings={k: torch.full((B,), -1, dtype=torch.long, device=dev) for k in ctx.page_tables},
+            kv=self.kv, logits_indices=torch.arange(B, dtype=torch.long, device=dev), allow_shared_layer_skip=False)
+        lm = self.model.language_model
+        drafts = self.drafter.draft(dctx, dctx.input_ids, self._step_hidden[to_device(hrows, dev, torch.long)],
+                                    lm.embed_tokens.weight, lm.embed_scale(), self.spec_steps,
+                                    self.sampler.sample_limit).tolist()
+        for i, d in zip(idx, drafts):
+            out[i].next_draft_ids = d
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
