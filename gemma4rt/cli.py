@@ -54,6 +54,8 @@ FLAGS = [
     (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
      "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); "
      "experimental, --tp 1 only"),
+    (["--disable-overlap-schedule"], "scheduler", "disable_overlap_schedule", "flag",
+     "SGLang's flag: no overlap scheduling (already the default here; wins over --enable-overlap-schedule)"),
     (["--speculative-algorithm"], "speculative", "algorithm", str,
      "NEXTN (also EAGLE, MTP): speculative decoding with the Gemma 4 assistant drafter named by "
      "--speculative-draft-model-path (greedy requests; a chain of drafts verified by the target)"),

@@ -64,6 +64,7 @@ class SchedulerConfig:
     scheduler_recv_interval: int = 1
     delay_factor: float = 0.0            # vLLM's --scheduler-delay-factor (0: admit prompts at once)
     overlap_schedule: bool = False       # schedule step k+1 while step k runs (--enable-overlap-schedule)
+    disable_overlap_schedule: bool = False   # SGLang's flag: overlap off (it is off by default here)
 
 
 @dataclass(frozen=True)

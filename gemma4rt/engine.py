@@ -37,7 +37,8 @@ class Engine:
         self.scheduler = Scheduler(engine_cfg.scheduler, engine_cfg.cache, self.pool_specs, self.model_info)
         self.num_steps = 0
         self.step_log = StepLog(self.scheduler, self.runner)
-        self.overlap = engine_cfg.scheduler.overlap_schedule and hasattr(self.runner, "launch")
+        sc = engine_cfg.scheduler
+        self.overlap = sc.overlap_schedule and not sc.disable_overlap_schedule and hasattr(self.runner, "launch")
         if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host
                              or engine_cfg.speculative.draft_model_path):
             # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers

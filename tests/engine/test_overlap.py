@@ -126,3 +126,11 @@ def test_overlap_abort_mid_generation(tiny_checkpoint):
     ref = LLM(path, device="cpu", seed=0, max_running_requests=4).generate([PROMPTS[0], PROMPTS[2]], sp)
     assert got["a0"] == ref[0].token_ids and got["a2"] == ref[1].token_ids
     assert not eng.scheduler.running and not eng.scheduler.inflight and eng._in_flight is None
+
+
+def test_overlap_flags():
+    from gemma4rt.cli import parse_args
+    on, _, _ = parse_args(["--enable-overlap-schedule"])
+    both, _, _ = parse_args(["--enable-overlap-schedule", "--disable-overlap-schedule"])
+    assert on.scheduler.overlap_schedule and not on.scheduler.disable_overlap_schedule
+    assert LLM(engine_config=on).engine.overlap and not LLM(engine_config=both).engine.overlap
