@@ -58,7 +58,7 @@ FLAGS = [
      "SGLang's flag: no overlap scheduling (already the default here; wins over --enable-overlap-schedule)"),
     (["--speculative-algorithm"], "speculative", "algorithm", str,
      "NEXTN (also EAGLE, MTP): speculative decoding with the Gemma 4 assistant drafter named by "
-     "--speculative-draft-model-path (greedy requests; a chain of drafts verified by the target)"),
+     "--speculative-draft-model-path (a chain of drafts verified by the target; outputs as without it)"),
     (["--speculative-draft-model-path"], "speculative", "draft_model_path", str,
      "the target's -assistant checkpoint (local path or hub id; a built-in name with --load-format dummy)"),
     (["--speculative-num-steps"], "speculative", "num_steps", int, "drafts per step"),

@@ -194,7 +194,7 @@ class ModelRunner:
             self.drafter = load_drafter(spec.draft_model_path, self.config.text, self.dtype, self.device,
                                         engine_cfg.load_format, engine_cfg.seed)
             self.spec_steps = spec.num_steps
-            log.info("speculative decoding: drafter %s, %d drafts per step (greedy requests)",
+            log.info("speculative decoding: drafter %s, %d drafts per step",
                      spec.draft_model_path, self.spec_steps)
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
@@ -613,30 +613,32 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ speculative decoding
     def _spec_ok(self, seq) -> bool:
-        """Whether this request decodes speculatively: greedy, and nothing that makes a verification row's
-        choice differ from a plain step's (logprobs, penalties, bias, suppressed ids, grammars, pending
-        min_new_tokens)."""
+        """Whether this request decodes speculatively: anything but penalties and grammars, whose state
+        after each accepted draft the verification rows would need."""
         st = seq.sampling
-        p = st.params
-        return (self.drafter is not None and p.is_greedy() and not p.logprobs and not p.top_logprobs
-                and not p.logit_bias and not p.suppress_token_ids and st.grammar is None
-                and not self.sampler._needs_penalties(p) and st.num_output >= p.min_new_tokens)
+        return self.drafter is not None and st.grammar is None and not self.sampler._needs_penalties(st.params)
 
     def _verify(self, scheduled, logits: torch.Tensor, verify: list, out: list) -> dict[int, int]:
-        """Greedy verification of a chain of drafts: the target's choice at each of the request's rows (the
-        known token, then each draft) is computed in one pass; drafts are accepted while they equal it, and
-        the first differing choice (or the one after the last draft) follows. The tokens are therefore those
-        of plain greedy decoding. Returns {request index: drafts accepted}."""
-        rows, states = [], []
+        """Verification of a chain of drafts: at each of a request's rows (the known token, then each draft)
+        the target makes the choice a plain step would make there — the same sampler, with the seeded noise
+        of that output position (greedy: the argmax) — all in one pass; drafts are accepted while they equal
+        it, and the first differing choice (or the one after the last draft) follows. The tokens (and
+        log-probabilities) are therefore exactly those of plain decoding; a draft is accepted with the
+        target's probability of it, as in speculative sampling with a one-token draft distribution.
+        Returns {request index: drafts accepted}."""
+        rows, states, offsets = [], [], []
         for i, first, n in verify:
             rows.extend(range(first, first + n))
             states.extend([self.seqs[scheduled[i].rid].sampling] * n)
-        chosen = self.sampler.sample(logits[to_device(rows, logits.device, torch.long)], states)
+            offsets.extend(range(n))                    # row j chooses output num_output + j
+        chosen = Sampler.results(self.sampler.sample_device(logits[to_device(rows, logits.device, torch.long)],
+                                                            states, unseen=offsets), states)
         k = 0
         accepted = {}
         for i, first, n in verify:
             sr = scheduled[i]
-            got = [chosen[k + j].token_ids[0] for j in range(n)]
+            res = chosen[k:k + n]
+            got = [r.token_ids[0] for r in res]
             k += n
             d = sr.draft_token_ids
             a = 0
@@ -644,6 +646,10 @@ class ModelRunner:
                 a += 1
             st = out[i]
             st.token_ids = list(d[:a]) + [got[a]]
+            if res[0].logprobs is not None:
+                st.logprobs = [r.logprobs[0] for r in res[:a + 1]]
+            if res[0].top_logprobs is not None:
+                st.top_logprobs = [r.top_logprobs[0] for r in res[:a + 1]]
             accepted[i] = a
             self.spec_drafted += len(d)
             self.spec_accepted += a

@@ -1,7 +1,7 @@
 """Speculative decoding with the Gemma 4 assistant (MTP) drafter (--speculative-algorithm NEXTN): the
 drafter's step equals transformers' Gemma4AssistantForCausalLM on the target's K/V, and greedy verification
-gives exactly the tokens of plain greedy decoding whether the drafts are random (all rejected), right
-(all accepted) or right up to a point."""
+gives exactly the tokens of plain decoding (greedy or seeded sampling, with logprobs) whether the drafts are
+random (all rejected), right (all accepted) or right up to a point."""
 import pytest
 import torch
 
@@ -74,9 +74,20 @@ def _oracle(monkeypatch, refs, corrupt_after=None):
     monkeypatch.setattr(drafter_mod.Drafter, "draft", draft)
 
 
+def _mixed_params():
+    """Greedy, seeded sampling with top-k / top-p / min-p, logprobs with top logprobs, min_new_tokens."""
+    return [SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True),
+            SamplingParams(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True),
+            SamplingParams(max_new_tokens=15, temperature=0.0, logprobs=True, top_logprobs=2, ignore_eos=True),
+            SamplingParams(max_new_tokens=18, temperature=0.7, min_p=0.05, seed=3, min_new_tokens=6),
+            SamplingParams(max_new_tokens=25, temperature=1.0, seed=11, logprobs=True, ignore_eos=True)]
+
+
 @pytest.mark.parametrize("drafts", ["model", "right", "right_then_wrong"])
-def test_speculative_equals_greedy(ckpts, monkeypatch, drafts):
-    sp = [SamplingParams(max_new_tokens=8 + 5 * i, temperature=0.0, ignore_eos=i != 1) for i in range(len(PROMPTS))]
+def test_speculative_equals_plain_decoding(ckpts, monkeypatch, drafts):
+    """Greedy and seeded sampled requests alike: verification makes each row's plain choice (the seeded
+    noise of that output position), so the tokens and logprobs are exactly plain decoding's."""
+    sp = _mixed_params()
     plain = _llm(ckpts, False).generate(PROMPTS, sp)
     if drafts != "model":
         _oracle(monkeypatch, [p + o.token_ids for p, o in zip(PROMPTS, plain)],
@@ -85,6 +96,10 @@ def test_speculative_equals_greedy(ckpts, monkeypatch, drafts):
     spec = llm.generate(PROMPTS, sp)
     for a, b in zip(plain, spec):
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        if a.logprobs is not None:
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)
+        if a.top_logprobs is not None:
+            assert [[t for t, _ in x] for x in a.top_logprobs] == [[t for t, _ in x] for x in b.top_logprobs]
     r = llm.engine.runner
     assert r.spec_verify_rows > 10 and r.spec_drafted > 0
     if drafts == "right":
@@ -100,10 +115,10 @@ def _steps(ckpts, sp):
     return llm.engine.num_steps
 
 
-def test_sampled_requests_and_logprobs_decode_plainly(ckpts):
-    """Requests that sample or want logprobs get no drafts (and the same tokens as without a drafter)."""
-    sp = [SamplingParams(max_new_tokens=10, temperature=0.8, seed=3, ignore_eos=True),
-          SamplingParams(max_new_tokens=10, temperature=0.0, logprobs=True, ignore_eos=True)]
+def test_penalties_decode_plainly(ckpts):
+    """Requests with repetition penalties get no drafts (the same tokens as without a drafter)."""
+    sp = [SamplingParams(max_new_tokens=10, temperature=0.8, seed=3, repetition_penalty=1.2, ignore_eos=True),
+          SamplingParams(max_new_tokens=10, temperature=0.0, frequency_penalty=0.5, ignore_eos=True)]
     plain = _llm(ckpts, False).generate(PROMPTS[:2], sp)
     llm = _llm(ckpts, True)
     spec = llm.generate(PROMPTS[:2], sp)
