@@ -87,6 +87,7 @@ class StepGraphs:
         self.graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[str, int, int], torch.Tensor] = {}
         self.pool = None
+        self._staged: Optional[torch.cuda.Event] = None     # recorded after each step's staging copies
         # pinned host staging buffers (plain host memory without a GPU)
         pin = dev.type == "cuda"
         host = lambda *a, **k: torch.full(*a, **k).pin_memory() if pin else torch.full(*a, **k)  # noqa: E731
@@ -226,6 +227,10 @@ class StepGraphs:
                   if all(tb.shape[1] <= self._w(name, x) for name, tb in arr.page_tables.items())), None)
         if c is None:
             return None                                      # longer than the context: eager path
+        if self._staged is not None:
+            # the pinned staging buffers are rewritten below: the previous step's copies out of them must
+            # have run (with overlap scheduling the host gets here while that step may still be queued)
+            self._staged.synchronize()
         self.h_ids[:T] = torch.from_numpy(arr.input_ids)
         self.h_ids[T:t] = 0
         self.h_pos[:T] = torch.from_numpy(arr.positions)
@@ -258,6 +263,10 @@ class StepGraphs:
         if self.ple_rows is not None:
             self.ple_rows[:T].copy_(self.runner.ple_rows_from_host(arr.input_ids), non_blocking=True)
             self.ple_rows[T:t].zero_()
+        if self.device.type == "cuda":
+            if self._staged is None:
+                self._staged = torch.cuda.Event()
+            self._staged.record()
         key = (kind, n, c)
         if not self.do_capture:
             model = self.runner.model
