@@ -134,3 +134,23 @@ def test_overlap_flags():
     both, _, _ = parse_args(["--enable-overlap-schedule", "--disable-overlap-schedule"])
     assert on.scheduler.overlap_schedule and not on.scheduler.disable_overlap_schedule
     assert LLM(engine_config=on).engine.overlap and not LLM(engine_config=both).engine.overlap
+
+
+def test_overlap_through_graph_buffers(tiny_checkpoint):
+    """The CUDA-graph path's static buffers (StepGraphs(capture=False): the same copies and padding, run
+    eagerly): decode and mixed steps read the previous step's tokens on the device there too."""
+    from gemma4rt.worker.cuda_graph import DECODE, MIXED, StepGraphs
+    path = tiny_checkpoint("e")
+    outs, kinds = {}, {}
+    for overlap in (False, True):
+        llm = LLM(path, device="cpu", seed=0, overlap_schedule=overlap, max_running_requests=4, chunked_prefill_size=40)
+        g = StepGraphs(llm.engine.runner, max_bs=4, max_tokens=100, capture=False)
+        seen = []
+        run = g.run
+        g.run = lambda arr, kind=DECODE, fix=None: (seen.append((kind, fix is not None)), run(arr, kind, fix))[1]
+        llm.engine.runner.graphs = g
+        outs[overlap] = llm.generate(PROMPTS[:6], _params()[:6])
+        kinds[overlap] = seen
+    _same(outs[False], outs[True])
+    assert any(k == DECODE and f for k, f in kinds[True]) and any(k == MIXED and f for k, f in kinds[True])
+    assert not any(f for _, f in kinds[False])
