@@ -262,3 +262,23 @@ def test_image_request_through_two_tensor_parallel_ranks():
         assert r["choices"][0]["message"]["content"] == want
     finally:
         s.stop()
+
+
+def test_image_request_with_overlap_scheduling():
+    """--enable-overlap-schedule: an image prompt (prefilled in chunks beside nothing else) and its
+    decode steps, whose inputs come from the device, give transformers' greedy answer."""
+    from gemma4rt.frontend.mm_fetch import LoadedMedia, _digest, decode_image
+
+    img_uri = png_uri(image(48, 40, 5))
+    raw = base64.b64decode(img_uri.split(",", 1)[1])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                         {"type": "image_url", "image_url": {"url": img_uri}}]}]
+    want, exp = _reference(msgs, [LoadedMedia("image", decode_image(raw), _digest(raw), 0)])
+    s = Server("--enable-overlap-schedule", "--context-length", "4096", "--chunked-prefill-size", "48",
+               "--mm-processor-kwargs", json.dumps({"max_soft_tokens": BUDGET}), timeout=300)
+    try:
+        r = _ask(s, msgs)
+        assert r["usage"]["prompt_tokens"] == len(exp.token_ids)
+        assert r["choices"][0]["message"]["content"] == want
+    finally:
+        s.stop()
