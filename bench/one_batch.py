@@ -74,10 +74,10 @@ class StepTimer:
 def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, max_bs: int, input_len: int,
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
                  mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1,
-                 cuda_graph_max_tokens: int = 0):
+                 cuda_graph_max_tokens: int = 0, draft_model_path: Optional[str] = None, spec_steps: int = 3):
     """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
-    prompt-step profile)."""
-    from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    prompt-step profile). draft_model_path: speculative decoding with that assistant drafter."""
+    from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
     from gemma4rt.engine import Engine
 
     tokens = max_bs * (input_len + output_len) + 8 * page_size * max_bs
@@ -101,7 +101,9 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
         # with mixed graphs, room for the profiled prompt's request beside the batch
         cuda_graph_max_bs=max(max_bs, 1) + (1 if extra_prompt_len and cuda_graph_max_tokens else 0),
         cuda_graph_max_tokens=cuda_graph_max_tokens,
-        parallel=ParallelConfig(tp=tp))
+        parallel=ParallelConfig(tp=tp),
+        speculative=SpeculativeConfig(algorithm="NEXTN", draft_model_path=draft_model_path, num_steps=spec_steps)
+        if draft_model_path else SpeculativeConfig())
     return Engine(cfg)
 
 
@@ -260,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the first batch size's decode rows (the serving pattern: prompts arrive one by one "
                         "while a batch decodes); the same report as --profile, to FILE")
     p.add_argument("--profile-prompt-len", type=int, default=600)
+    p.add_argument("--speculative-draft-model-path", default=None,
+                   help="speculative decoding with this assistant drafter (a built-in name with --load-format dummy: "
+                        "random weights accept no draft, so the decode step time is the drafting + verification "
+                        "overhead per token)")
+    p.add_argument("--speculative-num-steps", type=int, default=3)
     return p
 
 
@@ -337,7 +344,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           page_size=a.page_size, seed=a.seed, disable_cuda_graph=a.disable_cuda_graph,
                           mem_fraction_static=a.mem_fraction_static,
                           extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp,
-                          cuda_graph_max_tokens=a.cuda_graph_max_tokens)
+                          cuda_graph_max_tokens=a.cuda_graph_max_tokens,
+                          draft_model_path=a.speculative_draft_model_path, spec_steps=a.speculative_num_steps)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0
