@@ -28,6 +28,7 @@ from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, S
 from gemma4rt.worker.constrained import GrammarSlots
 from gemma4rt.worker.kv_cache import allocate_pools, plan_pools
 from gemma4rt.worker.sampler import Sampler, SeqSamplingState, prompt_logprobs
+from gemma4rt.worker.page_tables import PageTableRows
 from gemma4rt.worker.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class _Seq:
     pages: dict[str, list[int]]
     sampling: SeqSamplingState
     mm_items: list = field(default_factory=list)
+    row: int = -1                       # its row in ModelRunner.page_rows
 
 
 class ModelRunner:
@@ -175,6 +177,9 @@ class ModelRunner:
                                *self._stand_in_vocab(text.vocab_size, self.model_info.eos_token_ids))
         self.grammars = GrammarSlots(self._load_tokenizer, text.vocab_size, self.model_info.eos_token_ids)
         self.seqs: dict[str, _Seq] = {}
+        self.page_rows = PageTableRows([s.name for s in self.pool_specs],
+                                       width=min(512, -(-self.context_length // min(s.page_size for s in self.pool_specs)) + 2),
+                                       rows=max(16, engine_cfg.scheduler.max_running_requests + 1))
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
         self._mm_rids: set[str] = set()     # requests that carry media
         self._grammar_rids: set[str] = set()  # requests with a grammar
@@ -285,8 +290,18 @@ class ModelRunner:
             self._grammar_rids.add(nr.rid)
         if nr.mm_items:
             self._mm_rids.add(nr.rid)
-        self.seqs[nr.rid] = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens,
-                                 {k: list(v) for k, v in nr.pages.items()}, st, list(nr.mm_items))
+        if nr.rid in self.seqs:          # (a plan re-adds a request it also removed: replace it)
+            self._drop(nr.rid)
+        seq = _Seq(nr.rid, list(nr.token_ids), nr.num_prompt_tokens, {k: list(v) for k, v in nr.pages.items()}, st,
+                   list(nr.mm_items), self.page_rows.alloc())
+        for k, v in nr.pages.items():
+            self.page_rows.extend(k, seq.row, v)
+        self.seqs[nr.rid] = seq
+
+    def _drop(self, rid: str) -> None:
+        seq = self.seqs.pop(rid, None)
+        if seq is not None:
+            self.page_rows.release(seq.row)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -338,7 +353,7 @@ class ModelRunner:
         errors of requests whose media failed, logits or None when nothing ran, logit rows per request);
         logits_needed=False (a rank that does not sample) may return any non-None stand-in."""
         for rid in plan.removed_rids:
-            self.seqs.pop(rid, None)
+            self._drop(rid)
             self._mm_rids.discard(rid)
             self._grammar_rids.discard(rid)
         for nr in plan.new_requests:
@@ -472,6 +487,7 @@ class ModelRunner:
         for b, (sr, seq) in enumerate(zip(scheduled, seqs)):
             for name, pages in sr.new_pages.items():
                 seq.pages[name].extend(pages)
+                self.page_rows.extend(name, seq.row, pages)
             t = seq.token_ids[sr.start:sr.start + sr.num_tokens]
             if len(t) < sr.num_tokens:
                 # overlap scheduling: the last input token was sampled by the step in flight and is
@@ -502,14 +518,11 @@ class ModelRunner:
         req_of_row = np.repeat(np.arange(B), ns)
         pos = np.arange(T, dtype=np.int64) + np.repeat(starts - cu[:-1], ns)
         tables, slot_maps = {}, {}
+        prow = np.fromiter((seq.row for seq in seqs), dtype=np.int64, count=B)
         for name, pool in self.kv.items():
             S = pool.page_size
-            width = max(1, max(len(seq.pages[name]) for seq in seqs))
-            table = np.full((B, width), -1, dtype=np.int32)
-            for b, seq in enumerate(seqs):
-                pg = seq.pages[name]
-                if pg:
-                    table[b, :len(pg)] = pg
+            table = self.page_rows.table(name, prow)
+            width = table.shape[1]
             lp = pos // S
             pages = np.where(lp < width, table[req_of_row, np.minimum(lp, width - 1)], -1)
             slot_maps[name] = np.where(pages >= 0, pages.astype(np.int64) * S + pos % S, -1)
@@ -719,7 +732,7 @@ class ModelRunner:
             ctx.logits_indices = torch.arange(n, device=self.device)
             return self.model.compute_logits(self.model(ctx))
         finally:
-            self.seqs.pop(rid, None)
+            self._drop(rid)
 
 
 _MSG_ENCODER = msgspec.msgpack.Encoder()
