@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gemma4rt import LLM
-from gemma4rt.config import EngineConfig, SchedulerConfig, SpeculativeConfig
+from gemma4rt.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from gemma4rt.protocol import SamplingParams
 from gemma4rt.spec import drafter as drafter_mod
 from gemma4rt.tools.tiny_checkpoint import load_tiny_model
@@ -138,3 +138,34 @@ def test_cli_flags():
                  "--speculative-num-draft-tokens", "8"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_speculative_with_preemption_and_stops(ckpts, monkeypatch):
+    """A KV pool too small for the batch (preemption and recompute mid-generation, drafts dropped) and
+    stop tokens inside accepted drafts: still plain decoding's tokens and finish reasons."""
+    t, d = ckpts
+    sp = [SamplingParams(max_new_tokens=40, temperature=0.0 if i % 2 else 0.8, seed=i, ignore_eos=True)
+          for i in range(4)]
+
+    def run(spec, stop=None, **kw):
+        cfg = EngineConfig(model_path=t, device="cpu", seed=0,
+                           cache=CacheConfig(max_total_tokens=kw.get("tokens", 1 << 14)),
+                           scheduler=SchedulerConfig(max_running_requests=4, chunked_prefill_size=64),
+                           speculative=SpeculativeConfig(algorithm="NEXTN", draft_model_path=d, num_steps=4)
+                           if spec else SpeculativeConfig())
+        llm = LLM(engine_config=cfg)
+        ps = [p if stop is None else SamplingParams(**{**{f: getattr(p, f) for f in p.__struct_fields__},
+                                                       "stop_token_ids": [stop[i]], "ignore_eos": False})
+              for i, p in enumerate(sp)]
+        return llm, llm.generate(PROMPTS[:4], ps)
+    _, plain = run(False)
+    refs = [p + o.token_ids for p, o in zip(PROMPTS, plain)]
+    _oracle(monkeypatch, refs)                                    # right drafts: several tokens per step
+    stop = [o.token_ids[7] for o in plain]
+    _, plain_stop = run(False, stop)
+    llm, spec_stop = run(True, stop)
+    assert [o.token_ids for o in plain_stop] == [o.token_ids for o in spec_stop]
+    assert all(o.finish_reason == "stop" for o in spec_stop) and llm.engine.runner.spec_accepted > 0
+    llm, small = run(True, tokens=180)
+    assert llm.engine.stats().num_preemptions > 0
+    assert [o.token_ids for o in plain] == [o.token_ids for o in small]
