@@ -51,18 +51,30 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 DECODE, MIXED = "decode", "mixed"
+# speculative decoding: VERIFY graphs run steps of decode rows and draft chains (up to spec_bs requests of
+# 1 + num_steps tokens, padded like mixed graphs) and return the final hidden rows, whose logits are computed
+# after the replay (one GEMM: the graphs keep no [tokens, vocab] outputs); DRAFT graphs run the drafter's
+# num_steps recurrent steps for up to spec_bs requests
+VERIFY, DRAFT = "verify", "draft"
+SPEC_MAX_BS = 64
 
 
 class StepGraphs:
-    def __init__(self, runner, max_bs: int, max_tokens: int = 0, capture: bool = True):
-        """max_tokens > 0: also mixed graphs (module docstring). capture=False builds the static buffers
-        and contexts but runs them eagerly (tests of the padding on the CPU)."""
+    def __init__(self, runner, max_bs: int, max_tokens: int = 0, capture: bool = True, spec_steps: int = 0):
+        """max_tokens > 0: also mixed graphs (module docstring). spec_steps > 0 (the runner has a drafter):
+        also VERIFY and DRAFT graphs. capture=False builds the static buffers and contexts but runs them
+        eagerly (tests of the padding on the CPU)."""
         self.runner = runner
         self.device = runner.device
         self.max_bs = max_bs
         self.buckets = buckets(max_bs)
         self.max_tokens = max(max_tokens, max_bs) if max_tokens > 0 else 0
         self.token_buckets = token_buckets(self.max_tokens) if self.max_tokens else []
+        self.spec_steps = spec_steps
+        self.spec_bs = min(max_bs, SPEC_MAX_BS) if spec_steps else 0
+        self.verify_buckets = token_buckets(self.spec_bs * (1 + spec_steps)) if spec_steps else []
+        self.draft_buckets = buckets(self.spec_bs) if spec_steps else []
+        self.last_tables: dict[str, torch.Tensor] = {}      # the VERIFY step's page tables (for the drafter)
         self.do_capture = capture
         dev = self.device
         self.scratch = {name: pool.k.shape[1] - 1 for name, pool in runner.kv.items()}
@@ -71,7 +83,7 @@ class StepGraphs:
         # context buckets: the attention plan (split-KV sizes) follows the page-table width, so short
         # contexts get their own graphs instead of planning for the whole context length
         self.ctx_buckets = sorted({min(ctx_len, c) for c in (4096, ctx_len)})
-        B, T = max_bs, max(max_bs, self.max_tokens)
+        B, T = max_bs, max([max_bs, self.max_tokens] + self.verify_buckets)
         self.input_ids = torch.zeros(T, dtype=torch.long, device=dev)
         self.positions = torch.zeros(T, dtype=torch.long, device=dev)
         self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
@@ -79,7 +91,7 @@ class StepGraphs:
         self.tables = {n: torch.full((B, w), self.scratch[n], dtype=torch.int32, device=dev)
                        for n, w in self.width.items()}
         self.slots = {n: torch.full((T,), -1, dtype=torch.long, device=dev) for n in self.width}
-        self.logits_indices = torch.arange(B, dtype=torch.long, device=dev)
+        self.logits_indices = torch.arange(T, dtype=torch.long, device=dev)     # VERIFY: a row per token
         self.ple_rows = None
         if runner.ple_host_table is not None:
             self.ple_rows = torch.zeros(T, runner.ple_host_table.shape[1], dtype=runner.ple_host_table.dtype,
@@ -95,10 +107,21 @@ class StepGraphs:
         self.h_pos = host((T,), 0, dtype=torch.long)
         self.h_cu = host((B + 1,), 0, dtype=torch.int32)
         self.h_lens = host((B,), 1, dtype=torch.int32)
-        self.h_logit_rows = host((B,), 0, dtype=torch.long)
+        self.h_logit_rows = host((T,), 0, dtype=torch.long)
         self.h_arange = torch.arange(B + 1, dtype=torch.long)        # padded decode rows: cu and logit rows
         self.h_slots = {n: host((T,), -1, dtype=torch.long) for n in self.width}
         self.h_tables = {n: host((B * w,), self.scratch[n], dtype=torch.int32) for n, w in self.width.items()}
+        if spec_steps:
+            S, d = self.spec_bs, runner.config.text.hidden_size
+            self.d_tok = torch.zeros(S, dtype=torch.long, device=dev)
+            self.d_hidden = torch.zeros(S, d, dtype=runner.dtype, device=dev)
+            self.d_pos = torch.ones(S, dtype=torch.long, device=dev)
+            self.d_lens = torch.ones(S, dtype=torch.int32, device=dev)
+            self.d_cu = torch.arange(S + 1, dtype=torch.int32, device=dev)
+            self.d_rows = torch.arange(S, dtype=torch.long, device=dev)
+            self.d_tables = {n: torch.full((S, w), self.scratch[n], dtype=torch.int32, device=dev)
+                             for n, w in self.width.items()}
+            self.d_slots = {n: torch.full((S,), -1, dtype=torch.long, device=dev) for n in self.width}
 
     @classmethod
     def maybe_capture(cls, runner) -> Optional["StepGraphs"]:
@@ -116,7 +139,7 @@ class StepGraphs:
             return None
         cfg = runner.engine_cfg
         max_bs = min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests)
-        g = cls(runner, max_bs, cfg.cuda_graph_max_tokens)
+        g = cls(runner, max_bs, cfg.cuda_graph_max_tokens, spec_steps=runner.spec_steps if runner.drafter else 0)
         try:
             g.capture()
         except Exception as e:
@@ -132,19 +155,33 @@ class StepGraphs:
     def _w(self, name: str, c: int) -> int:
         return (c + self.runner.kv[name].page_size - 1) // self.runner.kv[name].page_size
 
+    def _shape(self, kind: str, n: int) -> tuple[int, int, int]:
+        """(requests, tokens, logit rows) of graph (kind, n, ·)."""
+        if kind == DECODE:
+            return n, n, n
+        if kind == MIXED:
+            return self.max_bs, n, self.max_bs
+        return self.spec_bs, n, n                           # VERIFY: a row per token
+
     def _ctx(self, kind: str, n: int, c: int) -> ForwardContext:
         """The static context of graph (kind, n, c): n requests of one token (decode) or n tokens of
-        max_bs requests (mixed)."""
-        b, t = (n, n) if kind == DECODE else (self.max_bs, n)
+        max_bs requests (mixed) or of spec_bs requests (verify)."""
+        if kind == DRAFT:
+            return ForwardContext(
+                input_ids=self.d_tok[:n], positions=self.d_pos[:n], cu_seqlens_q=self.d_cu[:n + 1],
+                seq_lens=self.d_lens[:n], page_tables={k: v[:n, :self._w(k, c)] for k, v in self.d_tables.items()},
+                slot_mappings={k: v[:n] for k, v in self.d_slots.items()}, kv=self.runner.kv,
+                logits_indices=self.d_rows[:n], allow_shared_layer_skip=False)
+        b, t, nl = self._shape(kind, n)
         return ForwardContext(
             input_ids=self.input_ids[:t], positions=self.positions[:t], cu_seqlens_q=self.cu[:b + 1],
             seq_lens=self.seq_lens[:b], page_tables={k: v[:b, :self._w(k, c)] for k, v in self.tables.items()},
             slot_mappings={k: v[:t] for k, v in self.slots.items()}, kv=self.runner.kv,
-            logits_indices=self.logits_indices[:b],
+            logits_indices=self.logits_indices[:nl],
             ple_token_rows=None if self.ple_rows is None else self.ple_rows[:t],
-            # mixed: the rows of padded tokens are no request's (zeroed attention output), and every
+            # mixed / verify: the rows of padded tokens are no request's (zeroed attention output), and every
             # layer runs every row (no KV-shared-layer row skipping, whose shapes follow the data)
-            allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind == MIXED)
+            allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind != DECODE)
 
     def _capture_inputs(self, kind: str, n: int) -> None:
         """Valid static inputs to capture graph (kind, n, ·) with: every request of one token on the scratch
@@ -152,10 +189,18 @@ class StepGraphs:
         128-token bucket): the requests past its n tokens own none, and the logit rows stay below n. (An
         arange over the requests there had them read and write rows past the buffers: on an H200 capture
         at 160 requests hit an illegal memory access.)"""
-        b, t = (n, n) if kind == DECODE else (self.max_bs, n)
-        r = torch.arange(b + 1, dtype=torch.long)
-        self.cu[:b + 1].copy_(r.clamp(max=t))
-        self.logits_indices[:b].copy_(r[:b].clamp(max=t - 1))
+        if kind == DRAFT:
+            self.d_tok.zero_()
+            self.d_hidden.zero_()
+            self.d_pos.fill_(1)
+            self.d_lens.fill_(1)
+            for name, tb in self.d_tables.items():
+                tb.fill_(self.scratch[name])
+            return
+        b, t, nl = self._shape(kind, n)
+        r = torch.arange(max(b + 1, nl), dtype=torch.long)
+        self.cu[:b + 1].copy_(r[:b + 1].clamp(max=t))
+        self.logits_indices[:nl].copy_(r[:nl].clamp(max=t - 1))
         self.seq_lens[:b].fill_(1)
         self.input_ids[:t].zero_()
         self.positions[:t].zero_()
@@ -165,11 +210,23 @@ class StepGraphs:
 
     def keys(self) -> list[tuple[str, int, int]]:
         return ([(DECODE, b, c) for c in self.ctx_buckets for b in self.buckets] +
-                [(MIXED, t, c) for c in self.ctx_buckets for t in self.token_buckets])
+                [(MIXED, t, c) for c in self.ctx_buckets for t in self.token_buckets] +
+                [(VERIFY, t, c) for c in self.ctx_buckets for t in self.verify_buckets] +
+                [(DRAFT, b, c) for c in self.ctx_buckets for b in self.draft_buckets])
+
+    def _forward(self, kind: str, ctx: ForwardContext) -> torch.Tensor:
+        """What graph `kind` computes: logits (decode, mixed), final hidden rows (verify), drafts (draft)."""
+        r = self.runner
+        if kind == DRAFT:
+            n = ctx.input_ids.shape[0]
+            lm = r.model.language_model
+            return r.drafter.draft(ctx, ctx.input_ids, self.d_hidden[:n], lm.embed_tokens.weight, lm.embed_scale(),
+                                   self.spec_steps, r.sampler.sample_limit)
+        hidden = r.model(ctx)
+        return hidden if kind == VERIFY else r.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        model = self.runner.model
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -177,18 +234,33 @@ class StepGraphs:
                 self._capture_inputs(*key[:2])
                 ctx = self._ctx(*key)
                 for _ in range(2):                     # warm up (autotuning, lazy init) outside capture
-                    model.compute_logits(model(ctx))
+                    self._forward(key[0], ctx)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                    out = model.compute_logits(model(ctx))
+                    out = self._forward(key[0], ctx)
                 if self.pool is None:
                     self.pool = g.pool()
                 self.graphs[key] = g
                 self.outputs[key] = out
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        log.info("captured decode CUDA graphs for batch sizes %s and contexts %s%s", self.buckets, self.ctx_buckets,
-                 f", mixed-step graphs for {self.token_buckets} tokens" if self.token_buckets else "")
+        log.info("captured decode CUDA graphs for batch sizes %s and contexts %s%s%s", self.buckets, self.ctx_buckets,
+                 f", mixed-step graphs for {self.token_buckets} tokens" if self.token_buckets else "",
+                 f", speculative verification graphs for {self.verify_buckets} tokens and drafter graphs for "
+                 f"{self.draft_buckets} requests" if self.spec_steps else "")
+
+    def can_verify(self, scheduled, seqs) -> bool:
+        """Whether a VERIFY graph can run this step: decode rows and draft chains only (no prompt rows),
+        at most spec_bs requests."""
+        if not self.spec_steps or not scheduled or len(scheduled) > self.spec_bs:
+            return False
+        tokens = 0
+        for sr in scheduled:
+            seq = seqs[sr.rid]
+            if not sr.sample or sr.start < seq.num_prompt or sr.num_tokens != 1:
+                return False
+            tokens += 1 + len(sr.draft_token_ids)
+        return tokens <= self.verify_buckets[-1]
 
     def can_run(self, scheduled, seqs) -> Optional[str]:
         """DECODE or MIXED when a graph can run this step, else None."""
@@ -219,10 +291,9 @@ class StepGraphs:
         N = int(arr.logits_indices.shape[0])
         if kind == DECODE:
             n = next(x for x in self.buckets if x >= B)
-            b, t = n, n
         else:
-            n = next(x for x in self.token_buckets if x >= T)
-            b, t = self.max_bs, n
+            n = next(x for x in (self.verify_buckets if kind == VERIFY else self.token_buckets) if x >= T)
+        b, t, nl = self._shape(kind, n)
         c = next((x for x in self.ctx_buckets
                   if all(tb.shape[1] <= self._w(name, x) for name, tb in arr.page_tables.items())), None)
         if c is None:
@@ -241,14 +312,14 @@ class StepGraphs:
         self.h_lens[:B] = torch.from_numpy(arr.seq_lens)
         self.h_lens[B:b] = 1
         self.h_logit_rows[:N] = torch.from_numpy(arr.logits_indices)
-        self.h_logit_rows[N:b] = self.h_arange[N:b] if kind == DECODE else 0
+        self.h_logit_rows[N:nl] = self.h_arange[N:nl] if kind == DECODE else 0
         self.input_ids[:t].copy_(self.h_ids[:t], non_blocking=True)
         if fix is not None:
             self.input_ids.index_copy_(0, *fix)
         self.positions[:t].copy_(self.h_pos[:t], non_blocking=True)
         self.cu[:b + 1].copy_(self.h_cu[:b + 1], non_blocking=True)
         self.seq_lens[:b].copy_(self.h_lens[:b], non_blocking=True)
-        self.logits_indices[:b].copy_(self.h_logit_rows[:b], non_blocking=True)
+        self.logits_indices[:nl].copy_(self.h_logit_rows[:nl], non_blocking=True)
         for name, tb in arr.page_tables.items():
             # only the used width travels: the kernels never read pages past a row's length
             w = tb.shape[1]
@@ -267,9 +338,39 @@ class StepGraphs:
             if self._staged is None:
                 self._staged = torch.cuda.Event()
             self._staged.record()
+        if kind == VERIFY:
+            self.last_tables = {name: self.tables[name][:B, :tb.shape[1]] for name, tb in arr.page_tables.items()}
         key = (kind, n, c)
         if not self.do_capture:
-            model = self.runner.model
-            return model.compute_logits(model(self._ctx(*key)))[:N]
+            return self._forward(kind, self._ctx(*key))[:N]
         self.graphs[key].replay()
         return self.outputs[key][:N]
+
+    def run_draft(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                  tables: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """The drafter's chain for B ≤ spec_bs requests through a DRAFT graph (device inputs: newest tokens,
+        the target's hidden rows, their positions, page tables): [B, num_steps], or None (no graph fits)."""
+        B = int(tokens.shape[0])
+        if not self.spec_steps or B > self.spec_bs:
+            return None
+        c = next((x for x in self.ctx_buckets if all(tb.shape[1] <= self._w(k, x) for k, tb in tables.items())), None)
+        if c is None:
+            return None
+        n = next(x for x in self.draft_buckets if x >= B)
+        self.d_tok[:B].copy_(tokens)
+        self.d_tok[B:n] = 0
+        self.d_hidden[:B].copy_(hidden)
+        self.d_hidden[B:n] = 0
+        self.d_pos[:B].copy_(positions)
+        self.d_pos[B:n] = 1
+        self.d_lens[:B].copy_(positions)                      # keys before each newest token
+        self.d_lens[B:n] = 1
+        for k, tb in tables.items():
+            w = tb.shape[1]
+            self.d_tables[k][:B, :w].copy_(tb)
+            self.d_tables[k][B:n, :w] = self.scratch[k]
+        key = (DRAFT, n, c)
+        if not self.do_capture:
+            return self._forward(DRAFT, self._ctx(*key))[:B]
+        self.graphs[key].replay()
+        return self.outputs[key][:B]

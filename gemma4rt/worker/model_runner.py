@@ -52,6 +52,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+class _Tables:
+    """The page tables of a step run through a graph (all _draft_next needs of its context)."""
+
+    def __init__(self, page_tables: dict):
+        self.page_tables = page_tables
+
+
 class _Launched:
     """A step launched by ModelRunner.launch(): its finished StepResult, or what collect() needs."""
 
@@ -368,11 +375,18 @@ class ModelRunner:
         logits = None
         self._step_ctx = self._step_hidden = None
         kind = self.graphs.can_run(scheduled, self.seqs) if self.graphs is not None else None
-        if kind is not None and self.drafter is not None and any(self._spec_ok(self.seqs[sr.rid]) for sr in scheduled):
-            kind = None                  # the drafter needs the hidden states: an eager step
+        if self.drafter is not None and any(self._spec_ok(self.seqs[sr.rid]) for sr in scheduled):
+            # the drafter needs the final hidden states: a VERIFY graph returns them, else an eager step
+            from gemma4rt.worker.cuda_graph import VERIFY
+            kind = VERIFY if self.graphs is not None and self.graphs.can_verify(scheduled, self.seqs) else None
         if kind is not None:
             arr, rows = self._host_arrays(scheduled)
-            logits = self.graphs.run(arr, kind, self._missing_tokens())
+            out = self.graphs.run(arr, kind, self._missing_tokens())
+            if out is not None and self.drafter is not None and kind == "verify":
+                self._step_ctx, self._step_hidden = _Tables(self.graphs.last_tables), out
+                logits = self.model.compute_logits(out) if logits_needed else out
+            else:
+                logits = out
         if logits is None:
             ctx, rows = self._build_context(scheduled)
             fix = self._missing_tokens()
@@ -701,9 +715,14 @@ class ModelRunner:
             slot_mappings={k: torch.full((B,), -1, dtype=torch.long, device=dev) for k in ctx.page_tables},
             kv=self.kv, logits_indices=torch.arange(B, dtype=torch.long, device=dev), allow_shared_layer_skip=False)
         lm = self.model.language_model
-        drafts = self.drafter.draft(dctx, dctx.input_ids, self._step_hidden[to_device(hrows, dev, torch.long)],
-                                    lm.embed_tokens.weight, lm.embed_scale(), self.spec_steps,
-                                    self.sampler.sample_limit).tolist()
+        hidden = self._step_hidden[to_device(hrows, dev, torch.long)]
+        drafts = None
+        if self.graphs is not None:
+            drafts = self.graphs.run_draft(dctx.input_ids, hidden, p, dctx.page_tables)
+        if drafts is None:
+            drafts = self.drafter.draft(dctx, dctx.input_ids, hidden, lm.embed_tokens.weight, lm.embed_scale(),
+                                        self.spec_steps, self.sampler.sample_limit)
+        drafts = drafts.tolist()
         for i, d in zip(idx, drafts):
             out[i].next_draft_ids = d
 

@@ -169,3 +169,48 @@ def test_speculative_with_preemption_and_stops(ckpts, monkeypatch):
     llm, small = run(True, tokens=180)
     assert llm.engine.stats().num_preemptions > 0
     assert [o.token_ids for o in plain] == [o.token_ids for o in small]
+
+
+@pytest.mark.parametrize("drafts", ["model", "right"])
+def test_speculative_through_graph_buffers(ckpts, monkeypatch, drafts):
+    """The CUDA-graph path of speculative decoding on the CPU (StepGraphs(capture=False): the static
+    buffers, padding and outputs of the VERIFY and DRAFT graphs, run eagerly): plain decoding's tokens."""
+    from gemma4rt.worker.cuda_graph import DRAFT, VERIFY, StepGraphs
+    sp = _mixed_params()[:4]
+    plain = _llm(ckpts, False).generate(PROMPTS[:4], sp)
+    if drafts == "right":
+        _oracle(monkeypatch, [p + o.token_ids for p, o in zip(PROMPTS, plain)])
+    llm = _llm(ckpts, True)
+    r = llm.engine.runner
+    g = StepGraphs(r, max_bs=4, capture=False, spec_steps=r.spec_steps)
+    used = []
+    run, run_draft = g.run, g.run_draft
+    g.run = lambda arr, kind="decode", *a: (used.append(kind), run(arr, kind, *a))[1]
+    mism = []
+
+    def checked_draft(tokens, hidden, positions, tables):
+        out = run_draft(tokens, hidden, positions, tables)
+        used.append(DRAFT if out is not None else None)
+        if drafts == "model":              # the graph buffers' drafts are the eager drafter's
+            from gemma4rt.model.context import ForwardContext
+            B = tokens.shape[0]
+            ctx = ForwardContext(input_ids=tokens, positions=positions,
+                                 cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32), seq_lens=positions.to(torch.int32),
+                                 page_tables=tables, slot_mappings={k: torch.full((B,), -1) for k in tables}, kv=r.kv,
+                                 logits_indices=torch.arange(B), allow_shared_layer_skip=False)
+            lm = r.model.language_model
+            ref = r.drafter.draft(ctx, tokens, hidden, lm.embed_tokens.weight, lm.embed_scale(), r.spec_steps,
+                                  r.sampler.sample_limit)
+            mism.append(int((out != ref).sum()))
+        return out
+    g.run_draft = checked_draft
+    r.graphs = g
+    spec = llm.generate(PROMPTS[:4], sp)
+    for a, b in zip(plain, spec):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        if a.logprobs is not None:
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-5)
+    assert used.count(VERIFY) > 2 and used.count(DRAFT) > 2 and None not in used, used
+    assert sum(mism) == 0 and (drafts != "model" or len(mism) > 10), mism
+    if drafts == "right":
+        assert r.spec_accepted > 0.8 * r.spec_drafted
