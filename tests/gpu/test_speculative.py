@@ -1,7 +1,7 @@
 """Speculative decoding on the GPU: the tiny E-series target with its tiny assistant in fp32 (reference
 attention for the tiny head dims, every other op on the device) gives exactly the plain greedy tokens; the
-E2B geometry with its assistant drafter (bf16, dummy weights, native kernels) runs, verifies drafts and
-agrees with plain greedy decoding. Reported as not run without a CUDA device or the extension."""
+E2B geometry with its assistant drafter (bf16, dummy weights, native kernels, the VERIFY and DRAFT CUDA
+graphs) runs, verifies drafts and agrees with plain greedy decoding. Reported as not run without a CUDA device or the extension."""
 import gc
 import os
 import sys
@@ -51,8 +51,15 @@ def test_e2b_speculative_runs_and_agrees():
               cache=CacheConfig(max_total_tokens=1 << 14), scheduler=SchedulerConfig(max_running_requests=8))
     plain = _run(SpeculativeConfig(), **kw).generate(prompts, sp)
     llm = _run(SpeculativeConfig(algorithm="NEXTN", draft_model_path="gemma-4-E2B-it-assistant", num_steps=3), **kw)
-    spec = llm.generate(prompts, sp)
     r = llm.engine.runner
+    g = r.graphs
+    assert g is not None and g.spec_steps == 3, "no CUDA graphs (or none for speculative steps) captured"
+    used = []
+    run, run_draft = g.run, g.run_draft
+    g.run = lambda arr, kind="decode", *a: (used.append(kind), run(arr, kind, *a))[1]
+    g.run_draft = lambda *a: (lambda out: (used.append("draft" if out is not None else None), out)[1])(run_draft(*a))
+    spec = llm.generate(prompts, sp)
+    assert used.count("verify") > 10 and used.count("draft") > 10 and None not in used, used
     assert all(len(o.token_ids) == 32 for o in spec) and r.spec_verify_rows > 20
     same = sum(x == y for a, b in zip(plain, spec) for x, y in zip(a.token_ids, b.token_ids))
     first = sum(a.token_ids[:4] == b.token_ids[:4] for a, b in zip(plain, spec))
