@@ -139,6 +139,20 @@ class ModelRunner:
         if os.environ.get("GEMMA4RT_FUSE_PROJECTIONS", "1") != "0":
             model.language_model.fuse_projections()
         self.model = model
+        # the drafter before the KV pools: their budget is what the weights leave
+        self.drafter, self.spec_steps = None, 0
+        self.spec_drafted = self.spec_accepted = self.spec_verify_rows = 0   # drafts verified / accepted
+        spec = engine_cfg.speculative
+        if spec.draft_model_path:
+            if self.tp.size > 1:
+                raise ValueError("speculative decoding runs with --tp 1 only")
+            from gemma4rt.spec.drafter import load_drafter
+            self.drafter = load_drafter(spec.draft_model_path, self.config.text, self.dtype, self.device,
+                                        engine_cfg.load_format, engine_cfg.seed)
+            self.spec_steps = spec.num_steps
+            log.info("speculative decoding: drafter %s, %d drafts per step",
+                     spec.draft_model_path, self.spec_steps)
+        self._step_ctx = self._step_hidden = None    # the eager step's context and final hidden rows
         text = self.config.text
         self.context_length = int(engine_cfg.context_length or text.max_position_embeddings)
         cc = engine_cfg.cache
@@ -195,19 +209,6 @@ class ModelRunner:
         self._last_sampled: Optional[tuple[torch.Tensor, dict[str, int]]] = None
         self._step_missing: list[tuple[int, str]] = []
         self._open: Optional[_Launched] = None      # the launched step not collected yet
-        self.drafter, self.spec_steps = None, 0
-        self.spec_drafted = self.spec_accepted = self.spec_verify_rows = 0   # drafts verified / accepted
-        self._step_ctx = self._step_hidden = None    # the eager step's context and final hidden rows
-        spec = engine_cfg.speculative
-        if spec.draft_model_path:
-            if self.tp.size > 1:
-                raise ValueError("speculative decoding runs with --tp 1 only")
-            from gemma4rt.spec.drafter import load_drafter
-            self.drafter = load_drafter(spec.draft_model_path, self.config.text, self.dtype, self.device,
-                                        engine_cfg.load_format, engine_cfg.seed)
-            self.spec_steps = spec.num_steps
-            log.info("speculative decoding: drafter %s, %d drafts per step",
-                     spec.draft_model_path, self.spec_steps)
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import StepGraphs
