@@ -244,17 +244,16 @@ def test_video_gives_transformers_greedy_answer(srv):
     assert r["choices"][0]["message"]["content"] == tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
 
 
-def test_image_request_through_two_tensor_parallel_ranks():
-    """--tp 2 on the CPU: the step plan that carries the image's preprocessed arrays reaches the second
-    rank, both ranks encode it, and the sharded model gives transformers' greedy answer."""
+def _image_through(server_args, img, prompt):
+    """An image request through a server started with server_args gives transformers' greedy answer."""
     from gemma4rt.frontend.mm_fetch import LoadedMedia, _digest, decode_image
 
-    img_uri = png_uri(image(40, 56, 3))
+    img_uri = png_uri(img)
     raw = base64.b64decode(img_uri.split(",", 1)[1])
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+    msgs = [{"role": "user", "content": [{"type": "text", "text": prompt},
                                          {"type": "image_url", "image_url": {"url": img_uri}}]}]
     want, exp = _reference(msgs, [LoadedMedia("image", decode_image(raw), _digest(raw), 0)])
-    s = Server("--tp", "2", "--device", "cpu", "--context-length", "4096", "--mm-processor-kwargs",
+    s = Server(*server_args, "--context-length", "4096", "--mm-processor-kwargs",
                json.dumps({"max_soft_tokens": BUDGET}), timeout=300)
     try:
         r = _ask(s, msgs)
@@ -264,21 +263,13 @@ def test_image_request_through_two_tensor_parallel_ranks():
         s.stop()
 
 
-def test_image_request_with_overlap_scheduling():
-    """--enable-overlap-schedule: an image prompt (prefilled in chunks beside nothing else) and its
-    decode steps, whose inputs come from the device, give transformers' greedy answer."""
-    from gemma4rt.frontend.mm_fetch import LoadedMedia, _digest, decode_image
+def test_image_request_through_two_tensor_parallel_ranks():
+    """--tp 2 on the CPU: the step plan that carries the image's preprocessed arrays reaches the second
+    rank, both ranks encode it, and the sharded model gives transformers' greedy answer."""
+    _image_through(["--tp", "2", "--device", "cpu"], image(40, 56, 3), "What is this?")
 
-    img_uri = png_uri(image(48, 40, 5))
-    raw = base64.b64decode(img_uri.split(",", 1)[1])
-    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
-                                         {"type": "image_url", "image_url": {"url": img_uri}}]}]
-    want, exp = _reference(msgs, [LoadedMedia("image", decode_image(raw), _digest(raw), 0)])
-    s = Server("--enable-overlap-schedule", "--context-length", "4096", "--chunked-prefill-size", "48",
-               "--mm-processor-kwargs", json.dumps({"max_soft_tokens": BUDGET}), timeout=300)
-    try:
-        r = _ask(s, msgs)
-        assert r["usage"]["prompt_tokens"] == len(exp.token_ids)
-        assert r["choices"][0]["message"]["content"] == want
-    finally:
-        s.stop()
+
+def test_image_request_with_overlap_scheduling():
+    """--enable-overlap-schedule: an image prompt (prefilled in chunks) and its decode steps, whose inputs
+    come from the device, give transformers' greedy answer."""
+    _image_through(["--enable-overlap-schedule", "--chunked-prefill-size", "48"], image(48, 40, 5), "Describe it.")
