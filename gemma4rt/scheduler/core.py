@@ -223,6 +223,11 @@ class Scheduler(PageOps):
             end = start + 1 + len(r.draft_token_ids) if r.draft_token_ids else start + 1
             if end > r.cap and not self._alloc_to(r, end):
                 v = self._victim(scheduled)
+                if v is r and len(running) == 1 and r.pending:
+                    r.hold = True                     # overlap: its token in flight first, then the end below
+                    held += 1
+                    i += 1
+                    continue
                 if v is r and len(running) == 1:
                     # alone and still out of pages: the cache bounds its length, like the context
                     r.finish_reason = "length"

@@ -130,6 +130,12 @@ class NoopRunner:
             out.append(st)
         return StepResult(step_id=plan.step_id, sampled=out)
 
+    def launch(self, plan: StepPlan) -> StepResult:
+        """Overlap scheduling: the step runs at once (its tokens are known before the next plan needs
+        them); the engine gets the finished StepResult, whose processing the scheduler still lags by one
+        step (so the scheduler's overlap logic runs as with a GPU)."""
+        return self.execute(plan)
+
     # --------------------------------------------------------------------------------------------
     def _check(self, rid: str, s: dict, start: int, end: int) -> None:
         toks = s["tokens"]
