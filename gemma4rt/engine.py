@@ -42,7 +42,7 @@ class Engine:
         if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host
                              or engine_cfg.speculative.draft_model_path):
             # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers
-            # each step's per-layer-embedding rows by token id on the host
+            # each step's per-layer-embedding rows by token id on the host; drafts need the newest token
             log.warning("overlap scheduling is off: it needs --tp 1, no --ple-on-host and no speculative decoding")
             self.overlap = False
         self.scheduler.overlap = self.overlap

@@ -73,8 +73,9 @@ class Sampler:
                       unseen: Optional[list[int]] = None) -> tuple:
         """The device part of sample(): (chosen ids [N], and the chosen ids' logprobs [N] and the top
         (values, ids) [N, k] when any state wants logprobs, else None), without a host sync.
-        unseen[i]: tokens of row i's request sampled by a step still in flight (overlap scheduling), not
-        yet in its state's counts: they count toward min_new_tokens and the seeded sampling step."""
+        unseen[i]: outputs of row i's request not yet in its state's counts (sampled by a step still in
+        flight with overlap scheduling, or the rows before it in a speculative verification chain): they count
+        toward min_new_tokens and the seeded sampling step."""
         N, V = logits.shape
         dev = logits.device
         want_lp = any(s.params.logprobs or s.params.top_logprobs for s in states)
