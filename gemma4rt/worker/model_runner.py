@@ -3,7 +3,8 @@
 `execute(plan)` applies the plan to the persistent batch (per-request token ids, page tables and
 sampling state), builds one ForwardContext for all scheduled requests, runs the forward pass, and
 samples. The same code serves the offline LLM, the server's engine process, the CPU path (op
-references) and the GPU path (native ops).
+references) and the GPU path (native ops). Overlap scheduling (launch / collect) lives in worker/overlap.py,
+speculative decoding (draft verification and drafting) in worker/speculative.py; both are mixed in.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, S
 from gemma4rt.worker.constrained import GrammarSlots
 from gemma4rt.worker.kv_cache import allocate_pools, plan_pools
 from gemma4rt.worker.sampler import Sampler, SeqSamplingState, prompt_logprobs
+from gemma4rt.worker.overlap import OverlapMixin
 from gemma4rt.worker.page_tables import PageTableRows
+from gemma4rt.worker.speculative import SpeculativeMixin, _Tables
 from gemma4rt.worker.transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -50,32 +53,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in _DTYPES:
         raise ValueError(f"unknown --dtype {name!r} (use auto, bfloat16, float16 or float32)")
     return _DTYPES[name]
-
-
-class _Tables:
-    """The page tables of a step run through a graph (all _draft_next needs of its context)."""
-
-    def __init__(self, page_tables: dict):
-        self.page_tables = page_tables
-
-
-class _Launched:
-    """A step launched by ModelRunner.launch(): its finished StepResult, or what collect() needs."""
-
-    def __init__(self, result: Optional[StepResult] = None, step_id: int = 0, scheduled=(), errors=(), idx=(),
-                 states=(), seqs=(), host=None, has_lp: bool = False):
-        self.result, self.step_id, self.scheduled, self.errors = result, step_id, scheduled, list(errors)
-        self.idx, self.states, self.seqs, self.host, self.has_lp = idx, states, seqs, host, has_lp
-
-
-def _to_host(tensors: tuple) -> tuple[tuple, Optional[torch.cuda.Event]]:
-    """Copies of device tensors in pinned host memory, started without waiting, and an event to wait on."""
-    if tensors[0].device.type != "cuda":
-        return tuple(t.cpu() for t in tensors), None
-    out = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
-    ev = torch.cuda.Event()
-    ev.record()
-    return out, ev
 
 
 @dataclass
@@ -102,7 +79,7 @@ class _Seq:
     row: int = -1                       # its row in ModelRunner.page_rows
 
 
-class ModelRunner:
+class ModelRunner(OverlapMixin, SpeculativeMixin):
     def __init__(self, engine_cfg: EngineConfig, tp: TP = NO_TP):
         """tp: this rank's place in a tensor-parallel group (worker/tp_worker.py starts the ranks); rank 0
         samples and answers, the others run the same forward passes (follow())."""
@@ -139,20 +116,7 @@ class ModelRunner:
         if os.environ.get("GEMMA4RT_FUSE_PROJECTIONS", "1") != "0":
             model.language_model.fuse_projections()
         self.model = model
-        # the drafter before the KV pools: their budget is what the weights leave
-        self.drafter, self.spec_steps = None, 0
-        self.spec_drafted = self.spec_accepted = self.spec_verify_rows = 0   # drafts verified / accepted
-        spec = engine_cfg.speculative
-        if spec.draft_model_path:
-            if self.tp.size > 1:
-                raise ValueError("speculative decoding runs with --tp 1 only")
-            from gemma4rt.spec.drafter import load_drafter
-            self.drafter = load_drafter(spec.draft_model_path, self.config.text, self.dtype, self.device,
-                                        engine_cfg.load_format, engine_cfg.seed)
-            self.spec_steps = spec.num_steps
-            log.info("speculative decoding: drafter %s, %d drafts per step",
-                     spec.draft_model_path, self.spec_steps)
-        self._step_ctx = self._step_hidden = None    # the eager step's context and final hidden rows
+        self._load_drafter(engine_cfg)
         text = self.config.text
         self.context_length = int(engine_cfg.context_length or text.max_position_embeddings)
         cc = engine_cfg.cache
@@ -208,7 +172,7 @@ class ModelRunner:
         # them; a later step whose input is one of those tokens reads it there (launch())
         self._last_sampled: Optional[tuple[torch.Tensor, dict[str, int]]] = None
         self._step_missing: list[tuple[int, str]] = []
-        self._open: Optional[_Launched] = None      # the launched step not collected yet
+        self._open = None                           # the launched step not collected yet (overlap.py)
         self.graphs = None
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import StepGraphs
@@ -399,76 +363,6 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden) if logits_needed else hidden
         return scheduled, errors, logits, rows
 
-    def _missing_tokens(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """(rows of this step's input ids, their tokens) for the inputs sampled by the step in flight."""
-        if not self._step_missing:
-            return None
-        toks, row_of = self._last_sampled
-        dst = to_device([r for r, _ in self._step_missing], self.device, torch.long)
-        return dst, toks[to_device([row_of[rid] for _, rid in self._step_missing], self.device, torch.long)]
-
-    @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> "_Launched":
-        """Overlap scheduling (--enable-overlap-schedule): run the step and its sampling without waiting for
-        the device; collect() returns its StepResult. A decode row may take as input the token the previous
-        launched step sampled, not yet copied to the host: it is read on the device. Steps whose sampling
-        needs the host (grammar masks, repetition penalties, prompt logprobs) run to the end here."""
-        if self.tp.size > 1:
-            raise RuntimeError("overlap scheduling needs --tp 1")
-        scheduled, errors, logits, rows = self._forward(plan)
-        missing = {rid for _, rid in self._step_missing}
-        self._last_sampled = None
-        if logits is None:
-            return _Launched(result=StepResult(step_id=plan.step_id, sampled=errors))
-        if any(self._host_sampling(sr, self.seqs[sr.rid]) for sr in scheduled):
-            if self._open is not None:       # its tokens first: _sample appends this step's after them
-                self.collect(self._open)
-            return _Launched(result=StepResult(step_id=plan.step_id,
-                                               sampled=self._sample(scheduled, logits, rows) + errors))
-        idx = [i for i, sr in enumerate(scheduled) if sr.sample]
-        sample_rows = [rows[i][0] + rows[i][1] - 1 for i in idx]
-        states = [self.seqs[scheduled[i].rid].sampling for i in idx]
-        device_out = None
-        if idx:
-            picked = logits if sample_rows == list(range(logits.shape[0])) else \
-                logits[to_device(sample_rows, logits.device, torch.long)]
-            chosen, lps = self.sampler.sample_device(
-                picked, states, unseen=[1 if scheduled[i].rid in missing else 0 for i in idx])
-            self._last_sampled = (chosen, {scheduled[i].rid: j for j, i in enumerate(idx)})
-            device_out = (chosen,) + (tuple(lps) if lps is not None else ())
-        h = _Launched(step_id=plan.step_id, scheduled=scheduled, errors=errors, idx=idx, states=states,
-                      seqs=[self.seqs[scheduled[i].rid] for i in idx],
-                      host=_to_host(device_out) if device_out else None, has_lp=idx != [] and lps is not None)
-        self._open = h
-        return h
-
-    def collect(self, h: "_Launched") -> StepResult:
-        """The StepResult of a launched step (waits for its sampled tokens, appends them to the requests)."""
-        if h.result is not None:
-            return h.result
-        if self._open is h:
-            self._open = None
-        out = [SampledTokens(rid=sr.rid, token_ids=[]) for sr in h.scheduled]
-        if h.host is not None:
-            tensors, event = h.host
-            if event is not None:
-                event.synchronize()
-            sampled = (tensors[0], tuple(tensors[1:]) if h.has_lp else None)
-            for i, seq, r in zip(h.idx, h.seqs, Sampler.results(sampled, h.states)):
-                st = out[i]
-                st.token_ids, st.logprobs, st.top_logprobs = r.token_ids, r.logprobs, r.top_logprobs
-                for t in r.token_ids:    # (the request as launched: a later plan may have removed or re-added it)
-                    seq.token_ids.append(t)
-                    seq.sampling.record(t)
-        h.result = StepResult(step_id=h.step_id, sampled=out + h.errors)
-        return h.result
-
-    def _host_sampling(self, sr: ScheduledRequest, seq) -> bool:
-        """Whether this request's sampling in this step needs host work (synchronous sampling)."""
-        st = seq.sampling
-        return (st.grammar is not None or self.sampler._needs_penalties(st.params) or bool(sr.draft_token_ids)
-                or (bool(st.params.prompt_logprobs) and sr.start < seq.num_prompt))
-
     def _encode_media(self, scheduled: list[ScheduledRequest]) -> dict[str, str]:
         """Encode (into the encoder cache) the media rows this step reaches; {rid: error} for the
         requests whose media fail, so that one bad item never fails the rest of the batch."""
@@ -638,94 +532,6 @@ class ModelRunner:
         if self.drafter is not None and self._step_hidden is not None:
             self._draft_next(scheduled, rows, accepted, out)
         return out
-
-    # ------------------------------------------------------------------ speculative decoding
-    def _spec_ok(self, seq) -> bool:
-        """Whether this request decodes speculatively: anything but penalties and grammars, whose state
-        after each accepted draft the verification rows would need."""
-        st = seq.sampling
-        return self.drafter is not None and st.grammar is None and not self.sampler._needs_penalties(st.params)
-
-    def _verify(self, scheduled, logits: torch.Tensor, verify: list, out: list) -> dict[int, int]:
-        """Verification of a chain of drafts: at each of a request's rows (the known token, then each draft)
-        the target makes the choice a plain step would make there — the same sampler, with the seeded noise
-        of that output position (greedy: the argmax) — all in one pass; drafts are accepted while they equal
-        it, and the first differing choice (or the one after the last draft) follows. The tokens (and
-        log-probabilities) are therefore exactly those of plain decoding; a draft is accepted with the
-        target's probability of it, as in speculative sampling with a one-token draft distribution.
-        Returns {request index: drafts accepted}."""
-        rows, states, offsets = [], [], []
-        for i, first, n in verify:
-            rows.extend(range(first, first + n))
-            states.extend([self.seqs[scheduled[i].rid].sampling] * n)
-            offsets.extend(range(n))                    # row j chooses output num_output + j
-        chosen = Sampler.results(self.sampler.sample_device(logits[to_device(rows, logits.device, torch.long)],
-                                                            states, unseen=offsets), states)
-        k = 0
-        accepted = {}
-        for i, first, n in verify:
-            sr = scheduled[i]
-            res = chosen[k:k + n]
-            got = [r.token_ids[0] for r in res]
-            k += n
-            d = sr.draft_token_ids
-            a = 0
-            while a < len(d) and got[a] == d[a]:
-                a += 1
-            st = out[i]
-            st.token_ids = list(d[:a]) + [got[a]]
-            if res[0].logprobs is not None:
-                st.logprobs = [r.logprobs[0] for r in res[:a + 1]]
-            if res[0].top_logprobs is not None:
-                st.top_logprobs = [r.top_logprobs[0] for r in res[:a + 1]]
-            accepted[i] = a
-            self.spec_drafted += len(d)
-            self.spec_accepted += a
-            self.spec_verify_rows += 1
-            seq = self.seqs[sr.rid]
-            for t in st.token_ids:
-                seq.token_ids.append(t)
-                seq.sampling.record(t)
-        return accepted
-
-    def _draft_next(self, scheduled, rows, accepted: dict[int, int], out: list) -> None:
-        """Drafts for the next step of every speculative request that got a token now, from its newest
-        token and the target's hidden state that produced it (SampledTokens.next_draft_ids); accepted:
-        drafts accepted per verified request (its hidden row is the one after them)."""
-        idx, hrows, toks, pos = [], [], [], []
-        for i, (sr, (first, n)) in enumerate(zip(scheduled, rows)):
-            st = out[i]
-            seq = self.seqs[sr.rid]
-            if not st.token_ids or st.error or not self._spec_ok(seq):
-                continue
-            idx.append(i)
-            hrows.append(first + (accepted[i] if i in accepted else n - 1))
-            toks.append(st.token_ids[-1])
-            pos.append(len(seq.token_ids) - 1)
-        if not idx:
-            return
-        dev = self.device
-        ctx = self._step_ctx
-        sel = to_device(idx, dev, torch.long)
-        p = to_device(pos, dev, torch.long)
-        B = len(idx)
-        dctx = ForwardContext(
-            input_ids=to_device(toks, dev, torch.long), positions=p,
-            cu_seqlens_q=torch.arange(B + 1, dtype=torch.int32, device=dev), seq_lens=p.to(torch.int32),
-            page_tables={k: v[sel] for k, v in ctx.page_tables.items()},
-            slot_mappings={k: torch.full((B,), -1, dtype=torch.long, device=dev) for k in ctx.page_tables},
-            kv=self.kv, logits_indices=torch.arange(B, dtype=torch.long, device=dev), allow_shared_layer_skip=False)
-        lm = self.model.language_model
-        hidden = self._step_hidden[to_device(hrows, dev, torch.long)]
-        drafts = None
-        if self.graphs is not None:
-            drafts = self.graphs.run_draft(dctx.input_ids, hidden, p, dctx.page_tables)
-        if drafts is None:
-            drafts = self.drafter.draft(dctx, dctx.input_ids, hidden, lm.embed_tokens.weight, lm.embed_scale(),
-                                        self.spec_steps, self.sampler.sample_limit)
-        drafts = drafts.tolist()
-        for i, d in zip(idx, drafts):
-            out[i].next_draft_ids = d
 
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
