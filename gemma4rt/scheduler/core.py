@@ -386,6 +386,18 @@ class Scheduler(PageOps):
             r.known_to_worker = False
         self.requests.pop(r.rid, None)
 
+    def _ends(self, r: Request, t: int, nout: int, length: int) -> bool:
+        """Whether token t, r's output number nout (from 0) with the sequence then `length` tokens long, ends
+        r; sets its finish reason (and matched stop) when it does."""
+        sp = r.sampling
+        if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
+            r.finish_reason, r.matched_stop = "stop", t
+        elif nout + 1 >= sp.max_new_tokens or length >= self.context_length:
+            r.finish_reason = "length"
+        else:
+            return False
+        return True
+
     def _fail(self, r: Request, msg: str) -> None:
         r.error = msg
         self._finish(r, "error")
@@ -442,27 +454,15 @@ class Scheduler(PageOps):
             toks = r.token_ids
             got = s.token_ids
             if len(got) == 1:                            # the common case, no loop
-                t = got[0]
-                nout = len(toks) - r.num_prompt_tokens
-                toks.append(t)
+                toks.append(got[0])
                 new = got
-                if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
-                    r.finish_reason = "stop"
-                    r.matched_stop = t
-                elif nout + 1 >= sp.max_new_tokens or len(toks) >= ctx:
-                    r.finish_reason = "length"
+                self._ends(r, got[0], len(toks) - 1 - r.num_prompt_tokens, len(toks))
             else:
                 new = []
                 for t in got:
-                    nout = len(toks) - r.num_prompt_tokens
                     toks.append(t)
                     new.append(t)
-                    if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
-                        r.finish_reason = "stop"
-                        r.matched_stop = t
-                        break
-                    if nout + 1 >= sp.max_new_tokens or len(toks) >= ctx:
-                        r.finish_reason = "length"
+                    if self._ends(r, t, len(toks) - 1 - r.num_prompt_tokens, len(toks)):
                         break
             r.num_computed = len(toks) - 1
             # speculative decoding: the drafts the next step verifies, as many as can still be output
@@ -498,7 +498,6 @@ class Scheduler(PageOps):
                     outputs.append(self._output(r, []))
             return TokenOutputs(outputs=outputs)
         by_rid = {x.rid: x for x in result.sampled}
-        ctx = self.context_length
         for r, sr in inflight:
             if r.status is not RUNNING:
                 continue
@@ -529,14 +528,8 @@ class Scheduler(PageOps):
                 outputs.append(self.pending.pop())
                 continue
             t = s.token_ids[0]
-            toks, sp = r.token_ids, r.sampling
-            toks[pos] = t
-            nout = pos - r.num_prompt_tokens
-            if t in r.stop_ids and (nout >= sp.min_new_tokens or sp.grammar is not None):
-                r.finish_reason = "stop"
-                r.matched_stop = t
-            elif nout + 1 >= sp.max_new_tokens or pos + 1 >= ctx:
-                r.finish_reason = "length"
+            r.token_ids[pos] = t
+            self._ends(r, t, pos - r.num_prompt_tokens, pos + 1)
             if not r.pending:
                 r.hold = False
             if self.prefix_enabled and min(r.num_computed, pos + 1) // self.page_size > r.num_registered:
