@@ -27,6 +27,7 @@ from gemma4rt.model.parallel import NO_TP, TP, check_tp
 from gemma4rt.model_config import ModelConfig, load_model_config, parse_model_config
 from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, StepPlan, StepResult
 from gemma4rt.worker.constrained import GrammarSlots
+from gemma4rt.worker.cuda_graph import VERIFY
 from gemma4rt.worker.kv_cache import allocate_pools, plan_pools
 from gemma4rt.worker.sampler import Sampler, SeqSamplingState, prompt_logprobs
 from gemma4rt.worker.overlap import OverlapMixin
@@ -342,19 +343,20 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
         kind = self.graphs.can_run(scheduled, self.seqs) if self.graphs is not None else None
         if self.drafter is not None and any(self._spec_ok(self.seqs[sr.rid]) for sr in scheduled):
             # the drafter needs the final hidden states: a VERIFY graph returns them, else an eager step
-            from gemma4rt.worker.cuda_graph import VERIFY
             kind = VERIFY if self.graphs is not None and self.graphs.can_verify(scheduled, self.seqs) else None
+        arr = None
         if kind is not None:
             arr, rows = self._host_arrays(scheduled)
-            out = self.graphs.run(arr, kind, self._missing_tokens())
-            if out is not None and self.drafter is not None and kind == "verify":
+            fix = self._missing_tokens()
+            out = self.graphs.run(arr, kind, fix)
+            if out is not None and kind == VERIFY:
                 self._step_ctx, self._step_hidden = _Tables(self.graphs.last_tables), out
                 logits = self.model.compute_logits(out) if logits_needed else out
             else:
                 logits = out
-        if logits is None:
-            ctx, rows = self._build_context(scheduled)
-            fix = self._missing_tokens()
+        if logits is None:                        # eager (also a step longer than every graph's context)
+            ctx, rows = self._build_context(scheduled, None if arr is None else (arr, rows))
+            fix = self._missing_tokens() if arr is None else fix
             if fix is not None:
                 ctx.input_ids.index_copy_(0, *fix)
             hidden = self.model(ctx)
@@ -441,8 +443,9 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
                          logits_indices=np.asarray(logit_rows, dtype=np.int64))
         return arr, rows
 
-    def _build_context(self, scheduled: list[ScheduledRequest]):
-        arr, rows = self._host_arrays(scheduled)
+    def _build_context(self, scheduled: list[ScheduledRequest], built: Optional[tuple] = None):
+        """The step's ForwardContext on the device (built: its (host arrays, rows) when already made)."""
+        arr, rows = built if built is not None else self._host_arrays(scheduled)
         dev = self.device
         t = lambda a: to_device(torch.from_numpy(a), dev)  # noqa: E731
         ctx = ForwardContext(
