@@ -83,9 +83,7 @@ class Drafter(nn.Module):
         top = torch.topk(ops.linear(y, self.centroids.weight), a.centroid_intermediate_top_k, dim=-1).indices
         ids = self.token_ordering.view(a.num_centroids, V // a.num_centroids)[top].reshape(y.shape[0], -1)
         sel = torch.einsum("bd,bkd->bk", y.float(), w[ids].float())
-        out = torch.full((y.shape[0], V), 0.0, dtype=torch.float32, device=y.device)
-        out += (sel.min(dim=-1, keepdim=True).values - 1.0)
-        return out.scatter_(1, ids, sel)
+        return (sel.min(dim=-1, keepdim=True).values - 1.0).expand(-1, V).contiguous().scatter_(1, ids, sel)
 
     def step(self, ctx: ForwardContext, emb: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One drafting step for ctx's requests (one row each): (logits [B, V] fp32, g' [B, d_target])."""
@@ -144,21 +142,25 @@ def load_drafter(path: str, target: TextConfig, dtype: torch.dtype, device: torc
         from safetensors import safe_open
         params = dict(model.named_parameters())
         loaded = set()
+        by_file: dict[str, list[str]] = {}
         for key, f in checkpoint_files(model_dir).items():
-            if key == "lm_head.weight":
-                continue                                    # tied to model.embed_tokens
-            name = ("language_model." + key[len("model."):] if key.startswith("model.") else
-                    "centroids.weight" if key == "masked_embedding.centroids.weight" else
-                    "token_ordering" if key == "masked_embedding.token_ordering" else key)
-            if name not in params:
-                raise CheckpointError(f"unexpected tensor {key!r} in the drafter checkpoint {model_dir}")
+            by_file.setdefault(f, []).append(key)
+        for f, keys in sorted(by_file.items()):
             with safe_open(f, framework="pt", device="cpu") as fh:
-                t = fh.get_tensor(key)
-            if tuple(t.shape) != tuple(params[name].shape):
-                raise CheckpointError(f"drafter tensor {key!r} has shape {tuple(t.shape)}, expected "
-                                      f"{tuple(params[name].shape)}")
-            set_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else torch.long))
-            loaded.add(name)
+                for key in keys:
+                    if key == "lm_head.weight":
+                        continue                                    # tied to model.embed_tokens
+                    name = ("language_model." + key[len("model."):] if key.startswith("model.") else
+                            "centroids.weight" if key == "masked_embedding.centroids.weight" else
+                            "token_ordering" if key == "masked_embedding.token_ordering" else key)
+                    if name not in params:
+                        raise CheckpointError(f"unexpected tensor {key!r} in the drafter checkpoint {model_dir}")
+                    t = fh.get_tensor(key)
+                    if tuple(t.shape) != tuple(params[name].shape):
+                        raise CheckpointError(f"drafter tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                              f"{tuple(params[name].shape)}")
+                    set_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else torch.long))
+                    loaded.add(name)
         missing = [n for n in params if n not in loaded]
         if missing:
             raise CheckpointError(f"drafter checkpoint {model_dir} lacks {missing[0]!r}")
