@@ -168,6 +168,7 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
                                        rows=max(16, engine_cfg.scheduler.max_running_requests + 1))
         self.mm_cache: dict = {}            # encoder outputs by content hash (LRU, see mm_inputs)
         self._mm_rids: set[str] = set()     # requests that carry media
+        self._failed: set[str] = set()      # requests failed in a step (their media): skipped until removed
         self._grammar_rids: set[str] = set()  # requests with a grammar
         # overlap scheduling: the last launched step's sampled ids on the device and each request's row in
         # them; a later step whose input is one of those tokens reads it there (launch())
@@ -329,12 +330,15 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
             self._drop(rid)
             self._mm_rids.discard(rid)
             self._grammar_rids.discard(rid)
+            self._failed.discard(rid)
         for nr in plan.new_requests:
             self._add(nr)
         scheduled = plan.scheduled
         failed = self._encode_media(scheduled) if self._mm_rids else {}
         if failed:                 # a request whose media cannot be encoded fails alone
-            scheduled = [sr for sr in scheduled if sr.rid not in failed]
+            self._failed.update(failed)
+        if self._failed:           # (overlap scheduling: a later plan made before its error came back)
+            scheduled = [sr for sr in scheduled if sr.rid not in self._failed]
         errors = [SampledTokens(rid=rid, token_ids=[], error=e) for rid, e in failed.items()]
         if not scheduled:
             return scheduled, errors, None, None

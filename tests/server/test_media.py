@@ -177,10 +177,12 @@ def test_elongated_image_is_a_400_and_others_are_unharmed(srv):
         assert f_ok.result()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_worker_media_failure_fails_only_its_request(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_worker_media_failure_fails_only_its_request(overlap):
     """If encoding one request's media raises in the worker, that request ends with an error and the
-    others in the same step still get their tokens."""
-    from gemma4rt.config import EngineConfig
+    others in the same step still get their tokens (with overlap scheduling, the next plan, made before
+    the error came back, still schedules the failed request: the worker leaves it out)."""
+    from gemma4rt.config import EngineConfig, SchedulerConfig
     from gemma4rt.engine import Engine
     from gemma4rt.frontend.mm_fetch import LoadedMedia
     from gemma4rt.frontend.mm_preprocess import MediaPreprocessor
@@ -188,7 +190,9 @@ def test_worker_media_failure_fails_only_its_request(tmp_path):
     from gemma4rt.tools.tiny_checkpoint import demo_checkpoint_path
 
     path = str(demo_checkpoint_path())
-    eng = Engine(EngineConfig(model_path=path, device="cpu", dtype="float32"))
+    eng = Engine(EngineConfig(model_path=path, device="cpu", dtype="float32",
+                              scheduler=SchedulerConfig(overlap_schedule=overlap)))
+    assert eng.overlap == overlap
     pre = MediaPreprocessor.from_model_dir(path, BUDGET)
     exp = pre.expand_prompt([2, 10, pre.ids["image_token_id"], 11], [LoadedMedia("image", image(30, 30, 2), "d", 0)])
     item = exp.mm_items[0]
