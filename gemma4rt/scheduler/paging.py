@@ -31,6 +31,8 @@ class PageOps:
             if not table:
                 continue
             first = max(0, r.num_computed - pool.window + 1) // pool.page_size
+            if self.prefix_enabled:       # not before the prefix cache has it (overlap registers a step late)
+                first = min(first, r.num_registered)
             lo = r.slide_lo.get(pool.name, 0)
             if first > lo:
                 for j in range(lo, min(first, len(table))):

@@ -66,19 +66,23 @@ def test_overlap_with_preemption_and_prefix_reuse(tiny_checkpoint):
 
 
 def test_overlap_prefix_cache_reuse():
-    """The demo model (its sliding window keeps a 150-token prompt's pages cached): a second run of the
-    same prompts hits the prefix cache and gives the same tokens, as the synchronous engine does."""
+    """The demo model: a second run of the same prompts hits the prefix cache as often as in the
+    synchronous engine and gives the same tokens. The 21-token prompt's first page leaves the sliding
+    window in its first decode step, which overlap scheduling plans before the prompt step's result
+    (and so its prefix-cache registration) is back: the page must stay until it is registered."""
     prompt = [2] + [(11 * j) % 300 + 10 for j in range(150)]
     sp = [SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True),
           SamplingParams(max_new_tokens=20, temperature=0.9, seed=4, ignore_eos=True)]
-    runs = []
+    runs, hits = [], []
     for overlap in (False, True):
         llm = LLM(chunked_prefill_size=32, page_size=16, overlap_schedule=overlap)
-        first = llm.generate([prompt], sp[:1])
+        first = llm.generate([prompt, prompt[:21]], sp)
         again = llm.generate([prompt, prompt[:120]], sp)
-        assert llm.engine.scheduler.prefix_hit_tokens > 0
-        runs.append(first + again)
+        short = llm.generate([prompt[:21]], sp[:1])
+        runs.append(first + again + short)
+        hits.append(llm.engine.scheduler.prefix_hit_tokens)
     _same(runs[0], runs[1])
+    assert hits[0] >= 150 + 120 + 16 and hits[1] == hits[0], hits
 
 
 def test_overlap_held_requests_penalties_grammar_prompt_logprobs(tiny_checkpoint):
