@@ -99,9 +99,11 @@ if has targets && [ "$(left)" -gt 90 ]; then
     if [ -n "${SPEC:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row with the model's assistant drafter
       timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size 1 \
         --input-len 1024 --output-len 32 --speculative-draft-model-path "$m-assistant" \
-        --speculative-num-steps ${SPEC_STEPS:-3} --output-file "$OUT/one_batch_spec.jsonl" >"$OUT/one_batch_spec_$m.log" 2>&1
+        --speculative-num-steps ${SPEC_STEPS:-3} --output-file "$OUT/one_batch_spec.jsonl" \
+        --profile "$OUT/profile_spec_$m.txt" >"$OUT/one_batch_spec_$m.log" 2>&1
       echo "$m with its drafter (random weights: no draft accepted; the step time is the overhead) rc=$?"
       grep -E "batch-1 TPOT" "$OUT/one_batch_spec_$m.log"
+      [ -f "$OUT/profile_spec_$m.txt" ] && head -${PROFILE_LINES:-16} "$OUT/profile_spec_$m.txt" | cut -c1-160
     fi
   done
 fi

@@ -95,7 +95,8 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
         context_length=max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, disable_radix_cache=True,
                           mem_fraction_static=mem_fraction_static),
-        scheduler=SchedulerConfig(max_running_requests=max_running,
+        # synchronous steps: StepTimer times each runner.execute (overlap scheduling's gain shows in serving)
+        scheduler=SchedulerConfig(max_running_requests=max_running, overlap_schedule=False,
                                   chunked_prefill_size=max(max_bs * input_len, extra_prompt_len + max_bs, 2048)),
         disable_cuda_graph=disable_cuda_graph,
         # with mixed graphs, room for the profiled prompt's request beside the batch
@@ -244,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--cuda-graph-max-tokens", type=int, default=0,
-                   help="mixed prefill + decode CUDA graphs up to this many tokens (the --profile-prompt steps)")
+    p.add_argument("--cuda-graph-max-tokens", type=int, default=1024,
+                   help="mixed prefill + decode CUDA graphs up to this many tokens (the server's default, 1024; 0: off)")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch (4 new tokens) per batch size")
     p.add_argument("--reference", action="store_true", help="also time batch-1 decode in transformers' model")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference forward (GPU)")

@@ -36,7 +36,7 @@ FLAGS = [
     (["--cuda-graph-max-bs"], "engine", "cuda_graph_max_bs", int, "largest batch captured in a CUDA graph"),
     (["--cuda-graph-max-tokens"], "engine", "cuda_graph_max_tokens", int,
      "also capture CUDA graphs for steps that carry prompt tokens (mixed prefill + decode), up to this many "
-     "tokens a step, padded to 128/256/512-token buckets (0: off; experimental)"),
+     "tokens a step, padded to 128-token buckets (default 1024; 0: off)"),
     (["--page-size"], "cache", "page_size", int, "tokens per KV page"),
     (["--mem-fraction-static", "--gpu-memory-utilization"], "cache", "mem_fraction_static", float,
      "fraction of GPU memory for weights + KV"),
@@ -52,10 +52,10 @@ FLAGS = [
      "while requests run, hold new prompts until the oldest has waited this many times the last prompt "
      "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
     (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
-     "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); "
-     "experimental, --tp 1 only"),
+     "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); the "
+     "default (off by itself with --tp > 1, --ple-on-host or speculative decoding)"),
     (["--disable-overlap-schedule"], "scheduler", "disable_overlap_schedule", "flag",
-     "SGLang's flag: no overlap scheduling (already the default here; wins over --enable-overlap-schedule)"),
+     "SGLang's flag: no overlap scheduling (wins over --enable-overlap-schedule)"),
     (["--speculative-algorithm"], "speculative", "algorithm", str,
      "NEXTN (also EAGLE, MTP): speculative decoding with the Gemma 4 assistant drafter named by "
      "--speculative-draft-model-path (a chain of drafts verified by the target; outputs as without it)"),

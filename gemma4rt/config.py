@@ -63,8 +63,8 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     scheduler_recv_interval: int = 1
     delay_factor: float = 0.0            # vLLM's --scheduler-delay-factor (0: admit prompts at once)
-    overlap_schedule: bool = False       # schedule step k+1 while step k runs (--enable-overlap-schedule)
-    disable_overlap_schedule: bool = False   # SGLang's flag: overlap off (it is off by default here)
+    overlap_schedule: bool = True        # schedule step k+1 while step k runs (on unless disabled)
+    disable_overlap_schedule: bool = False   # SGLang's flag: overlap off (wins over overlap_schedule)
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ class EngineConfig:
     disable_cuda_graph: bool = False
     ple_on_host: bool = False            # E2B/E4B: keep the per-layer-embedding table in pinned host memory
     cuda_graph_max_bs: int = 160
-    cuda_graph_max_tokens: int = 0       # > 0: also graphs for steps with prompt tokens, up to this many tokens
+    cuda_graph_max_tokens: int = 1024    # > 0: also graphs for steps with prompt tokens, up to this many tokens
     revision: Optional[str] = None
     runner: str = "auto"                 # auto (the model) | noop (fake tokens, no model: tests, benchmarks)
 

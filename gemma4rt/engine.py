@@ -43,7 +43,7 @@ class Engine:
                              or engine_cfg.speculative.draft_model_path):
             # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers
             # each step's per-layer-embedding rows by token id on the host; drafts need the newest token
-            log.warning("overlap scheduling is off: it needs --tp 1, no --ple-on-host and no speculative decoding")
+            log.info("overlap scheduling is off: it needs --tp 1, no --ple-on-host and no speculative decoding")
             self.overlap = False
         self.scheduler.overlap = self.overlap
         self._in_flight = None          # overlap: (plan, launched step) whose result is not processed yet

@@ -41,7 +41,7 @@ class Scheduler(PageOps):
         self.pending: list[RequestOutput] = []
         # (request, its share) of each plan whose result has not come back: one plan, or two with overlap
         self.inflight: deque[list[tuple[Request, ScheduledRequest]]] = deque()
-        self.overlap = sched_cfg.overlap_schedule
+        self.overlap = False      # the Engine turns it on when it runs overlapped (its runner can launch)
         self.step_id = 0
         self._order = 0
         self.prefix_hit_tokens = 0
