@@ -1,5 +1,5 @@
 """Tensor parallelism on two GPUs (NCCL all-reduces, CUDA graphs captured with them inside) against one
-GPU, on tiny checkpoints. Reported as not run with fewer than two CUDA devices."""
+GPU, on tiny checkpoints (fp32) and real geometries with random weights (bf16, CUDA graphs). Reported as not run with fewer than two CUDA devices."""
 import pytest
 import torch
 
@@ -35,15 +35,27 @@ def test_fp32_two_gpus_match_one(tiny_checkpoint, family):
         torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("family", ["moe", "e"])
-def test_bf16_two_gpus_with_cuda_graphs(tiny_checkpoint, family):
-    """bf16 with the native kernels and decode CUDA graphs on both ranks: the first generated token of
-    every prompt (prefill, eager) and its log-probability agree with one GPU within bf16 rounding, and the
-    decoded continuations mostly agree (a near-tie may flip under a different summation order)."""
-    path = tiny_checkpoint(family, text_only=family != "e")
-    one, g1 = _run(path, 1, "bfloat16")
-    two, g2 = _run(path, 2, "bfloat16")
-    assert g1 and g2, "decode CUDA graphs were not captured"
+def _run_dummy(name, tp):
+    """A real geometry with random weights (the tiny checkpoints' head dims get no CUDA graphs): decode and
+    mixed-step CUDA graphs, small buffers."""
+    from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+    cfg = EngineConfig(model_path=name, load_format="dummy", device="cuda", dtype="bfloat16", seed=0,
+                       context_length=512, cuda_graph_max_bs=8, cuda_graph_max_tokens=256,
+                       cache=CacheConfig(max_total_tokens=8192),
+                       scheduler=SchedulerConfig(max_running_requests=8, chunked_prefill_size=256),
+                       parallel=ParallelConfig(tp=tp))
+    return _run(None, tp, "bfloat16", engine_config=cfg)
+
+
+@pytest.mark.parametrize("name", ["gemma-4-E2B-it", "gemma-4-26B-A4B-it"])
+def test_bf16_two_gpus_with_cuda_graphs(name):
+    """bf16 with the native kernels and CUDA graphs (decode and mixed steps, NCCL all-reduces inside) on
+    both ranks, real geometry with random weights: the first generated token of every prompt and its
+    log-probability agree with one GPU within bf16 rounding, and the decoded continuations mostly agree
+    (a near-tie may flip under a different summation order)."""
+    one, g1 = _run_dummy(name, 1)
+    two, g2 = _run_dummy(name, 2)
+    assert g1 and g2, "CUDA graphs were not captured"
     first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(one, two))
     assert first >= len(PROMPTS) - 1, first
     for a, b in zip(one, two):
