@@ -24,8 +24,9 @@
 #              again with $SERVER_COMPARE_ARGS added when set (e.g. "--enable-overlap-schedule")
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
-#     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py, then batch-1 and
-#              batch-$BATCH_SIZE decode with --tp ${TP:-2} for $TP_MODELS (default 31B)
+#     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py (only those matching
+#              $TP_TESTS_K when set), then batch-1 and batch-$BATCH_SIZE decode with --tp ${TP:-2} for $TP_MODELS
+#              (default 31B)
 #   The device image lacks msgspec: carry it as a wheel (`run(..., carry=[".whl"])`, see README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -135,7 +136,7 @@ if has batch && [ "$(left)" -gt 90 ]; then
 fi
 
 if has tp && [ "$(left)" -gt 90 ]; then
-  echo "== tensor parallel (--tp ${TP:-2})"; run_pytest tp tests/gpu/test_tensor_parallel.py
+  echo "== tensor parallel (--tp ${TP:-2})"; run_pytest tp tests/gpu/test_tensor_parallel.py ${TP_TESTS_K:+-k "$TP_TESTS_K"}
   for m in ${TP_MODELS:-gemma-4-31B-it}; do
     [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
     timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --tp ${TP:-2} \

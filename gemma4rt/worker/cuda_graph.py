@@ -249,6 +249,15 @@ class StepGraphs:
                  f", speculative verification graphs for {self.verify_buckets} tokens and drafter graphs for "
                  f"{self.draft_buckets} requests" if self.spec_steps else "")
 
+    def release(self) -> None:
+        """Free every captured graph and its memory pool (before leaving a tensor-parallel group: NCCL
+        work captured in a live graph makes destroy_process_group hang, pytorch/pytorch#115388)."""
+        for g in self.graphs.values():
+            g.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+
     def can_verify(self, scheduled, seqs) -> bool:
         """Whether a VERIFY graph can run this step: decode rows and draft chains only (no prompt rows),
         at most spec_bs requests."""

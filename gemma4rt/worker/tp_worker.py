@@ -51,8 +51,33 @@ def _follower_main(rank: int, size: int, init_method: str, cfg: EngineConfig, de
     except BaseException:
         log.exception("tensor-parallel rank %d failed", rank)
         os._exit(1)          # rank 0's next collective fails instead of waiting for this rank
+    _leave(runner)
+    logging.shutdown()
+    os._exit(0)              # (not the interpreter's teardown, which could wait on a group left hanging)
+
+
+def _leave(runner, timeout: float = 10.0) -> None:
+    """Leave the process group: the CUDA graphs go first (with NCCL work captured in a live graph,
+    destroy_process_group hangs in ncclCommDestroy: pytorch/pytorch#115388, seen here on two H200s), and
+    the wait is bounded so that shutting down cannot wedge."""
+    import gc
+    import threading
+
     import torch.distributed as dist
-    dist.destroy_process_group()
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:
+        runner.graphs = None
+        graphs.release()
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if not dist.is_initialized():
+        return
+    t = threading.Thread(target=dist.destroy_process_group, name="gemma4rt-tp-leave", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        log.warning("leaving the tensor-parallel process group: no answer after %.0f s; going on", timeout)
 
 
 def start_tp_runner(cfg: EngineConfig):
@@ -88,12 +113,18 @@ def stop_tp_runner(runner, timeout: float = 30.0) -> None:
     if not procs:
         return
     runner.tp_procs = []
+    import threading
     try:
         runner.stop_followers()
-        for p in procs:
-            p.join(timeout=timeout)
     except Exception as e:
         log.warning("stopping the tensor-parallel ranks: %s", e)
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # every rank leaves the group at the same time (rank 0 waiting for the others to exit first, while
+    # they wait in destroy_process_group, was a hang)
+    leave = threading.Thread(target=_leave, args=(runner,), name="gemma4rt-tp-stop", daemon=True)
+    leave.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            log.warning("tensor-parallel rank %s did not stop within %.0f s: killed", p.name, timeout)
+            p.kill()
+    leave.join(timeout)
