@@ -16,12 +16,12 @@
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
 #              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt);
 #              COMPARE_ENV / COMPARE_ARGS run each model again under those settings / with those one_batch flags
-#              (e.g. COMPARE_ARGS="--cuda-graph-max-tokens 1024": the prompt steps through mixed CUDA graphs)
+#              (e.g. COMPARE_ARGS="--cuda-graph-max-tokens 0": the prompt steps eagerly, not through mixed graphs)
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
 #              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags), and
-#              again with $SERVER_COMPARE_ARGS added when set (e.g. "--enable-overlap-schedule")
+#              again with $SERVER_COMPARE_ARGS added when set (e.g. "--disable-overlap-schedule")
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py (only those matching
