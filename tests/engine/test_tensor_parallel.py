@@ -103,3 +103,38 @@ def test_a_dead_rank_fails_steps_instead_of_hanging(tiny_checkpoint):
         assert outs and outs[0].finish_reason == "error" and "exited" in outs[0].error
     finally:
         llm.close()
+
+
+def test_leaving_the_group_frees_graphs_first_and_cannot_hang(monkeypatch, caplog):
+    """Leaving a tensor-parallel group frees the CUDA graphs before destroy_process_group (NCCL work in a
+    live graph makes it hang, pytorch/pytorch#115388), and a destroy that never returns costs a bounded wait."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from gemma4rt.worker import tp_worker
+
+    order, stuck = [], threading.Event()
+
+    class Graphs:
+        def release(self):
+            order.append("graphs")
+
+    class Runner:
+        graphs = Graphs()
+
+    def hang():
+        order.append("destroy")
+        stuck.wait(30)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", hang)
+    runner = Runner()
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        tp_worker._leave(runner, timeout=0.3)
+    stuck.set()
+    assert time.perf_counter() - t0 < 5
+    assert order == ["graphs", "destroy"] and runner.graphs is None
+    assert "no answer" in caplog.text
