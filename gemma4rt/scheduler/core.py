@@ -338,9 +338,11 @@ class Scheduler(PageOps):
         """Overlap: take the plan as done before its result comes back, so that the next plan can be made
         while it runs: its chunks count as computed and each sampled request gets a placeholder for its
         token, which the next step reads on the device. Held until the token is back: a request with a
-        grammar (its step may be deferred while the grammar compiles, and then yields no token), with
-        drafts, or which surely ends with this token (length). (Penalties need the token on the host too:
-        the worker then finishes the step in flight before sampling; no hold needed.)"""
+        grammar until one of its tokens has come back (until then its step may be deferred while the
+        grammar compiles, and then yields no token), with drafts, or which surely ends with this token
+        (length). (Grammars and penalties need the token on the host: the worker samples such a request
+        on the host, after the step in flight; a request that its grammar ended may still be in the next
+        plan: the worker samples nothing for it there.)"""
         ctx = self.context_length
         for r, sr in inflight:
             r.num_computed = sr.start + sr.num_tokens
@@ -349,7 +351,7 @@ class Scheduler(PageOps):
             r.pending.append((len(r.token_ids), sr))
             r.token_ids.append(-1)
             sp = r.sampling
-            if (sr.draft_token_ids or sp.grammar is not None
+            if (sr.draft_token_ids or (sp.grammar is not None and not r.grammar_ready)
                     or len(r.token_ids) - r.num_prompt_tokens >= sp.max_new_tokens or len(r.token_ids) >= ctx):
                 r.hold = True
 
@@ -529,6 +531,7 @@ class Scheduler(PageOps):
                 continue
             t = s.token_ids[0]
             r.token_ids[pos] = t
+            r.grammar_ready = True
             self._ends(r, t, pos - r.num_prompt_tokens, pos + 1)
             if not r.pending:
                 r.hold = False

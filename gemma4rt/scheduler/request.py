@@ -22,7 +22,7 @@ class Request:
         "num_computed", "pages", "num_sent_pages", "known_to_worker", "num_cached_tokens",
         "stop_ids", "finish_reason", "matched_stop", "error", "draft_token_ids", "keys",
         "mm_spans", "bidi_spans", "order", "num_registered", "slide_lo", "ever_admitted", "cap", "slide_check", "pages_dirty",
-        "pending", "hold",
+        "pending", "hold", "grammar_ready",
     )
 
     def __init__(self, req: AddRequest, stop_ids: frozenset, order: int):
@@ -57,6 +57,9 @@ class Request:
         # and whether the request waits for them before its next step
         self.pending: list[int] = []
         self.hold = False
+        # overlap: a token came back for its grammar, so the worker's copy of the grammar is compiled and
+        # no later step of this request can be deferred (until a preemption re-adds it to the worker)
+        self.grammar_ready = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -77,4 +80,5 @@ class Request:
         self.slide_check = 0
         self.pages_dirty = False
         self.draft_token_ids = []
+        self.grammar_ready = False
         self.status = Status.WAITING

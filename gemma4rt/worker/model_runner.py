@@ -498,7 +498,10 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
                 head: list = [None] if sr.start == 0 else []
                 st.prompt_logprobs = head + lp
                 st.prompt_top_logprobs = head + top
-            if sr.sample and sr.draft_token_ids:
+            g = seq.sampling.grammar
+            if sr.sample and g is not None and g.matcher is not None and g.matcher.is_terminated():
+                pass           # overlap: planned before its grammar ended it (the scheduler drops this step)
+            elif sr.sample and sr.draft_token_ids:
                 verify.append((i, first, n))
             elif sr.sample:
                 sample_rows.append(first + n - 1)
