@@ -10,8 +10,9 @@
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit)
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
-#              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0); SPEC=1 runs each
-#              row again with the model's -assistant drafter ($SPEC_STEPS drafts, default 3)
+#              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0); OVERLAP=1 runs each
+#              row again with overlap scheduling (the server's default); SPEC=1 runs each row again with the
+#              model's -assistant drafter ($SPEC_STEPS drafts, default 3)
 #     batch    decode at batch $BATCH_SIZE (default 100, 1024-token prompts) for $TARGET_MODELS (default E2B and
 #              26B-A4B), with a kernel profile of 8 steps each (profile_bs<N>_<model>.txt) and of 8 steps that
 #              each also carry one new $PROMPT_LEN-token prompt (default 600; profile_bs<N>_prompt_<model>.txt);
@@ -96,6 +97,12 @@ if has targets && [ "$(left)" -gt 90 ]; then
         --batch-size 1 --input-len 1024 --output-len 32 --output-file "$OUT/one_batch_cmp.jsonl" \
         --profile "$OUT/profile_cmp_$m.txt" >"$OUT/one_batch_cmp_$m.log" 2>&1
       echo "$m with $COMPARE_ENV rc=$?"; grep -E "batch-1 TPOT|GPU kernel time" "$OUT/one_batch_cmp_$m.log"
+    fi
+    if [ -n "${OVERLAP:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row scheduled as the server does
+      timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size 1 \
+        --input-len 1024 --output-len 32 --enable-overlap-schedule --output-file "$OUT/one_batch_overlap.jsonl" \
+        >"$OUT/one_batch_overlap_$m.log" 2>&1
+      echo "$m with overlap scheduling (decode time = launch period) rc=$?"; grep -E "batch-1 TPOT" "$OUT/one_batch_overlap_$m.log"
     fi
     if [ -n "${SPEC:-}" ] && [ "$(left)" -gt 60 ]; then    # the same row with the model's assistant drafter
       timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size 1 \

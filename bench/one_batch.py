@@ -52,29 +52,54 @@ def _id_range(vocab: int) -> tuple[int, int]:
 
 
 class StepTimer:
-    """Wraps runner.execute: records (is_prefill, tokens, requests, seconds) per step, synchronised."""
+    """Records (is_prefill, tokens, requests, seconds) per step. Synchronous engine: wraps runner.execute
+    and times each step between device synchronisations. Overlap scheduling (overlapped=True): wraps
+    runner.launch without synchronising (that would undo the overlap) and gives each step the time until
+    the next launch: in steady decode, the period at which tokens come out."""
 
-    def __init__(self, runner, sync):
+    def __init__(self, runner, sync, overlapped: bool = False):
         self.records: list[tuple[bool, int, int, float]] = []
-        self._orig, self._sync = runner.execute, sync
-        runner.execute = self
+        self.overlapped = overlapped
+        self._sync = sync
+        self._prev: Optional[tuple[bool, int, int, float]] = None     # overlap: the last launch, untimed
+        if overlapped:
+            self._orig = runner.launch
+            runner.launch = self._launch
+        else:
+            self._orig = runner.execute
+            runner.execute = self
+
+    @staticmethod
+    def _kind(plan) -> tuple[bool, int, int]:
+        return (any(s.num_tokens > 1 for s in plan.scheduled), sum(s.num_tokens for s in plan.scheduled),
+                len(plan.scheduled))
+
+    def reset(self) -> None:
+        """Forget the records and the launch in flight (call between batches)."""
+        self.records.clear()
+        self._prev = None
 
     def __call__(self, plan):
         self._sync()
         t0 = time.perf_counter()
         result = self._orig(plan)
         self._sync()
-        dt = time.perf_counter() - t0
-        ntok = sum(s.num_tokens for s in plan.scheduled)
-        prefill = any(s.num_tokens > 1 for s in plan.scheduled)
-        self.records.append((prefill, ntok, len(plan.scheduled), dt))
+        self.records.append(self._kind(plan) + (time.perf_counter() - t0,))
         return result
+
+    def _launch(self, plan):
+        now = time.perf_counter()
+        if self._prev is not None:
+            self.records.append(self._prev[:3] + (now - self._prev[3],))
+        self._prev = self._kind(plan) + (now,)
+        return self._orig(plan)
 
 
 def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, max_bs: int, input_len: int,
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
                  mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1,
-                 cuda_graph_max_tokens: int = 0, draft_model_path: Optional[str] = None, spec_steps: int = 3):
+                 cuda_graph_max_tokens: int = 0, draft_model_path: Optional[str] = None, spec_steps: int = 3,
+                 overlap: bool = False):
     """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
     prompt-step profile). draft_model_path: speculative decoding with that assistant drafter."""
     from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
@@ -95,8 +120,8 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
         context_length=max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, disable_radix_cache=True,
                           mem_fraction_static=mem_fraction_static),
-        # synchronous steps: StepTimer times each runner.execute (overlap scheduling's gain shows in serving)
-        scheduler=SchedulerConfig(max_running_requests=max_running, overlap_schedule=False,
+        # synchronous steps unless asked (StepTimer then times the launch period)
+        scheduler=SchedulerConfig(max_running_requests=max_running, overlap_schedule=overlap,
                                   chunked_prefill_size=max(max_bs * input_len, extra_prompt_len + max_bs, 2048)),
         disable_cuda_graph=disable_cuda_graph,
         # with mixed graphs, room for the profiled prompt's request beside the batch
@@ -120,7 +145,7 @@ def run_batch(engine, timer: StepTimer, bs: int, input_len: int, output_len: int
                                             prompt_token_ids=synthetic_ids(int(offsets[i]), i, input_len, low, high)))
         if err:
             raise RuntimeError(f"request rejected: {err}")
-    timer.records.clear()
+    timer.reset()
     engine_step_s: list[tuple[int, float]] = []     # (index into timer.records, engine step seconds)
     generated = 0
     t0 = time.perf_counter()
@@ -138,7 +163,8 @@ def run_batch(engine, timer: StepTimer, bs: int, input_len: int, output_len: int
     prefill = [r for r in timer.records if r[0]]
     decode = [r for r in timer.records if not r[0]]
     decode_engine = [s for i, s in engine_step_s if not timer.records[i][0]]
-    prefill_s = sum(r[3] for r in prefill)
+    # overlap: a prompt step's launch period is not its latency (nothing waits for it): not measured
+    prefill_s = float("nan") if timer.overlapped else sum(r[3] for r in prefill)
     med = statistics.median(r[3] for r in decode) if decode else float("nan")
     return {
         "batch_size": bs, "input_len": input_len, "output_len": output_len,
@@ -247,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--cuda-graph-max-tokens", type=int, default=1024,
                    help="mixed prefill + decode CUDA graphs up to this many tokens (the server's default, 1024; 0: off)")
+    p.add_argument("--enable-overlap-schedule", action="store_true",
+                   help="schedule as the server does by default (step k+1 launched before step k's tokens are "
+                        "back); the decode time is then the launch period, and prefill times are not measured")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch (4 new tokens) per batch size")
     p.add_argument("--reference", action="store_true", help="also time batch-1 decode in transformers' model")
     p.add_argument("--reference-compile", action="store_true", help="torch.compile the reference forward (GPU)")
@@ -291,7 +320,7 @@ def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str,
     while engine.has_work() and not (engine.scheduler.running and
                                      all(r.num_output_tokens >= 2 for r in engine.scheduler.running)):
         engine.step()                                   # prefill and the first decode steps unprofiled
-    timer.records.clear()
+    timer.reset()
     one = SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
@@ -346,12 +375,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           mem_fraction_static=a.mem_fraction_static,
                           extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp,
                           cuda_graph_max_tokens=a.cuda_graph_max_tokens,
-                          draft_model_path=a.speculative_draft_model_path, spec_steps=a.speculative_num_steps)
+                          draft_model_path=a.speculative_draft_model_path, spec_steps=a.speculative_num_steps,
+                          overlap=a.enable_overlap_schedule)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0
     model_cfg = runner.config
-    timer = StepTimer(runner, _sync_fn(dev))
+    timer = StepTimer(runner, _sync_fn(dev), overlapped=engine.overlap)
     rows = []
     for bs in a.batch_size:
         if not a.no_warmup:

@@ -40,6 +40,19 @@ def test_one_batch_tiny_cpu(tiny_checkpoint, tmp_path, capsys):
         "steps with one 12-token prompt beside 1 decode rows, 8 steps (13 tokens/step)")
 
 
+def test_one_batch_overlap_schedule_cpu(tiny_checkpoint):
+    """--enable-overlap-schedule: the engine overlaps, every decode step gets its launch period (the last
+    step's ends with no next launch, so one fewer), the prompt step is not timed."""
+    import math
+    path = tiny_checkpoint("e", text_only=True)
+    res = one_batch.main(["--model-path", path, "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
+                          "--input-len", "40", "--output-len", "6", "--enable-overlap-schedule"])
+    r = res["rows"][0]
+    assert r["generated_tokens"] == 2 * 6
+    assert r["prefill_steps"] == 1 and r["decode_steps"] == 4
+    assert r["median_decode_ms"] > 0 and math.isnan(r["prefill_latency_ms"])
+
+
 def test_step_timer_classifies_prefill_and_decode():
     class Plan:
         def __init__(self, sizes):
