@@ -2,6 +2,9 @@
 // [out, in] layout). cuBLAS reads a weight at ~40% of the copy rate at one row; here one warp owns one
 // output column n, its lanes stream W's row n in 16-byte vectors (two in flight per lane) and reuse each
 // vector for every row of x (x stays in L1/L2), fp32 accumulation, a warp reduction at the end.
+#include <cstdlib>
+#include <cstring>
+
 #include "common/common.cuh"
 #include "common/launchers.h"
 
@@ -77,9 +80,91 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
   }
 }
 
+// Several rows of x (2-8: speculative verification, small decode batches): the kernel above reads each x
+// vector once per weight vector and row from L1, MR times the weight traffic, and converts it MR times
+// (H200, 31B: 4 rows cost 1.75x one row). Here one warp owns NC output columns, so each x vector it loads
+// and converts serves NC weight rows, and NC (x2 with GLU) weight vectors are in flight per lane. The
+// per-lane order of the additions is the kernel above's, so the results are bit-identical.
+// Experimental, off unless GEMMA4RT_GEMV_COLS=1 (not yet measured on a GPU).
+template <typename T, int MR, bool GLU, int NC>
+__global__ void __launch_bounds__(kWarpsPerCta * kWarp)
+gemv_cols_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
+                 int64_t sy, int N, int K) {
+  pdl_wait();
+  pdl_trigger();
+  const int n0 = (blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp) * NC;
+  const int lane = threadIdx.x % kWarp;
+  if (n0 >= N) return;
+  constexpr int NR = GLU ? 2 : 1;
+  constexpr int R = NC * NR;           // weight rows per warp: column c's row (and its up row) at c * NR + r
+  const T* wr[R];
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int r = 0; r < NR; ++r)       // a column past N reads column N - 1 and stores nothing
+      wr[c * NR + r] = w + (int64_t)(min(n0 + c, N - 1) + r * N) * sw;
+  float acc[R][MR];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int m = 0; m < MR; ++m) acc[i][m] = 0.f;
+  constexpr int V = 8;
+  constexpr int STEP = kWarp * V;
+  for (int k = lane * V; k < K; k += STEP) {
+    Vec16<T> wv[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) wv[i] = ld16(wr[i] + k);
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const Vec16<T> xv = ld16(x + m * sx + k);
+      float xf[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) xf[j] = to_f(xv.v[j]);
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[i][m] += to_f(wv[i].v[j]) * xf[j];
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      float s[NR];
+#pragma unroll
+      for (int r = 0; r < NR; ++r) s[r] = warp_sum(acc[c * NR + r][m]);
+      if (lane == (m * NC + c) % kWarp && n0 + c < N) {
+        if constexpr (GLU) {
+          const float g = to_f(from_f<T>(s[0])), u = to_f(from_f<T>(s[1]));
+          y[m * sy + n0 + c] = from_f<T>(gelu_tanh(g) * u);
+        } else {
+          y[m * sy + n0 + c] = from_f<T>(s[0]);
+        }
+      }
+    }
+  }
+}
+
+// GEMMA4RT_GEMV_COLS=1: rows 2-8 through gemv_cols_kernel. Read at each launch (a getenv is far below a
+// launch's cost, and graph replays do not launch), so that a test can compare both kernels in one process.
+inline bool gemv_cols_enabled() {
+  const char* e = std::getenv("GEMMA4RT_GEMV_COLS");
+  return e && std::strcmp(e, "1") == 0;
+}
+
 template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
                 cudaStream_t st) {
+  if constexpr (MR >= 2) {
+    if (gemv_cols_enabled()) {
+      // four weight rows per warp at most (with GLU two columns of gate + up): up to ~100 registers
+      constexpr int NC = MR == 2 ? 2 : 4;
+      const int nc = glu ? 2 : NC;
+      const unsigned blocks = (unsigned)((N + kWarpsPerCta * nc - 1) / (kWarpsPerCta * nc));
+      return launch(glu ? gemv_cols_kernel<T, MR, true, 2> : gemv_cols_kernel<T, MR, false, NC>, blocks,
+                    kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, N, K);
+    }
+  }
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
   return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
                 sx, w, sw, y, sy, N, K);
