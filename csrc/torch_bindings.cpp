@@ -277,6 +277,8 @@ void moe_experts_op(const Tensor& x, const Tensor& gate_up, const Tensor& down, 
               out.scalar_type() == x.scalar_type() && hbuf.scalar_type() == x.scalar_type(), "moe_experts: dtypes");
   const int64_t k = weights.size(1);
   TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() && weights.size(0) == T, "weights [T, k] fp32");
+  TORCH_CHECK(block_m != 1 || (sorted.scalar_type() == at::kInt && sorted.is_contiguous() && sorted.numel() == T * k),
+              "moe_experts: block_m 1 (entry mode) takes the routing ids [T, k] int32 as `sorted`");
   TORCH_CHECK(hbuf.is_contiguous() && hbuf.numel() >= sorted.numel() * I && ybuf.scalar_type() == at::kFloat &&
               ybuf.is_contiguous() && ybuf.numel() >= T * k * d && out.sizes() == x.sizes(), "moe_experts: buffers");
   c10::cuda::CUDAGuard g(x.device());

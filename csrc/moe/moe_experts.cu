@@ -162,6 +162,91 @@ __global__ void combine_kernel(const float* __restrict__ y, T* __restrict__ out,
   }
 }
 
+// Entry mode (block_m == 1; experimental, GEMMA4RT_MOE_GEMV=1): for a few tokens, no tile alignment at all.
+// Each (token, slot) entry is one skinny GEMV against its expert's weights, one warp per output column
+// streaming the weight row in 16-byte vectors (two in flight per lane, as csrc/gemm/gemv.cu), the input row
+// from L1/L2: up writes h[entry] = gelu_tanh(x[token] Gᵀ) ⊙ (x[token] Uᵀ), down writes
+// y[entry] = w[entry] · (h[entry] Dᵀ) in fp32; the combine kernel sums the slots. Skips the align launch
+// and reaches every SM at one token (the tile kernels run 176 + 352 CTAs there). An expert chosen by two
+// tokens is read twice: for small batches only.
+constexpr int kGemvWarps = 8;
+
+template <typename T, bool DUAL>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+entry_gemv(const T* __restrict__ A, int64_t sa, const int32_t* __restrict__ ids, int k_top, const T* __restrict__ W,
+           int64_t w_expert_stride, int E, int N, int K, const float* __restrict__ rw, T* __restrict__ hbuf,
+           float* __restrict__ ybuf) {
+  pdl_wait();     // see common.cuh
+  pdl_trigger();
+  const int ent = blockIdx.y;
+  const int n = blockIdx.x * kGemvWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (n >= N) return;
+  const int e = ids[ent];
+  if (e < 0 || e >= E) {              // not routed (cannot come from moe_route): contributes nothing
+    if (lane == 0) {
+      if (DUAL) hbuf[(int64_t)ent * N + n] = from_f<T>(0.f);
+      else ybuf[(int64_t)ent * N + n] = 0.f;
+    }
+    return;
+  }
+  const T* a = A + (DUAL ? (int64_t)(ent / k_top) * sa : (int64_t)ent * sa);
+  const T* We = W + (int64_t)e * w_expert_stride;
+  constexpr int NR = DUAL ? 2 : 1;     // gate row n and up row N + n
+  const T* wr[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) wr[r] = We + (int64_t)(n + r * N) * K;
+  float acc[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) acc[r] = 0.f;
+  constexpr int V = 8, STEP = 32 * V;
+  auto fma_vec = [&](const Vec16<T> (&wv)[NR], int kk) {
+    const Vec16<T> av = ld16(a + kk);
+#pragma unroll
+    for (int r = 0; r < NR; ++r)
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[r] += to_f(wv[r].v[j]) * to_f(av.v[j]);
+  };
+  int kk = lane * V;
+  for (; kk + STEP < K; kk += 2 * STEP) {
+    Vec16<T> w0[NR], w1[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) { w0[r] = ld16(wr[r] + kk); w1[r] = ld16(wr[r] + kk + STEP); }
+    fma_vec(w0, kk);
+    fma_vec(w1, kk + STEP);
+  }
+  if (kk < K) {
+    Vec16<T> w0[NR];
+#pragma unroll
+    for (int r = 0; r < NR; ++r) w0[r] = ld16(wr[r] + kk);
+    fma_vec(w0, kk);
+  }
+  float s[NR];
+#pragma unroll
+  for (int r = 0; r < NR; ++r) s[r] = warp_sum(acc[r]);
+  if (lane == 0) {
+    if (DUAL) hbuf[(int64_t)ent * N + n] = from_f<T>(gelu_tanh(s[0]) * s[1]);   // as expert_gemm's epilogue
+    else ybuf[(int64_t)ent * N + n] = rw[ent] * s[0];
+  }
+}
+
+template <typename T>
+cudaError_t run_entries(const void* x, int64_t sx, const void* gate_up, const void* down, const float* weights,
+                        const int32_t* ids, void* hbuf, float* ybuf, void* out, int64_t so, int64_t T_, int k, int E,
+                        int d, int I, cudaStream_t st) {
+  const unsigned entries = (unsigned)(T_ * k);
+  cudaError_t e = launch(entry_gemv<T, true>, dim3((I + kGemvWarps - 1) / kGemvWarps, entries), kGemvWarps * 32, 0,
+                         st, (const T*)x, sx, ids, k, (const T*)gate_up, (int64_t)2 * I * d, E, I, d,
+                         (const float*)nullptr, (T*)hbuf, (float*)nullptr);
+  if (e != cudaSuccess) return e;
+  e = launch(entry_gemv<T, false>, dim3((d + kGemvWarps - 1) / kGemvWarps, entries), kGemvWarps * 32, 0, st,
+             (const T*)hbuf, (int64_t)I, ids, k, (const T*)down, (int64_t)d * I, E, d, I, weights, (T*)nullptr, ybuf);
+  if (e != cudaSuccess) return e;
+  const int64_t work = T_ * (d / 4);
+  const unsigned blocks = (unsigned)std::min<int64_t>((work + 255) / 256, 132 * 8);
+  return launch(combine_kernel<T>, blocks, 256, 0, st, ybuf, out, so, T_, k, d);
+}
+
 template <typename T, int BM, int BN, bool DUAL>
 cudaError_t gemm(dim3 grid, cudaStream_t st, const T* A, int64_t sa, const T* W, int64_t wes, const int32_t* sorted,
                  const int32_t* te, const int32_t* nt, int k, int N, int K, const float* rw, T* hbuf, float* ybuf) {
@@ -196,9 +281,17 @@ cudaError_t launch_moe_experts(int dtype, const void* x, int64_t sx, const void*
                                const float* weights, const int32_t* sorted, const int32_t* tile_expert,
                                const int32_t* num_tiles, int cap_tiles, int BM, void* hbuf, float* ybuf, void* out,
                                int64_t so, int64_t T_, int k, int E, int d, int I, cudaStream_t st) {
-  (void)E;
-  if (T_ == 0 || cap_tiles == 0) return cudaSuccess;
+  if (T_ == 0) return cudaSuccess;
   if (d % 8 != 0 || I % 8 != 0 || sx % 8 != 0 || !aligned16(x)) return cudaErrorInvalidValue;
+  if (BM == 1) {      // entry mode: `sorted` holds the routing ids [T, k]; tile_expert / num_tiles unused
+    if (T_ * k > 65535) return cudaErrorInvalidValue;
+    if (dtype == kBF16) return run_entries<__nv_bfloat16>(x, sx, gate_up, down, weights, sorted, hbuf, ybuf, out,
+                                                          so, T_, k, E, d, I, st);
+    if (dtype == kF16) return run_entries<__half>(x, sx, gate_up, down, weights, sorted, hbuf, ybuf, out, so, T_, k,
+                                                  E, d, I, st);
+    return cudaErrorInvalidValue;
+  }
+  if (cap_tiles == 0) return cudaSuccess;
 #define G4_MOE(T)                                                                                           \
   if (BM == 16) return run<T, 16>(x, sx, gate_up, down, weights, sorted, tile_expert, num_tiles, cap_tiles, \
                                   hbuf, ybuf, out, so, T_, k, d, I, st);                                    \

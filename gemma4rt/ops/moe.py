@@ -3,9 +3,12 @@
 Native experts: moe_align sorts the (token, slot) pairs into row tiles of one expert each (device
 side, fixed-size outputs bounded from host-known T·k and E), then moe_experts runs the grouped
 gate/up GEMM with fused gelu-and-mul, the grouped down GEMM with the routing weight, and the sum
-over the k slots. Small batches use 16-row tiles, so only the active experts' weights stream."""
+over the k slots. Small batches use 16-row tiles, so only the active experts' weights stream.
+Experimental (GEMMA4RT_MOE_GEMV=1, not yet measured on a GPU): at most ENTRY_GEMV_MAX (token, slot)
+entries skip the alignment and run one skinny GEMV per entry (block_m = 1 selects that mode)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -29,6 +32,10 @@ def moe_route(router_logits: torch.Tensor, top_k: int,
     return ref.moe_route(router_logits, top_k, per_expert_scale)
 
 
+ENTRY_GEMV = os.environ.get("GEMMA4RT_MOE_GEMV", "0") == "1"
+ENTRY_GEMV_MAX = 32          # (token, slot) entries: 4 tokens at top-8
+
+
 def moe_block_m(num_tokens: int, top_k: int, num_experts: int) -> int:
     pairs = num_tokens * top_k
     return 64 if pairs >= 32 * num_experts else 16
@@ -43,14 +50,22 @@ def moe_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
         T, d = x.shape
         k = ids.shape[1]
         E, I = gate_up.shape[0], gate_up.shape[1] // 2
+        xx = x if (x.stride(-1) == 1 and x.stride(0) % 8 == 0) else x.contiguous()
+        dev = x.device
+        if ENTRY_GEMV and T * k <= ENTRY_GEMV_MAX:
+            ids32 = ids.to(torch.int32).contiguous()
+            hbuf = torch.empty(T * k, I, dtype=x.dtype, device=dev)
+            ybuf = torch.empty(T * k, d, dtype=torch.float32, device=dev)
+            out = torch.empty(T, d, dtype=x.dtype, device=dev)
+            torch.ops.gemma4rt.moe_experts(xx, gate_up.contiguous(), down.contiguous(), weights.float().contiguous(),
+                                           ids32, ids32.view(-1)[:1], ids32.view(-1)[:1], 1, out, hbuf, ybuf)
+            return out
         bm = moe_block_m(T, k, E)
         cap_tiles = (T * k) // bm + min(E, T * k)
-        dev = x.device
         sorted_rows = torch.empty(cap_tiles * bm, dtype=torch.int32, device=dev)
         tile_expert = torch.empty(cap_tiles, dtype=torch.int32, device=dev)
         num_tiles = torch.empty(1, dtype=torch.int32, device=dev)
         torch.ops.gemma4rt.moe_align(ids.to(torch.int32).contiguous(), E, bm, sorted_rows, tile_expert, num_tiles)
-        xx = x if (x.stride(-1) == 1 and x.stride(0) % 8 == 0) else x.contiguous()
         hbuf = torch.empty(cap_tiles * bm, I, dtype=x.dtype, device=dev)
         ybuf = torch.empty(T * k, d, dtype=torch.float32, device=dev)
         out = torch.empty(T, d, dtype=x.dtype, device=dev)

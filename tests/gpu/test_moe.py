@@ -121,3 +121,44 @@ def test_cuda_graph_replay():
     w, ids = ref.moe_route(logits, k, scale)
     exp = ref.moe_experts(x.float(), gu.float(), dn.float(), w, ids).to(dtype)
     assert_close(out, exp, dtype, "moe graph", rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("T,E,k,d,I", [(1, 16, 4, 256, 96), (3, 16, 4, 264, 104), (1, 128, 8, 2816, 704),
+                                       (4, 128, 8, 2816, 704)])
+def test_entry_gemv_mode(monkeypatch, dtype, T, E, k, d, I):
+    """GEMMA4RT_MOE_GEMV=1 (experimental): up to 32 (token, slot) entries skip the alignment and run one
+    skinny GEMV per entry (block_m 1). Against the fp32 reference and the tile kernels, poisoned buffers,
+    strided input, opcheck, and a replayed CUDA graph with new routing."""
+    torch.manual_seed(T + E + d)
+    x, gu, dn, w, ids = _experts_case(T, E, k, d, I, dtype, strided=True)
+    exp = ref.moe_experts(x.float(), gu.float(), dn.float(), w, ids).to(dtype)
+    tiles = moe.moe_experts(x, gu, dn, w, ids)
+    monkeypatch.setattr(moe, "ENTRY_GEMV", True)
+    ids32 = ids.int().contiguous()
+    hbuf = torch.full((T * k, I), float("nan"), dtype=dtype, device=DEV)
+    ybuf = torch.full((T * k, d), float("nan"), device=DEV)
+    out = torch.full((T, d), float("nan"), dtype=dtype, device=DEV)
+    args = (x.contiguous(), gu, dn, w, ids32, ids32.view(-1)[:1], ids32.view(-1)[:1], 1, out, hbuf, ybuf)
+    torch.ops.gemma4rt.moe_experts(*args)
+    assert torch.isfinite(ybuf).all() and torch.isfinite(hbuf.float()).all()
+    assert_close(out, exp, dtype, f"moe entry T={T}", rel=2e-2)
+    assert_close(moe.moe_experts(x, gu, dn, w, ids), tiles, dtype, f"moe entry vs tiles T={T}", rel=2e-2)
+    torch.library.opcheck(torch.ops.gemma4rt.moe_experts.default, args)
+    with pytest.raises(RuntimeError):                     # entry mode needs the [T, k] ids
+        torch.ops.gemma4rt.moe_experts(*args[:4], ids32.view(-1)[:-1], *args[5:])
+    logits = torch.randn(T, E, device=DEV)
+    scale = torch.rand(E, device=DEV) + 0.5
+
+    def fn():
+        ww, ii = moe.moe_route(logits, k, scale)
+        return moe.moe_experts(x, gu, dn, ww, ii)
+
+    def refill():
+        x.copy_(torch.randn_like(x))
+        logits.copy_(torch.randn_like(logits) * 3)
+
+    got = graph_replay(fn, None, refill)
+    ww, ii = ref.moe_route(logits, k, scale)
+    assert_close(got, ref.moe_experts(x.float(), gu.float(), dn.float(), ww, ii).to(dtype), dtype, "moe entry graph",
+                 rel=2e-2)
