@@ -112,6 +112,13 @@ if has targets && [ "$(left)" -gt 90 ]; then
       echo "$m with its drafter (random weights: no draft accepted; the step time is the overhead) rc=$?"
       grep -E "batch-1 TPOT" "$OUT/one_batch_spec_$m.log"
       [ -f "$OUT/profile_spec_$m.txt" ] && head -${PROFILE_LINES:-16} "$OUT/profile_spec_$m.txt" | cut -c1-160
+      if [ -n "${COMPARE_ENV:-}" ] && [ "$(left)" -gt 60 ]; then
+        env ${COMPARE_ENV:-} timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy \
+          --batch-size 1 --input-len 1024 --output-len 32 --speculative-draft-model-path "$m-assistant" \
+          --speculative-num-steps ${SPEC_STEPS:-3} --output-file "$OUT/one_batch_spec_cmp.jsonl" \
+          >"$OUT/one_batch_spec_cmp_$m.log" 2>&1
+        echo "$m with its drafter and $COMPARE_ENV rc=$?"; grep -E "batch-1 TPOT" "$OUT/one_batch_spec_cmp_$m.log"
+      fi
     fi
   done
 fi
