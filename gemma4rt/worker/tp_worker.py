@@ -57,9 +57,11 @@ def _follower_main(rank: int, size: int, init_method: str, cfg: EngineConfig, de
 
 
 def _leave(runner, timeout: float = 10.0) -> None:
-    """Leave the process group: the CUDA graphs go first (with NCCL work captured in a live graph,
-    destroy_process_group hangs in ncclCommDestroy: pytorch/pytorch#115388, seen here on two H200s), and
-    the wait is bounded so that shutting down cannot wedge."""
+    """Leave the process group. Over NCCL the communicators are aborted, not destroyed: with NCCL work
+    captured in CUDA graphs, destroy_process_group hangs in ncclCommDestroy (pytorch/pytorch#115388; seen
+    here on two H200s: rank 1 waited there while rank 0 waited for rank 1 to exit), and an abort waits for
+    no peer. The graphs are freed first all the same, and the wait is bounded so that shutting down
+    cannot wedge. (gloo, the CPU path: an ordinary destroy.)"""
     import gc
     import threading
 
@@ -73,7 +75,18 @@ def _leave(runner, timeout: float = 10.0) -> None:
         torch.cuda.synchronize()
     if not dist.is_initialized():
         return
-    t = threading.Thread(target=dist.destroy_process_group, name="gemma4rt-tp-leave", daemon=True)
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+
+    def leave():
+        if dist.get_backend() == "nccl" and abort is not None:
+            try:
+                abort()
+                return
+            except Exception as e:       # (a private API: should it change, destroy as before)
+                log.warning("aborting the tensor-parallel process group: %s; destroying it instead", e)
+        dist.destroy_process_group()
+
+    t = threading.Thread(target=leave, name="gemma4rt-tp-leave", daemon=True)
     t.start()
     t.join(timeout)
     if t.is_alive():

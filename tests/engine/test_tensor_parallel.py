@@ -105,9 +105,11 @@ def test_a_dead_rank_fails_steps_instead_of_hanging(tiny_checkpoint):
         llm.close()
 
 
-def test_leaving_the_group_frees_graphs_first_and_cannot_hang(monkeypatch, caplog):
-    """Leaving a tensor-parallel group frees the CUDA graphs before destroy_process_group (NCCL work in a
-    live graph makes it hang, pytorch/pytorch#115388), and a destroy that never returns costs a bounded wait."""
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_leaving_the_group_frees_graphs_first_and_cannot_hang(monkeypatch, caplog, backend):
+    """Leaving a tensor-parallel group frees the CUDA graphs first; over NCCL it aborts the group (destroy
+    hangs with NCCL work captured in graphs, pytorch/pytorch#115388), over gloo it destroys it; a leave
+    that never returns costs a bounded wait."""
     import threading
     import time
 
@@ -124,17 +126,21 @@ def test_leaving_the_group_frees_graphs_first_and_cannot_hang(monkeypatch, caplo
     class Runner:
         graphs = Graphs()
 
-    def hang():
-        order.append("destroy")
-        stuck.wait(30)
+    def hang(name):
+        def f():
+            order.append(name)
+            stuck.wait(30)
+        return f
 
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "destroy_process_group", hang)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(dist, "destroy_process_group", hang("destroy"))
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", hang("abort"))
     runner = Runner()
     t0 = time.perf_counter()
     with caplog.at_level("WARNING"):
         tp_worker._leave(runner, timeout=0.3)
     stuck.set()
     assert time.perf_counter() - t0 < 5
-    assert order == ["graphs", "destroy"] and runner.graphs is None
+    assert order == ["graphs", "abort" if backend == "nccl" else "destroy"] and runner.graphs is None
     assert "no answer" in caplog.text
