@@ -102,10 +102,10 @@ def test_experts_poisoned_buffers():
                            torch.empty(T, k, dtype=torch.int32, device=DEV)))
 
 
-def test_cuda_graph_replay():
-    dtype = torch.bfloat16
-    T, E, k, d, I = 8, 128, 8, 2816, 704
-    x, gu, dn, _, _ = _experts_case(T, E, k, d, I, dtype)
+def _routed_graph_check(x, gu, dn, k, dtype, label):
+    """Routing + experts captured in a CUDA graph, replayed on new inputs and new routing (different
+    experts active), against the fp32 reference."""
+    T, E = x.shape[0], gu.shape[0]
     logits = torch.randn(T, E, device=DEV)
     scale = torch.rand(E, device=DEV) + 0.5
 
@@ -115,12 +115,18 @@ def test_cuda_graph_replay():
 
     def refill():
         x.copy_(torch.randn_like(x))
-        logits.copy_(torch.randn_like(logits) * 3)  # new routing: different experts active
+        logits.copy_(torch.randn_like(logits) * 3)
 
     out = graph_replay(fn, None, refill)
     w, ids = ref.moe_route(logits, k, scale)
-    exp = ref.moe_experts(x.float(), gu.float(), dn.float(), w, ids).to(dtype)
-    assert_close(out, exp, dtype, "moe graph", rel=2e-2)
+    assert_close(out, ref.moe_experts(x.float(), gu.float(), dn.float(), w, ids).to(dtype), dtype, label, rel=2e-2)
+
+
+def test_cuda_graph_replay():
+    dtype = torch.bfloat16
+    T, E, k, d, I = 8, 128, 8, 2816, 704
+    x, gu, dn, _, _ = _experts_case(T, E, k, d, I, dtype)
+    _routed_graph_check(x, gu, dn, k, dtype, "moe graph")
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -147,18 +153,4 @@ def test_entry_gemv_mode(monkeypatch, dtype, T, E, k, d, I):
     torch.library.opcheck(torch.ops.gemma4rt.moe_experts.default, args)
     with pytest.raises(RuntimeError):                     # entry mode needs the [T, k] ids
         torch.ops.gemma4rt.moe_experts(*args[:4], ids32.view(-1)[:-1], *args[5:])
-    logits = torch.randn(T, E, device=DEV)
-    scale = torch.rand(E, device=DEV) + 0.5
-
-    def fn():
-        ww, ii = moe.moe_route(logits, k, scale)
-        return moe.moe_experts(x, gu, dn, ww, ii)
-
-    def refill():
-        x.copy_(torch.randn_like(x))
-        logits.copy_(torch.randn_like(logits) * 3)
-
-    got = graph_replay(fn, None, refill)
-    ww, ii = ref.moe_route(logits, k, scale)
-    assert_close(got, ref.moe_experts(x.float(), gu.float(), dn.float(), ww, ii).to(dtype), dtype, "moe entry graph",
-                 rel=2e-2)
+    _routed_graph_check(x, gu, dn, k, dtype, "moe entry graph")
