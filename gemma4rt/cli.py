@@ -53,7 +53,8 @@ FLAGS = [
      "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
     (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
      "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); the "
-     "default (off by itself with --tp > 1, --ple-on-host or speculative decoding)"),
+     "default on a GPU (on the CPU only with this flag); off by itself with --tp > 1, --ple-on-host or "
+     "speculative decoding"),
     (["--disable-overlap-schedule"], "scheduler", "disable_overlap_schedule", "flag",
      "SGLang's flag: no overlap scheduling (wins over --enable-overlap-schedule)"),
     (["--speculative-algorithm"], "speculative", "algorithm", str,

@@ -63,7 +63,10 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"
     scheduler_recv_interval: int = 1
     delay_factor: float = 0.0            # vLLM's --scheduler-delay-factor (0: admit prompts at once)
-    overlap_schedule: bool = True        # schedule step k+1 while step k runs (on unless disabled)
+    # schedule step k+1 while step k runs: None (the default) = on where the runner computes on a GPU (on
+    # the CPU host work and compute share one thread: nothing to overlap, outputs would only come a step
+    # later); True = on anywhere (--enable-overlap-schedule; tests); False = off
+    overlap_schedule: Optional[bool] = None
     disable_overlap_schedule: bool = False   # SGLang's flag: overlap off (wins over overlap_schedule)
 
 

@@ -38,7 +38,11 @@ class Engine:
         self.num_steps = 0
         self.step_log = StepLog(self.scheduler, self.runner)
         sc = engine_cfg.scheduler
-        self.overlap = sc.overlap_schedule and not sc.disable_overlap_schedule and hasattr(self.runner, "launch")
+        want = sc.overlap_schedule
+        if want is None:            # the default: where the runner computes on a GPU
+            dev = getattr(self.runner, "device", None)
+            want = dev is not None and getattr(dev, "type", None) == "cuda"
+        self.overlap = bool(want) and not sc.disable_overlap_schedule and hasattr(self.runner, "launch")
         if self.overlap and (engine_cfg.parallel.tp > 1 or engine_cfg.ple_on_host
                              or engine_cfg.speculative.draft_model_path):
             # the other ranks follow rank 0's plans with the tokens it broadcasts; --ple-on-host gathers

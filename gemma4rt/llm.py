@@ -40,7 +40,7 @@ class LLM:
                  context_length: Optional[int] = None, max_running_requests: int = 64,
                  chunked_prefill_size: int = 2048, page_size: int = 16,
                  max_total_tokens: Optional[int] = None, disable_radix_cache: bool = False,
-                 seed: int = 0, tp_size: int = 1, overlap_schedule: bool = True,
+                 seed: int = 0, tp_size: int = 1, overlap_schedule: Optional[bool] = None,
                  engine_config: Optional[EngineConfig] = None):
         from gemma4rt.engine import Engine
 

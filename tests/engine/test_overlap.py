@@ -162,10 +162,13 @@ def test_overlap_abort_mid_generation(tiny_checkpoint):
 
 def test_overlap_flags():
     from gemma4rt.cli import parse_args
+    default, _, _ = parse_args([])
     on, _, _ = parse_args(["--enable-overlap-schedule"])
     both, _, _ = parse_args(["--enable-overlap-schedule", "--disable-overlap-schedule"])
+    assert default.scheduler.overlap_schedule is None          # auto: on where the runner computes on a GPU
     assert on.scheduler.overlap_schedule and not on.scheduler.disable_overlap_schedule
     assert LLM(engine_config=on).engine.overlap and not LLM(engine_config=both).engine.overlap
+    assert not LLM(engine_config=default).engine.overlap       # the demo model on the CPU: synchronous
 
 
 def test_overlap_through_graph_buffers(tiny_checkpoint):

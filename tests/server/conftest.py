@@ -118,9 +118,10 @@ class Server:
 NOOP = ["--runner", "noop", "--context-length", "65536", "--max-total-tokens", "262144", "--page-size", "16",
         "--max-running-requests", "96", "--max-queued-requests", "64", "--enable-metrics",
         "--max-request-bytes", "200000", "--reasoning-parser", "gemma4", "--tool-call-parser", "gemma4"]
-# extra flags for the shared noop server, e.g. GEMMA4RT_TEST_SERVER_ARGS=--disable-overlap-schedule to run the
-# server suites without overlap scheduling (the default has it)
-NOOP += os.environ.get("GEMMA4RT_TEST_SERVER_ARGS", "").split()
+# the shared noop server schedules as the server does on a GPU by default (overlap scheduling; the noop
+# runner has no GPU, so it is asked for); GEMMA4RT_TEST_SERVER_ARGS adds flags, e.g.
+# --disable-overlap-schedule to run the server suites synchronously
+NOOP += ["--enable-overlap-schedule"] + os.environ.get("GEMMA4RT_TEST_SERVER_ARGS", "").split()
 
 
 @pytest.fixture(scope="session")
