@@ -39,8 +39,9 @@ def wav_bytes(x: np.ndarray, rate: int = 16000) -> bytes:
 
 @pytest.fixture(scope="module")
 def srv():
+    # with overlap scheduling, as a GPU server runs by default (the CPU default is synchronous)
     s = Server("--context-length", "4096", "--mm-processor-kwargs", json.dumps({"max_soft_tokens": BUDGET}),
-               "--limit-mm-per-prompt", '{"image": 2, "audio": 1}', timeout=300)
+               "--limit-mm-per-prompt", '{"image": 2, "audio": 1}', "--enable-overlap-schedule", timeout=300)
     yield s
     s.stop()
 

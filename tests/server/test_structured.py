@@ -42,9 +42,11 @@ def valid(obj) -> bool:
     return bool(ok)
 
 
-@pytest.fixture(scope="module")
-def srv():
-    s = Server("--max-running-requests", "16", "--context-length", "1024", timeout=300)
+@pytest.fixture(scope="module", params=["sync", "overlap"])
+def srv(request):
+    """The demo model's server, synchronous (the CPU default) and with overlap scheduling (a GPU's)."""
+    extra = ("--enable-overlap-schedule",) if request.param == "overlap" else ()
+    s = Server("--max-running-requests", "16", "--context-length", "1024", *extra, timeout=300)
     yield s
     s.stop()
 
