@@ -15,7 +15,9 @@ SCHEMA = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
 def test_mixed_load_with_hangups_and_preemption():
     import aiohttp
     rnd = random.Random(1)
-    s = Server("--context-length", "1024", "--max-total-tokens", "1024", "--max-running-requests", "16",
+    # with overlap scheduling (a GPU server's default): the more intricate path under hangups and preemption
+    s = Server("--enable-overlap-schedule", "--context-length", "1024", "--max-total-tokens", "1024",
+               "--max-running-requests", "16",
                "--chunked-prefill-size", "64", "--tool-call-parser", "gemma4", "--reasoning-parser", "gemma4",
                timeout=300)
 
