@@ -189,3 +189,35 @@ def test_overlap_through_graph_buffers(tiny_checkpoint):
     _same(outs[False], outs[True])
     assert any(k == DECODE and f for k, f in kinds[True]) and any(k == MIXED and f for k, f in kinds[True])
     assert not any(f for _, f in kinds[False])
+
+
+@pytest.mark.parametrize("where", ["launch", "collect"])
+def test_overlap_step_failure_fails_its_requests_and_the_engine_goes_on(monkeypatch, where):
+    """A step that raises in the worker (at launch or when its tokens are collected) ends the requests in it
+    with an error; requests added afterwards run to the end, with the synchronous engine's tokens."""
+    llm = LLM(overlap_schedule=True)
+    eng = llm.engine
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    for i in range(2):
+        assert eng.add_request(AddRequest(rid=f"a{i}", prompt_token_ids=PROMPTS[i][:20], sampling=sp)) is None
+    calls = {"n": 0}
+    orig = getattr(ModelRunner, where)
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected worker failure")
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(ModelRunner, where, flaky)
+    fin, steps = {}, 0
+    while eng.has_work() and steps < 200:
+        steps += 1
+        for o in eng.step().outputs:
+            if o.finish_reason:
+                fin[o.rid] = (o.finish_reason, o.error)
+    assert set(fin) == {"a0", "a1"} and all(r == "error" and "injected" in e for r, e in fin.values()), fin
+    assert not eng.scheduler.running and eng._in_flight is None
+    later = llm.generate([PROMPTS[2][:20]], [sp])[0]
+    ref = LLM(overlap_schedule=False).generate([PROMPTS[2][:20]], [sp])[0]
+    assert later.finish_reason == "length" and later.token_ids == ref.token_ids
