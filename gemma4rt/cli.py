@@ -51,7 +51,7 @@ FLAGS = [
     (["--scheduler-delay-factor"], "scheduler", "delay_factor", float,
      "while requests run, hold new prompts until the oldest has waited this many times the last prompt "
      "step's latency, so that several are prefilled in one step (vLLM's flag; 0: at once)"),
-    (["--enable-overlap-schedule"], "scheduler", "overlap_schedule", "flag",
+    (["--enable-overlap-schedule", "--async-scheduling"], "scheduler", "overlap_schedule", "flag",
      "make and launch step k+1 while step k runs on the device (its sampled tokens stay there); the "
      "default on a GPU (on the CPU only with this flag); off by itself with --tp > 1, --ple-on-host or "
      "speculative decoding"),
@@ -103,8 +103,7 @@ IGNORED_FLAGS = {
     "--tokenizer-metrics-custom-labels-header": 1, "--bucket-time-to-first-token": 1,
     "--bucket-inter-token-latency": 1, "--bucket-e2e-request-latency": 1, "--limit-mm-data-per-request": 1,
     "--mm-process-config": 1, "--mm-per-request-timeout": 1, "--mm-max-concurrent-calls": 1,
-    "--enable-auto-tool-choice": 0, "--async-scheduling": 0,
-    "--speculative-config": 1,
+    "--enable-auto-tool-choice": 0,
     "--constrained-json-whitespace-pattern": 1, "--constrained-json-disable-any-whitespace": 0,
     "--enable-torch-compile": 0, "--torch-compile-max-bs": 1, "--kv-cache-dtype-skip": 1,
 }
@@ -143,7 +142,33 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             ap.add_argument(*flags, dest=dest, type=typ, default=d, metavar=name.upper(),
                             help=f"{help_} (default: {d})")
+    ap.add_argument("--speculative-config", dest=_SPEC_CONFIG, type=_json_object, default=None, metavar="JSON",
+                    help='vLLM\'s form of the speculative flags: {"model": "<target>-assistant", '
+                         '"num_speculative_tokens": N} (method "mtp" or absent)')
     return ap
+
+
+_SPEC_CONFIG = "speculative_config_json"      # (not a config field: parse_args maps it onto SpeculativeConfig)
+_SPEC_METHODS = (None, "mtp", "eagle", "eagle3", "draft_model", "nextn")
+
+
+def _speculative_config(ap: argparse.ArgumentParser, cfg: dict, sp: SpeculativeConfig,
+                        warnings: list[str]) -> SpeculativeConfig:
+    """vLLM's --speculative-config JSON as SpeculativeConfig (the assistant drafter, a chain of drafts)."""
+    if sp.algorithm is not None or sp.draft_model_path is not None:
+        ap.error("--speculative-config and the --speculative-* flags are two forms of the same setting: use one")
+    method = cfg.get("method")
+    if method is not None and str(method).lower() not in _SPEC_METHODS[1:]:
+        ap.error(f"--speculative-config: method {method!r} is not implemented (the Gemma 4 assistant drafter: "
+                 f'"mtp")')
+    if not isinstance(cfg.get("model"), str) or not cfg["model"]:
+        ap.error('--speculative-config needs "model": the target\'s -assistant checkpoint')
+    n = cfg.get("num_speculative_tokens", sp.num_steps)
+    if not isinstance(n, int) or isinstance(n, bool):
+        ap.error(f"--speculative-config: num_speculative_tokens must be an integer, got {n!r}")
+    for k in sorted(set(cfg) - {"model", "method", "num_speculative_tokens"}):
+        warnings.append(f"--speculative-config: {k!r} is not implemented by gemma4rt and is ignored")
+    return dataclasses.replace(sp, algorithm="NEXTN", draft_model_path=cfg["model"], num_steps=n)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerConfig, list[str]]:
@@ -165,13 +190,17 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
     if bad:
         ap.error("unrecognized arguments: " + " ".join(bad))
     vals: dict[str, dict] = {s: {} for s in _SECTIONS}
-    for k, v in vars(ns).items():
+    given = vars(ns)
+    spec_json = given.pop(_SPEC_CONFIG)
+    for k, v in given.items():
         s, f = k.split(".", 1)
         vals[s][f] = v
     srv = ServerConfig(**vals["server"])
+    spec = SpeculativeConfig(**vals["speculative"])
+    if spec_json is not None:
+        spec = _speculative_config(ap, spec_json, spec, warnings)
     eng = EngineConfig(cache=CacheConfig(**vals["cache"]), scheduler=SchedulerConfig(**vals["scheduler"]),
-                       parallel=ParallelConfig(**vals["parallel"]), speculative=SpeculativeConfig(**vals["speculative"]),
-                       **vals["engine"])
+                       parallel=ParallelConfig(**vals["parallel"]), speculative=spec, **vals["engine"])
     for p, flag in ((srv.reasoning_parser, "--reasoning-parser"), (srv.tool_call_parser, "--tool-call-parser")):
         if p not in (None, "gemma4", "auto"):
             ap.error(f"{flag}: only 'gemma4' is supported, got {p!r}")
@@ -189,7 +218,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
         if not sp.draft_model_path:
             ap.error("--speculative-algorithm needs --speculative-draft-model-path (the target's -assistant model)")
         if not 1 <= sp.num_steps <= 7:
-            ap.error(f"--speculative-num-steps must be 1..7 (a verification step scores at most 8 tokens), got {sp.num_steps}")
+            ap.error(f"--speculative-num-steps (num_speculative_tokens) must be 1..7 (a verification step scores at "
+                     f"most 8 tokens), got {sp.num_steps}")
         if sp.num_draft_tokens is not None and sp.num_draft_tokens != sp.num_steps + 1:
             ap.error(f"--speculative-num-draft-tokens must be --speculative-num-steps + 1 (a chain), got {sp.num_draft_tokens}")
         if sp.eagle_topk != 1:

@@ -43,6 +43,30 @@ def test_ignored_sglang_flags_warn_unknown_fail():
         parse_args(["--tool-call-parser", "hermes"])
 
 
+def test_vllm_speculative_config_and_async_scheduling():
+    """vLLM's --speculative-config JSON sets the same speculative settings as SGLang's flags (unknown keys
+    warn, another method, a missing model or both forms at once fail); --async-scheduling is vLLM's name
+    for overlap scheduling."""
+    eng, _, warn = parse_args(["--speculative-config",
+                               '{"model": "google/gemma-4-31B-it-assistant", "num_speculative_tokens": 4}'])
+    sp = eng.speculative
+    assert (sp.algorithm, sp.draft_model_path, sp.num_steps) == ("NEXTN", "google/gemma-4-31B-it-assistant", 4)
+    assert warn == []
+    flags = parse_args(["--speculative-algorithm", "NEXTN", "--speculative-draft-model-path",
+                        "google/gemma-4-31B-it-assistant", "--speculative-num-steps", "4"])[0].speculative
+    assert flags.draft_model_path == sp.draft_model_path and flags.num_steps == sp.num_steps
+    eng, _, warn = parse_args(["--speculative-config", '{"model": "m", "method": "mtp", "max_model_len": 9}'])
+    assert eng.speculative.num_steps == 3 and len(warn) == 1 and "max_model_len" in warn[0]
+    for bad in ('{"model": "m", "method": "ngram"}', '{"num_speculative_tokens": 2}',
+                '{"model": "m", "num_speculative_tokens": 9}', '{"model": "m", "num_speculative_tokens": "2"}'):
+        with pytest.raises(SystemExit):
+            parse_args(["--speculative-config", bad])
+    with pytest.raises(SystemExit):
+        parse_args(["--speculative-config", '{"model": "m"}', "--speculative-draft-model-path", "m"])
+    assert parse_args(["--async-scheduling"])[0].scheduler.overlap_schedule is True
+    assert parse_args([])[0].scheduler.overlap_schedule is None
+
+
 def test_chat_template_override(tmp_path):
     from gemma4rt.frontend.tokenizer import TokenizerManager
     from gemma4rt.worker.noop_runner import noop_tokenizer_path
