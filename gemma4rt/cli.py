@@ -31,21 +31,24 @@ FLAGS = [
     (["--load-format"], "engine", "load_format", str, "auto | dummy (random weights)"),
     (["--runner"], "engine", "runner", str, "auto | noop (fake tokens, no model: tests and benchmarks)"),
     (["--context-length", "--max-model-len"], "engine", "context_length", int, "max context (default: the model's)"),
-    (["--random-seed"], "engine", "seed", int, "global random seed"),
-    (["--disable-cuda-graph"], "engine", "disable_cuda_graph", "flag", "no CUDA graphs"),
+    (["--random-seed", "--seed"], "engine", "seed", int, "global random seed"),
+    (["--disable-cuda-graph", "--enforce-eager"], "engine", "disable_cuda_graph", "flag", "no CUDA graphs"),
     (["--cuda-graph-max-bs"], "engine", "cuda_graph_max_bs", int, "largest batch captured in a CUDA graph"),
     (["--cuda-graph-max-tokens"], "engine", "cuda_graph_max_tokens", int,
      "also capture CUDA graphs for steps that carry prompt tokens (mixed prefill + decode), up to this many "
      "tokens a step, padded to 128-token buckets (default 1024; 0: off)"),
-    (["--page-size"], "cache", "page_size", int, "tokens per KV page"),
+    (["--page-size", "--block-size"], "cache", "page_size", int, "tokens per KV page"),
     (["--mem-fraction-static", "--gpu-memory-utilization"], "cache", "mem_fraction_static", float,
      "fraction of GPU memory for weights + KV"),
     (["--max-total-tokens"], "cache", "max_total_tokens", int, "KV pool size in tokens"),
-    (["--disable-radix-cache"], "cache", "disable_radix_cache", "flag", "no prefix cache"),
+    (["--disable-radix-cache", "--no-enable-prefix-caching"], "cache", "disable_radix_cache", "flag",
+     "no prefix cache"),
     (["--kv-cache-dtype"], "cache", "kv_cache_dtype", str, "auto (the model dtype; fp8 is not implemented)"),
-    (["--max-running-requests"], "scheduler", "max_running_requests", int, "requests in one batch at most"),
+    (["--max-running-requests", "--max-num-seqs"], "scheduler", "max_running_requests", int,
+     "requests in one batch at most"),
     (["--max-queued-requests"], "scheduler", "max_queued_requests", int, "waiting requests before 429"),
-    (["--chunked-prefill-size"], "scheduler", "chunked_prefill_size", int, "tokens per step (-1: whole prompts)"),
+    (["--chunked-prefill-size", "--max-num-batched-tokens"], "scheduler", "chunked_prefill_size", int,
+     "tokens per step (-1: whole prompts)"),
     (["--schedule-policy"], "scheduler", "schedule_policy", str, "fcfs"),
     (["--scheduler-recv-interval"], "scheduler", "scheduler_recv_interval", int, "poll new requests every N steps"),
     (["--scheduler-delay-factor"], "scheduler", "delay_factor", float,
@@ -90,6 +93,9 @@ FLAGS = [
      "E2B/E4B: keep the per-layer embedding table in pinned host memory (saves 2.3-2.8 GB of GPU memory)"),
 ]
 
+# vLLM flags that ask for what gemma4rt always does: accepted silently.
+DEFAULT_BEHAVIOUR_FLAGS = {"--enable-prefix-caching", "--enable-chunked-prefill"}
+
 # SGLang / vLLM flags accepted for compatibility and ignored (with a warning).
 IGNORED_FLAGS = {
     "--trust-remote-code": 0, "--quantization": 1, "--attention-backend": 1, "--prefill-attention-backend": 1,
@@ -103,7 +109,8 @@ IGNORED_FLAGS = {
     "--tokenizer-metrics-custom-labels-header": 1, "--bucket-time-to-first-token": 1,
     "--bucket-inter-token-latency": 1, "--bucket-e2e-request-latency": 1, "--limit-mm-data-per-request": 1,
     "--mm-process-config": 1, "--mm-per-request-timeout": 1, "--mm-max-concurrent-calls": 1,
-    "--enable-auto-tool-choice": 0,
+    "--enable-auto-tool-choice": 0, "--disable-log-requests": 0, "--uvicorn-log-level": 1, "--swap-space": 1,
+    "--generation-config": 1,
     "--constrained-json-whitespace-pattern": 1, "--constrained-json-disable-any-whitespace": 0,
     "--enable-torch-compile": 0, "--torch-compile-max-bs": 1, "--kv-cache-dtype-skip": 1,
 }
@@ -180,7 +187,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[EngineConfig, ServerCo
     while i < len(extra):
         a = extra[i]
         name = a.split("=", 1)[0]
-        if name in IGNORED_FLAGS:
+        if name in DEFAULT_BEHAVIOUR_FLAGS and "=" not in a:
+            pass
+        elif name in IGNORED_FLAGS:
             warnings.append(f"{name} is not implemented by gemma4rt and is ignored")
             if "=" not in a and IGNORED_FLAGS[name] and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
                 i += 1

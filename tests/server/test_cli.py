@@ -67,6 +67,17 @@ def test_vllm_speculative_config_and_async_scheduling():
     assert parse_args([])[0].scheduler.overlap_schedule is None
 
 
+def test_vllm_aliases():
+    """vLLM's spellings of flags gemma4rt implements, and of behaviour it always has (accepted silently)."""
+    eng, _, warn = parse_args(["--max-num-seqs", "7", "--max-num-batched-tokens", "4096", "--seed", "3",
+                               "--block-size", "32", "--enforce-eager", "--no-enable-prefix-caching",
+                               "--enable-chunked-prefill", "--enable-prefix-caching", "--disable-log-requests",
+                               "--swap-space", "4"])
+    assert eng.scheduler.max_running_requests == 7 and eng.scheduler.chunked_prefill_size == 4096
+    assert eng.seed == 3 and eng.cache.page_size == 32 and eng.disable_cuda_graph and eng.cache.disable_radix_cache
+    assert len(warn) == 2 and all("ignored" in w for w in warn), warn
+
+
 def test_chat_template_override(tmp_path):
     from gemma4rt.frontend.tokenizer import TokenizerManager
     from gemma4rt.worker.noop_runner import noop_tokenizer_path
