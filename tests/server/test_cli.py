@@ -90,3 +90,14 @@ def test_chat_template_override(tmp_path):
     text, _ = asyncio.run(default.render_chat([{"role": "user", "content": "hi"}], None,
                                               {"add_generation_prompt": True}))
     assert text.startswith("<bos>") and "<|turn>user\nhi<turn|>" in text
+
+
+def test_every_flag_is_documented_in_the_readme():
+    """The README's flag table names every flag the server takes (aliases included)."""
+    import os
+
+    from gemma4rt.cli import FLAGS
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")).read()
+    missing = [f for flags, *_ in FLAGS for f in flags if f"`{f}`" not in readme]
+    assert "`--speculative-config`" in readme
+    assert not missing, missing
