@@ -3,6 +3,9 @@
 - chat/completions `response_format`: `text` (none), `json_object`, `json_schema` (strict);
 - SGLang's request extras (also inside /generate's sampling_params): `json_schema` (a schema or its
   JSON text), `regex`, `ebnf`;
+- vLLM's `structured_outputs` object (`json`, `regex`, `choice`, `grammar`, `json_object`) and its older
+  `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` fields (a `choice` list becomes a
+  regex of the escaped alternatives; `structural_tag` is a 400: not implemented);
 - chat `tool_choice`: `required` or a named function force Gemma's native call syntax
   (`<|tool_call>call:NAME{...}<tool_call|>`, worker/grammar.tool_call_ebnf) for the request's tools,
   one call, or one or more with `parallel_tool_calls` (the default); `auto` leaves the model free;
@@ -103,13 +106,59 @@ def from_extras(src: dict) -> Optional[GrammarSpec]:
     return GrammarSpec(kind=k, value=value)
 
 
+_REGEX_SPECIAL = set("\\.^$|?*+()[]{}")
+
+
+def _choice_regex(choices: Any, param: str) -> str:
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        raise bad_request(f"'{param}' must be a non-empty list of strings.", param=param)
+    return "(" + "|".join("".join("\\" + ch if ch in _REGEX_SPECIAL else ch for ch in c) for c in choices) + ")"
+
+
+def from_vllm(body: dict) -> Optional[GrammarSpec]:
+    """vLLM's `structured_outputs` {json | regex | choice | grammar | json_object} or its older `guided_*`
+    fields (at most one constraint)."""
+    so = body.get("structured_outputs")
+    if so is not None and not isinstance(so, dict):
+        raise bad_request("'structured_outputs' must be an object.", param="structured_outputs")
+    given: list[tuple[str, str, Any]] = []          # (kind, param, value)
+    for key, kind in (("json", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "ebnf"),
+                      ("json_object", "json_object"), ("structural_tag", "structural_tag")):
+        if so is not None and so.get(key) not in (None, False):
+            given.append((kind, f"structured_outputs.{key}", so[key]))
+        if key in ("json", "regex", "choice", "grammar") and body.get(f"guided_{key}") is not None:
+            given.append((kind, f"guided_{key}", body[f"guided_{key}"]))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"Only one structured-output constraint may be given, got {[g[1] for g in given]}.",
+                          param=given[1][1])
+    kind, param, value = given[0]
+    if kind == "structural_tag":
+        raise bad_request(f"'{param}' is not implemented by this server.", param=param)
+    if kind == "json_object":
+        return GrammarSpec(kind="json_object")
+    if kind == "json_schema":
+        value = _schema_text(value, param)
+    elif kind == "choice":
+        kind, value = "regex", _choice_regex(value, param)
+    elif not isinstance(value, str):
+        raise bad_request(f"'{param}' must be a string.", param=param)
+    _check(kind, value, param)
+    return GrammarSpec(kind=kind, value=value)
+
+
 def request_grammar(body: dict) -> Optional[GrammarSpec]:
-    rf = from_response_format(body)
-    ex = from_extras(body)
-    if rf is not None and ex is not None:
-        raise bad_request("Give either 'response_format' or one of json_schema/regex/ebnf, not both.",
+    if body.get("stop_regex") is not None:          # SGLang's; refused rather than ignored
+        raise bad_request("'stop_regex' is not implemented by this server; use 'stop' strings.",
+                          param="stop_regex")
+    given = [(name, g) for name, g in (("response_format", from_response_format(body)),
+                                       ("json_schema/regex/ebnf", from_extras(body)),
+                                       ("structured_outputs/guided_*", from_vllm(body))) if g is not None]
+    if len(given) > 1:
+        raise bad_request(f"Give one structured-output constraint, not several: {[n for n, _ in given]}.",
                           param="response_format")
-    return rf or ex
+    return given[0][1] if given else None
 
 
 def check_tools(tools: Optional[list]) -> None:

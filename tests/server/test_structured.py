@@ -167,6 +167,42 @@ def test_constrained_and_free_requests_batch_together(srv):
             assert valid(json.loads(c["message"]["content"]))
 
 
+def test_vllm_structured_outputs_and_guided_fields(srv):
+    """vLLM's forms constrain the output as SGLang's do: structured_outputs {choice, regex, json, grammar}
+    and the older guided_* fields, on chat and text completions, sampled at temperature 1."""
+    choices = ["yes", "no", "a.b (c)"]
+    cases = [({"structured_outputs": {"choice": choices}}, lambda t: t in choices),
+             ({"guided_choice": choices}, lambda t: t in choices),
+             ({"structured_outputs": {"regex": "[0-9]{4}"}}, lambda t: t.isdigit() and len(t) == 4),
+             ({"guided_regex": "[a-c]{2}x"}, lambda t: len(t) == 3 and t[2] == "x" and set(t[:2]) <= set("abc")),
+             ({"structured_outputs": {"grammar": 'root ::= "up" | "down"'}}, lambda t: t in ("up", "down")),
+             ({"guided_json": SCHEMA}, lambda t: valid(json.loads(t)))]
+    for i, (extra, ok) in enumerate(cases):
+        for route, base in (("/v1/chat/completions", {"messages": MSG}), ("/v1/completions", {"prompt": "n="})):
+            body = dict({"model": "default", "max_tokens": 120, "temperature": 1.0, "seed": i}, **base, **extra)
+            st, out, _ = srv.post(route, body)
+            assert st == 200, out
+            c = json.loads(out)["choices"][0]
+            text = c["message"]["content"] if "message" in c else c["text"]
+            assert c["finish_reason"] == "stop" and ok(text), (extra, route, text)
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"regex": "(["}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"structural_tag": {"x": 1}}}, "not implemented"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "Only one"),
+    ({"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}}, "not several"),
+    ({"structured_outputs": "json"}, "structured_outputs"),
+    ({"stop_regex": "\\d+"}, "stop_regex"),
+])
+def test_bad_vllm_constraints_are_400(srv, body, needle):
+    st, out, _ = srv.post("/v1/chat/completions", dict({"model": "default", "messages": MSG}, **body))
+    assert st == 400, out
+    assert needle in json.loads(out)["error"]["message"], out
+    assert srv.get("/health")[0] == 200
+
+
 @pytest.mark.parametrize("body,needle", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
      "response_format"),
