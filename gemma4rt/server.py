@@ -23,6 +23,15 @@ DRAIN_SECONDS = 10.0
 ENGINE_DEAD_LINGER = 2.0        # keep answering /health 503 briefly before exiting
 
 
+def server_args(eng_cfg: EngineConfig, srv: ServerConfig) -> dict:
+    """The engine and server settings as one JSON-able dict (SGLang's /get_server_info), API key redacted."""
+    import dataclasses
+    d = {"engine": dataclasses.asdict(eng_cfg), "server": dataclasses.asdict(srv)}
+    if d["server"].get("api_key"):
+        d["server"]["api_key"] = "<redacted>"
+    return d
+
+
 async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
     from gemma4rt.frontend.app import AppState, build_app
     from gemma4rt.frontend.frontdoor import FrontDoor
@@ -74,7 +83,8 @@ async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
                      api_key=srv.api_key, metrics=metrics,
                      parsers=parsers_available(srv.reasoning_parser, srv.tool_call_parser),
                      media=MediaInput.for_server(mi, eng_cfg, srv, tok.tok),
-                     chat_template_kwargs=dict(srv.default_chat_template_kwargs))
+                     chat_template_kwargs=dict(srv.default_chat_template_kwargs),
+                     server_args=server_args(eng_cfg, srv))
     app = build_app(state, srv.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -27,6 +27,7 @@ class AppState:
     parsers: dict = field(default_factory=lambda: {"reasoning": False, "tool": False})
     media: object = None                   # frontend.media.MediaInput; None: a text-only model
     chat_template_kwargs: dict = field(default_factory=dict)   # --default-chat-template-kwargs
+    server_args: dict = field(default_factory=dict)   # the engine and server settings (/get_server_info)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -73,6 +74,7 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     app["state"] = state
     r = app.router
     r.add_post("/v1/chat/completions", chat.chat_completions)
+    r.add_post("/invocations", chat.chat_completions)      # SageMaker's inference route, as SGLang serves it
     r.add_post("/v1/completions", completions.completions)
     r.add_get("/v1/models", native.models)
     r.add_get("/v1/models/{model:.+}", native.model_card)
@@ -90,4 +92,6 @@ def build_app(state: AppState, max_request_bytes: int) -> web.Application:
     r.add_post("/flush_cache", native.flush_cache)
     r.add_get("/get_load", native.get_load)
     r.add_get("/get_model_info", native.model_info)
+    r.add_get("/get_server_info", native.server_info)
+    r.add_get("/version", native.version)
     return app

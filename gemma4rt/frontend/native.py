@@ -200,6 +200,20 @@ async def get_load(request: web.Request) -> web.Response:
     return web.json_response(d)
 
 
+async def server_info(request: web.Request) -> web.Response:
+    """SGLang's /get_server_info: the settings the server runs with (the API key redacted), its version, and
+    the scheduler's state as in /get_load."""
+    from gemma4rt import __version__
+    st = request.app["state"]
+    load = json.loads((await get_load(request)).body)
+    return web.json_response(dict(st.server_args, version=__version__, internal_states=[load]), dumps=json.dumps)
+
+
+async def version(request: web.Request) -> web.Response:
+    from gemma4rt import __version__
+    return web.json_response({"version": __version__})
+
+
 async def model_info(request: web.Request) -> web.Response:
     st = request.app["state"]
     return web.json_response({"model_path": st.model_info.model_path, "served_model_name": st.served_name,

@@ -196,6 +196,28 @@ def test_ping_is_liveness(server):
     assert server.get("/ping")[0] == 200 and server.post("/ping")[0] == 200
 
 
+def test_server_info_version_and_invocations(server):
+    """SGLang's /get_server_info (the settings, version and scheduler state), /version, and SageMaker's
+    /invocations route (chat completions)."""
+    import gemma4rt
+    from gemma4rt.cli import parse_args
+    from gemma4rt.server import server_args
+
+    st, body, _ = server.get("/get_server_info")
+    info = json.loads(body)
+    assert st == 200 and info["version"] == gemma4rt.__version__
+    assert info["engine"]["runner"] == "noop" and info["engine"]["scheduler"]["max_running_requests"] == 96
+    assert info["engine"]["scheduler"]["overlap_schedule"] is True and info["server"]["enable_metrics"]
+    assert info["internal_states"][0]["healthy"] is True       # (the /get_load figures)
+    st, body, _ = server.get("/version")
+    assert st == 200 and json.loads(body) == {"version": gemma4rt.__version__}
+    st, body, _ = server.post("/invocations", {"model": "default", "max_tokens": 3,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+    assert st == 200 and json.loads(body)["object"] == "chat.completion", body
+    eng, srv, _ = parse_args(["--api-key", "sekrit"])
+    assert "sekrit" not in json.dumps(server_args(eng, srv)) and server_args(eng, srv)["server"]["port"] == 30000
+
+
 def test_usage_reports_reasoning_tokens_with_the_reasoning_parser(client):
     r = client.chat.completions.create(model="gemma4rt-noop", messages=[{"role": "user", "content": "hi"}],
                                        max_tokens=3)
