@@ -69,7 +69,10 @@ class Engine:
         return self.scheduler.has_work() or self._in_flight is not None
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        s = self.scheduler.stats()
+        if getattr(self.runner, "drafter", None) is not None:
+            s.spec_verifications, s.spec_accepted = self.runner.spec_verify_rows, self.runner.spec_accepted
+        return s
 
     def step(self) -> TokenOutputs:
         if self.overlap:

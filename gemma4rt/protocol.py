@@ -206,6 +206,8 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     prefix_query_tokens: int = 0
     num_preemptions: int = 0
     healthy: bool = True
+    spec_verifications: int = 0           # speculative decoding: request rows verified so far
+    spec_accepted: int = 0                # drafts accepted so far (tokens per verification: 1 + this / rows)
 
 
 class WorkerFailed(msgspec.Struct, kw_only=True):

@@ -197,6 +197,10 @@ async def get_load(request: web.Request) -> web.Response:
         d.update(num_running=s.num_running, num_waiting=s.num_waiting, pool_usage=s.pool_usage,
                  pool_pages=s.pool_pages, prefix_hit_tokens=s.prefix_hit_tokens,
                  prefix_query_tokens=s.prefix_query_tokens, num_preemptions=s.num_preemptions)
+        if s.spec_verifications:
+            # SGLang's figure: tokens per verification (the accepted drafts and the target's own token)
+            d.update(spec_verifications=s.spec_verifications, spec_accepted=s.spec_accepted,
+                     avg_spec_accept_length=1 + s.spec_accepted / s.spec_verifications)
     return web.json_response(d)
 
 

@@ -19,6 +19,10 @@ def ckpts(tmp_path_factory):
     return t, d
 
 
+def info_engine(s) -> dict:
+    return json.loads(s.get("/get_server_info")[1])["engine"]
+
+
 def test_speculative_server_equals_plain_engine(ckpts):
     from gemma4rt import LLM
     from gemma4rt.protocol import SamplingParams
@@ -35,6 +39,16 @@ def test_speculative_server_equals_plain_engine(ckpts):
             return json.loads(body)["output_ids"]
         with cf.ThreadPoolExecutor(4) as ex:
             got = list(ex.map(gen, range(len(PROMPTS))))
+        # SGLang's acceptance figure in /get_server_info (and /get_load): the engine sends its stats when idle
+        import time
+        for _ in range(100):
+            state = json.loads(s.get("/get_server_info")[1])["internal_states"][0]
+            if "avg_spec_accept_length" in state:
+                break
+            time.sleep(0.05)
+        assert state["spec_verifications"] > 0 and 0 <= state["spec_accepted"]
+        assert state["avg_spec_accept_length"] == 1 + state["spec_accepted"] / state["spec_verifications"]
+        assert info_engine(s)["speculative"]["num_steps"] == 3
     finally:
         s.stop()
     ref = LLM(t, device="cpu", max_running_requests=4, chunked_prefill_size=32).generate(
