@@ -296,6 +296,21 @@ async def _model_name(base: str, headers: Optional[dict]) -> str:
     return "default"
 
 
+async def _accept_length(base: str, headers: Optional[dict]) -> Optional[float]:
+    """The server's average accepted length under speculative decoding, from /get_server_info (as SGLang's
+    bench_serving reads it); None when the server does not report one."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            async with s.get(base + "/get_server_info", headers=headers) as r:
+                if r.status == 200:
+                    states = (await r.json()).get("internal_states") or [{}]
+                    v = states[0].get("avg_spec_accept_length")
+                    return float(v) if v is not None else None
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
 def build_requests(a, tokenizer) -> list[BenchRequest]:
     kind = BACKENDS[a.backend][1]
     rng_range = tuple(a.token_id_range) if a.token_id_range else None
@@ -333,6 +348,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         base, a.backend, reqs, opts, max_concurrency=a.max_concurrency, request_rate=a.request_rate,
         warmup_requests=a.warmup_requests, seed=a.seed, max_duration=a.max_duration, progress=True))
     m = compute_metrics(records, duration, start)
+    m["accept_length"] = asyncio.run(_accept_length(base, headers))
     cfg = {"backend": a.backend, "base_url": base, "model": model, "dataset_name": a.dataset_name,
            "num_prompts": a.num_prompts, "random_input_len": a.random_input_len,
            "random_output_len": a.random_output_len, "random_range_ratio": a.random_range_ratio,

@@ -146,6 +146,8 @@ def format_table(m: dict, cfg: dict) -> str:
     kv("Peak concurrent requests", m["peak_concurrent_requests"])
     kv("Total token throughput (tok/s)", m["total_throughput"])
     kv("Concurrency", m["concurrency"])
+    if m.get("accept_length") is not None:          # speculative decoding, as the server reports it
+        kv("Accept length", m["accept_length"])
     sections = [
         ("End-to-End Latency", "E2E Latency", "e2e_latency_ms", ("mean", "median", "std", "p90", "p99")),
         ("Time to First Token", "TTFT", "ttft_ms", ("mean", "median", "std", "p99")),

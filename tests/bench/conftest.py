@@ -22,7 +22,9 @@ class Stub:
     FIRST_DELAY = 0.03     # before the first generated token
     STEP_DELAY = 0.004     # between chunks
 
-    def __init__(self, usage: bool = True, fail: bool = False, empty_text: bool = False):
+    def __init__(self, usage: bool = True, fail: bool = False, empty_text: bool = False,
+                 accept_length: float = None):
+        self.accept_length = accept_length          # set: /get_server_info reports it (speculative decoding)
         self.bodies: dict[str, list[dict]] = {"generate": [], "completions": [], "chat": []}
         self.in_flight = 0
         self.max_in_flight = 0
@@ -93,6 +95,11 @@ class Stub:
     async def chat(self, request):
         return await self.openai(request, "chat")
 
+    async def server_info(self, request):
+        if self.accept_length is None:
+            raise web.HTTPNotFound()
+        return web.json_response({"internal_states": [{"avg_spec_accept_length": self.accept_length}]})
+
     async def models(self, request):
         return web.json_response({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
 
@@ -108,6 +115,7 @@ class Stub:
             app.router.add_post("/v1/completions", self.completions)
             app.router.add_post("/v1/chat/completions", self.chat)
             app.router.add_get("/v1/models", self.models)
+            app.router.add_get("/get_server_info", self.server_info)
             self._runner = web.AppRunner(app)
             self._loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, "127.0.0.1", 0)

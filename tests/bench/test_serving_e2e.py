@@ -35,6 +35,14 @@ def test_native_generate_backend(stub, tmp_path):
     assert res["mean_itl_ms"] * n_tok == pytest.approx(res["mean_itl_chunk_ms"] * n_chunk, rel=1e-6)
     line = json.loads(out.read_text().strip().splitlines()[-1])
     assert line["completed"] == 6 and line["backend"] == "sglang" and line["request_rate"] == "inf"
+    assert res["accept_length"] is None                      # the stub has no /get_server_info
+
+
+def test_accept_length_from_the_server(make_stub, capsys):
+    s = make_stub(accept_length=2.75)
+    res = serving.main(["--backend", "sglang", "--base-url", s.url, "--num-prompts", "2",
+                        "--random-input-len", "8", "--random-output-len", "4"])
+    assert res["accept_length"] == 2.75 and "Accept length:" in capsys.readouterr().out
 
 
 def test_chat_image_backend_skips_role_chunk(stub):
