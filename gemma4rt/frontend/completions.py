@@ -38,7 +38,7 @@ async def prompts_to_ids(st, body: dict, name: str = "prompt") -> list[list[int]
 
 
 class _Choice:
-    __slots__ = ("text", "tokens", "lps", "tops", "offsets", "fin", "matched", "n_out", "prompt_done")
+    __slots__ = ("text", "tokens", "lps", "tops", "offsets", "fin", "matched", "n_out", "prompt_done", "score")
 
     def __init__(self):
         self.text = ""
@@ -46,6 +46,7 @@ class _Choice:
         self.fin = self.matched = None
         self.n_out = 0
         self.prompt_done = False
+        self.score = 0.0            # sum of the generated tokens' log-probabilities (best_of)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -54,7 +55,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     model = check_model(st, body)
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
+    best_of = field(body, "best_of", "int", None, lo=1, hi=MAX_N)
     stream, include_usage, continuous = stream_fields(body)
+    if best_of is not None and best_of < n:
+        raise bad_request(f"'best_of' ({best_of}) must be at least 'n' ({n}).", param="best_of")
+    if best_of is not None and best_of > n and stream:
+        raise bad_request("'best_of' greater than 'n' cannot be streamed (the best are known at the end).",
+                          param="best_of")
+    if body.get("suffix") not in (None, ""):
+        raise bad_request("'suffix' (insertion) is not supported by Gemma 4.", param="suffix")
+    ranked = best_of is not None and best_of > n       # generate best_of per prompt, return the n most likely
+    m = best_of if ranked else n
     echo = field(body, "echo", "bool", False)
     k = field(body, "logprobs", "int", None, lo=0, hi=20)
     max_tokens = field(body, "max_tokens", "int", 16, lo=1)
@@ -63,13 +74,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     skip_special = field(body, "skip_special_tokens", "bool", True)
     grammar = request_grammar(body)
     prompts = await prompts_to_ids(st, body)
-    check_capacity(fd, n * len(prompts))
+    check_capacity(fd, m * len(prompts))
     adds, idx = [], []
     rid = fd.new_rid("cmpl")
     for pi, ids in enumerate(prompts):
-        sp = build_sampling(body, body, st.model_info, len(ids), max_tokens, logprobs=k is not None,
+        sp = build_sampling(body, body, st.model_info, len(ids), max_tokens, logprobs=k is not None or ranked,
                             top_logprobs=k or 0, prompt_logprobs=echo and k is not None, grammar=grammar)
-        for i in range(n):
+        for i in range(m):
             adds.append(AddRequest(rid=f"{rid}-{pi}-{i}", prompt_token_ids=ids, sampling=with_seed(sp, i)))
             idx.append(pi)
     opts = [SeqOptions(stop=stops, include_stop=include_stop, skip_special_tokens=skip_special) for _ in adds]
@@ -160,17 +171,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
         c = choices[i]
         if k is not None:
             lp_view(c, ch, (len(prompt_texts[idx[i]]) if echo else 0) + len(c.text))
+        if ranked and ch.logprobs:
+            c.score += sum(x for x in ch.logprobs if x is not None)
         c.text += ch.text
         if ch.finish_reason:
             c.fin, c.matched, c.n_out = ch.finish_reason, ch.matched_stop, ch.num_output_tokens
             n_prompt[idx[i]], n_cached[idx[i]] = ch.num_prompt_tokens, ch.num_cached_tokens
+    keep = range(len(choices))
+    if ranked:       # per prompt, its n candidates of highest total log-probability (usage counts them all)
+        keep = [pi * m + j for pi in range(len(prompts))
+                for j in sorted(range(m), key=lambda j: -choices[pi * m + j].score)[:n]]
     out = []
-    for i, c in enumerate(choices):
+    for i in keep:
+        c = choices[i]
         text = (prompt_texts[idx[i]] + c.text) if echo else c.text
         lp = None
         if k is not None:
             lp = {"tokens": c.tokens, "token_logprobs": c.lps, "top_logprobs": c.tops, "text_offset": c.offsets}
-        out.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.fin, "matched_stop": c.matched})
+        out.append({"index": len(out), "text": text, "logprobs": lp, "finish_reason": c.fin,
+                    "matched_stop": c.matched})
     return web.json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                               "choices": out, "usage": usage(sum(n_prompt.values()), sum(c.n_out for c in choices),
                                                              sum(n_cached.values()))})

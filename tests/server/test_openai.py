@@ -196,6 +196,29 @@ def test_ping_is_liveness(server):
     assert server.get("/ping")[0] == 200 and server.post("/ping")[0] == 200
 
 
+def test_completions_best_of(server):
+    """best_of candidates per prompt, the n of highest total log-probability returned (usage counts every
+    candidate): the same as asking for all best_of with their log-probabilities and keeping the top n."""
+    base = {"model": "default", "prompt": ["Once", "Twice"], "max_tokens": 6, "temperature": 1.0, "seed": 5,
+            "ignore_eos": True}
+    st, body, _ = server.post("/v1/completions", dict(base, n=2, best_of=4))
+    assert st == 200, body
+    r = json.loads(body)
+    st, body, _ = server.post("/v1/completions", dict(base, n=4, logprobs=0))
+    allc = json.loads(body)["choices"]
+    want = []
+    for p in range(2):
+        cands = allc[4 * p:4 * p + 4]
+        best = sorted(cands, key=lambda c: -sum(c["logprobs"]["token_logprobs"]))[:2]
+        want += [c["text"] for c in best]
+    assert [c["text"] for c in r["choices"]] == want and [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["choices"][0]["logprobs"] is None and r["usage"]["completion_tokens"] == 2 * 4 * 6
+    for bad, needle in (({"n": 3, "best_of": 2}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
+                        ({"suffix": "end"}, "suffix")):
+        st, body, _ = server.post("/v1/completions", dict(base, **bad))
+        assert st == 400 and needle in json.loads(body)["error"]["message"], body
+
+
 def test_server_info_version_and_invocations(server):
     """SGLang's /get_server_info (the settings, version and scheduler state), /version, and SageMaker's
     /invocations route (chat completions)."""
