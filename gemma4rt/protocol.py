@@ -52,6 +52,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logit_bias: Optional[dict[int, float]] = None
     suppress_token_ids: list[int] = []  # never sampled (unified 12B: EOI/EOA)
     grammar: Optional[GrammarSpec] = None
+    # vLLM's thinking_token_budget: at most this many tokens inside the thought channel, then its end is
+    # forced; thinking_tokens = [channel start id, channel end id] (from the front door's tokenizer)
+    thinking_budget: Optional[int] = None
+    thinking_tokens: list[int] = []
 
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0 or self.top_k == 1

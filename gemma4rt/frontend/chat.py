@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import msgspec
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
@@ -147,6 +148,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     sp = build_sampling(body, body, st.model_info, len(prompt_ids), max_tokens,
                         logprobs=want_lp, top_logprobs=top_lp,
                         grammar=after_reasoning(grammar or tool_grammar, thinking, st.tokenizer))
+    budget = field(body, "thinking_token_budget", "int", None, lo=0)      # vLLM's
+    if budget is not None:
+        if st.tokenizer.channel_ids is None:
+            raise bad_request("'thinking_token_budget' needs a tokenizer with the thought-channel tokens.",
+                              param="thinking_token_budget")
+        sp = msgspec.structs.replace(sp, thinking_budget=budget, thinking_tokens=list(st.tokenizer.channel_ids))
     rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("chat")
     adds = [AddRequest(rid=rid if n == 1 else f"{rid}-{i}", prompt_token_ids=prompt_ids,
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]

@@ -102,4 +102,5 @@ class OverlapMixin:
         """Whether this request's sampling in this step needs host work (synchronous sampling)."""
         st = seq.sampling
         return (st.grammar is not None or self.sampler._needs_penalties(st.params) or bool(sr.draft_token_ids)
+                or st.params.thinking_budget is not None
                 or (bool(st.params.prompt_logprobs) and sr.start < seq.num_prompt))

@@ -25,10 +25,25 @@ class SeqSamplingState:
     output_counts: dict[int, int] = field(default_factory=dict)
     num_output: int = 0
     grammar: Optional[object] = None          # worker.constrained.SeqGrammar, when constrained
+    think_open: bool = False                  # thinking budget: inside the thought channel,
+    think_count: int = 0                      # with this many tokens in it so far
 
     def record(self, token_id: int) -> None:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         self.num_output += 1
+        p = self.params
+        if p.thinking_budget is not None and len(p.thinking_tokens) == 2:
+            if token_id == p.thinking_tokens[0]:
+                self.think_open, self.think_count = True, 0
+            elif token_id == p.thinking_tokens[1]:
+                self.think_open = False
+            elif self.think_open:
+                self.think_count += 1
+
+    def must_end_thinking(self) -> bool:
+        """The thinking budget is spent inside an open thought channel: the next token is its end."""
+        p = self.params
+        return p.thinking_budget is not None and self.think_open and self.think_count >= p.thinking_budget
 
 
 @dataclass
@@ -128,6 +143,11 @@ class Sampler:
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(edit(), bitmask, mask_rows)
+        for i, s in enumerate(states):           # thinking budget spent: the channel's end, whatever else
+            if s.must_end_thinking():
+                w = edit()
+                w[i].fill_(float("-inf"))
+                w[i, s.params.thinking_tokens[1]] = 0.0
         temps = to_device([s.params.temperature for s in states], dev, torch.float32)
         greedy_all = all(s.params.is_greedy() for s in states)
         if greedy_all:

@@ -45,7 +45,8 @@ class SpeculativeMixin:
         """Whether this request decodes speculatively: anything but penalties and grammars, whose state
         after each accepted draft the verification rows would need."""
         st = seq.sampling
-        return self.drafter is not None and st.grammar is None and not self.sampler._needs_penalties(st.params)
+        return (self.drafter is not None and st.grammar is None and not self.sampler._needs_penalties(st.params)
+                and st.params.thinking_budget is None)
 
     def _verify(self, scheduled, logits: torch.Tensor, verify: list, out: list) -> dict[int, int]:
         """Verification of a chain of drafts: at each of a request's rows (the known token, then each draft)

@@ -187,6 +187,21 @@ def test_vllm_structured_outputs_and_guided_fields(srv):
             assert c["finish_reason"] == "stop" and ok(text), (extra, route, text)
 
 
+def test_thinking_token_budget(srv):
+    """vLLM's thinking_token_budget through the chat route: a bias makes the demo model open the thought
+    channel at every step; with a budget of 0 each opening is followed by the channel's end."""
+    base = {"model": "default", "messages": MSG, "max_tokens": 6, "temperature": 0, "logit_bias": {"100": 100},
+            "separate_reasoning": False, "skip_special_tokens": False}
+    texts = []
+    for extra in ({}, {"thinking_token_budget": 0}):
+        st, out, _ = srv.post("/v1/chat/completions", dict(base, **extra))
+        assert st == 200, out
+        texts.append(json.loads(out)["choices"][0]["message"]["content"])
+    assert texts[0] == "<|channel>" * 6 and texts[1] == "<|channel><channel|>" * 3, texts
+    st, out, _ = srv.post("/v1/chat/completions", dict(base, thinking_token_budget=-1))
+    assert st == 400 and "thinking_token_budget" in json.loads(out)["error"]["message"]
+
+
 @pytest.mark.parametrize("body,needle", [
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
     ({"structured_outputs": {"regex": "(["}}, "structured_outputs.regex"),
