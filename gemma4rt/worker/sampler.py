@@ -126,8 +126,11 @@ class Sampler:
                                 torch.tensor([p.frequency_penalty for p in ps], device=dev),
                                 torch.tensor([p.presence_penalty for p in ps], device=dev))
             edit()[idx] = sub
+        forced = []                              # rows whose thinking budget is spent
         for i, s in enumerate(states):
             p = s.params
+            if p.thinking_budget is not None and s.must_end_thinking():
+                forced.append(i)
             if p.logit_bias:
                 for tid, b in p.logit_bias.items():
                     if 0 <= int(tid) < V:
@@ -143,11 +146,10 @@ class Sampler:
         if mask_rows:
             from gemma4rt.worker.grammar import apply_bitmask
             apply_bitmask(edit(), bitmask, mask_rows)
-        for i, s in enumerate(states):           # thinking budget spent: the channel's end, whatever else
-            if s.must_end_thinking():
-                w = edit()
-                w[i].fill_(float("-inf"))
-                w[i, s.params.thinking_tokens[1]] = 0.0
+        for i in forced:                         # the thought channel's end, whatever else was allowed
+            w = edit()
+            w[i].fill_(float("-inf"))
+            w[i, states[i].params.thinking_tokens[1]] = 0.0
         temps = to_device([s.params.temperature for s in states], dev, torch.float32)
         greedy_all = all(s.params.is_greedy() for s in states)
         if greedy_all:
