@@ -39,6 +39,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     want_lp = field(body, "return_logprob", "bool", False)
     top_n = field(body, "top_logprobs_num", "int", 0, lo=0, hi=20)
     grammar = from_extras(spd)
+    if spd.get("stop_regex") is not None:            # refused rather than ignored, as on the OpenAI routes
+        raise bad_request("'sampling_params.stop_regex' is not implemented by this server; use 'stop' strings.",
+                          param="stop_regex")
     check_capacity(fd, len(prompts))
     adds, opts = [], []
     base_rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("gen")

@@ -219,6 +219,11 @@ def test_completions_best_of(server):
         assert st == 400 and needle in json.loads(body)["error"]["message"], body
 
 
+def test_generate_refuses_stop_regex(server):
+    st, body, _ = server.post("/generate", {"text": "x", "sampling_params": {"stop_regex": "a+"}})
+    assert st == 400 and "stop_regex" in json.loads(body)["error"]["message"]
+
+
 def test_server_info_version_and_invocations(server):
     """SGLang's /get_server_info (the settings, version and scheduler state), /version, and SageMaker's
     /invocations route (chat completions)."""
