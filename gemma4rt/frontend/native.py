@@ -39,9 +39,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
     want_lp = field(body, "return_logprob", "bool", False)
     top_n = field(body, "top_logprobs_num", "int", 0, lo=0, hi=20)
     grammar = from_extras(spd)
-    if spd.get("stop_regex") is not None:            # refused rather than ignored, as on the OpenAI routes
-        raise bad_request("'sampling_params.stop_regex' is not implemented by this server; use 'stop' strings.",
-                          param="stop_regex")
+    for name, why in (("stop_regex", "use 'stop' strings"), ("structural_tag", "use json_schema, regex or ebnf")):
+        if spd.get(name) is not None:                # refused rather than ignored, as on the OpenAI routes
+            raise bad_request(f"'sampling_params.{name}' is not implemented by this server; {why}.", param=name)
+    if field(spd, "n", "int", 1, lo=1) != 1:
+        raise bad_request("'sampling_params.n' above 1 is not implemented on /generate; use /v1/completions or "
+                          "/v1/chat/completions (their 'n'), or send the prompt several times.", param="n")
     check_capacity(fd, len(prompts))
     adds, opts = [], []
     base_rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("gen")

@@ -127,7 +127,7 @@ def build_sampling(body: dict, src: dict, model_info, num_prompt_tokens: int,
                                  lo=0.01, hi=10.0),
         frequency_penalty=field(src, "frequency_penalty", "float", 0.0, lo=-2.0, hi=2.0),
         presence_penalty=field(src, "presence_penalty", "float", 0.0, lo=-2.0, hi=2.0),
-        seed=field(src, "seed", "int", None),
+        seed=field(src, "seed", "int", field(src, "sampling_seed", "int", None)),     # (SGLang's name)
         stop_token_ids=stop_ids,
         ignore_eos=field(src, "ignore_eos", "bool", False),
         logprobs=logprobs or top_logprobs > 0,

@@ -219,9 +219,19 @@ def test_completions_best_of(server):
         assert st == 400 and needle in json.loads(body)["error"]["message"], body
 
 
-def test_generate_refuses_stop_regex(server):
-    st, body, _ = server.post("/generate", {"text": "x", "sampling_params": {"stop_regex": "a+"}})
-    assert st == 400 and "stop_regex" in json.loads(body)["error"]["message"]
+def test_generate_refuses_what_it_does_not_implement(server):
+    """SGLang's native sampling_params that would change the output are refused, not ignored; its
+    sampling_seed is the seed."""
+    for sp, needle in (({"stop_regex": "a+"}, "stop_regex"), ({"structural_tag": {}}, "structural_tag"),
+                       ({"n": 2}, "'sampling_params.n'")):
+        st, body, _ = server.post("/generate", {"text": "x", "sampling_params": sp})
+        assert st == 400 and needle in json.loads(body)["error"]["message"], body
+    outs = []
+    for sp in ({"sampling_seed": 11}, {"seed": 11}, {"sampling_seed": 12}):
+        st, body, _ = server.post("/generate", {"text": "x", "sampling_params": dict(
+            sp, temperature=1.0, max_new_tokens=8, ignore_eos=True)})
+        outs.append(json.loads(body)["output_ids"])
+    assert outs[0] == outs[1] != outs[2]
 
 
 def test_server_info_version_and_invocations(server):
