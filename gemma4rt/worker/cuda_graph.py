@@ -86,11 +86,7 @@ class StepGraphs:
         B, T = max_bs, max([max_bs, self.max_tokens] + self.verify_buckets)
         self.input_ids = torch.zeros(T, dtype=torch.long, device=dev)
         self.positions = torch.zeros(T, dtype=torch.long, device=dev)
-        self.cu = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(B, dtype=torch.int32, device=dev)
-        self.tables = {n: torch.full((B, w), self.scratch[n], dtype=torch.int32, device=dev)
-                       for n, w in self.width.items()}
-        self.slots = {n: torch.full((T,), -1, dtype=torch.long, device=dev) for n in self.width}
+        self.cu, self.seq_lens, self.tables, self.slots = self._plan_buffers(B, T, dev)
         self.logits_indices = torch.arange(T, dtype=torch.long, device=dev)     # VERIFY: a row per token
         self.ple_rows = None
         if runner.ple_host_table is not None:
@@ -116,12 +112,17 @@ class StepGraphs:
             self.d_tok = torch.zeros(S, dtype=torch.long, device=dev)
             self.d_hidden = torch.zeros(S, d, dtype=runner.dtype, device=dev)
             self.d_pos = torch.ones(S, dtype=torch.long, device=dev)
-            self.d_lens = torch.ones(S, dtype=torch.int32, device=dev)
-            self.d_cu = torch.arange(S + 1, dtype=torch.int32, device=dev)
             self.d_rows = torch.arange(S, dtype=torch.long, device=dev)
-            self.d_tables = {n: torch.full((S, w), self.scratch[n], dtype=torch.int32, device=dev)
-                             for n, w in self.width.items()}
-            self.d_slots = {n: torch.full((S,), -1, dtype=torch.long, device=dev) for n in self.width}
+            self.d_cu, self.d_lens, self.d_tables, self.d_slots = self._plan_buffers(S, S, dev)
+
+    def _plan_buffers(self, rows: int, tokens: int, dev) -> tuple:
+        """Static attention inputs for `rows` requests and `tokens` tokens: cu_seqlens_q (one token per
+        request), sequence lengths 1, page tables on each pool's scratch page, slots storing nothing."""
+        return (torch.arange(rows + 1, dtype=torch.int32, device=dev),
+                torch.ones(rows, dtype=torch.int32, device=dev),
+                {n: torch.full((rows, w), self.scratch[n], dtype=torch.int32, device=dev)
+                 for n, w in self.width.items()},
+                {n: torch.full((tokens,), -1, dtype=torch.long, device=dev) for n in self.width})
 
     @classmethod
     def maybe_capture(cls, runner) -> Optional["StepGraphs"]:
