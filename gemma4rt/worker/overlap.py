@@ -1,4 +1,4 @@
-"""Overlap scheduling in the worker (--enable-overlap-schedule): ModelRunner.launch() runs a step and its
+"""Overlap scheduling in the worker (the default on a GPU): ModelRunner.launch() runs a step and its
 sampling without waiting for the device, collect() waits for the sampled tokens. A step launched before the
 previous one's tokens reached the host reads them on the device (_missing_tokens)."""
 from __future__ import annotations
@@ -44,7 +44,7 @@ class OverlapMixin:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> "_Launched":
-        """Overlap scheduling (--enable-overlap-schedule): run the step and its sampling without waiting for
+        """Overlap scheduling: run the step and its sampling without waiting for
         the device; collect() returns its StepResult. A decode row may take as input the token the previous
         launched step sampled, not yet copied to the host: it is read on the device. Steps whose sampling
         needs the host (grammar masks, repetition penalties, prompt logprobs) run to the end here."""
