@@ -5,9 +5,9 @@
 #   usage (repo root): bash bench/gpu_check.sh [STAGE ...]
 #   stages (default: build tests kernels targets):
 #     build    pip install --no-build-isolation --no-deps -e .   (nothing is downloaded)
-#     tests    pytest tests/gpu (kernel ops vs references, bf16 model vs our fp32 path)
+#     tests    pytest tests/gpu (kernel ops vs references, bf16 model vs our fp32 path; $GPU_TESTS: other paths)
 #     model    only tests/gpu/test_model_bf16.py
-#     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit)
+#     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit; $KERNELS_ONLY: e.g. gemm,moe)
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0); OVERLAP=1 runs each
@@ -72,13 +72,14 @@ run_pytest() {   # $1 = name, rest = pytest args
     2>&1 | tee "$OUT/pytest_$name.log" | grep -vE "^\s*$" | tail -40
   SUMMARY+=("tests[$name]: $(grep -E "passed|failed|error" "$OUT/pytest_$name.log" | tail -1)")
 }
-if has tests; then echo "== tests/gpu"; run_pytest gpu tests/gpu; fi
+if has tests; then echo "== ${GPU_TESTS:-tests/gpu}"; run_pytest gpu ${GPU_TESTS:-tests/gpu}; fi
 if has model; then echo "== tests/gpu model"; run_pytest model tests/gpu/test_model_bf16.py -s; \
   grep "\[bf16-vs-fp32\]" "$OUT/pytest_model.log" | tee "$OUT/bf16_vs_fp32.txt"; fi
 
 if has kernels && [ "$(left)" -gt 120 ]; then
   echo "== kernel benchmarks"
-  timeout $(( $(left) - 60 )) $PY bench/kernels/run_all.py --out "$OUT" >"$OUT/bench.log" 2>&1
+  timeout $(( $(left) - 60 )) $PY bench/kernels/run_all.py --out "$OUT" ${KERNELS_ONLY:+--only $KERNELS_ONLY} \
+    >"$OUT/bench.log" 2>&1
   SUMMARY+=("kernels: see bench.md")
 fi
 

@@ -26,10 +26,14 @@ def run(ceil, quick=False):
         wbytes = n_act * 3 * I * D * 2
         nbytes = wbytes + 2 * T * D * 2
         flops = T * K * 3 * I * D * 2
-        t = time_us(lambda: moe.moe_experts(x, gu, dn, w, ids))
+        saved, moe.ENTRY_GEMV = moe.ENTRY_GEMV, False     # the tile kernels (above ENTRY_GEMV_MAX: always)
+        try:
+            t = time_us(lambda: moe.moe_experts(x, gu, dn, w, ids))
+        finally:
+            moe.ENTRY_GEMV = saved
         tr = time_us(lambda: ref.moe_experts(x, gu, dn, w, ids), reps=5, graph=False) if T <= 64 else None
         rows.append(row("moe", "moe_experts", f"T={T} active={n_act}", t, nbytes, flops, ceil, tr, "ref loop"))
-        if T * K <= moe.ENTRY_GEMV_MAX:      # the experimental entry mode (GEMMA4RT_MOE_GEMV=1), same inputs
+        if T * K <= moe.ENTRY_GEMV_MAX:      # the entry mode (the default here), same inputs
             saved, moe.ENTRY_GEMV = moe.ENTRY_GEMV, True
             try:
                 te = time_us(lambda: moe.moe_experts(x, gu, dn, w, ids))

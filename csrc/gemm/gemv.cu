@@ -1,12 +1,16 @@
 // Skinny GEMM for decode: y[m, n] = Σ_k x[m, k] · W[n, k] for 1–8 rows of x (W in the checkpoint's
-// [out, in] layout). cuBLAS reads a weight at ~40% of the copy rate at one row; here one warp owns one
-// output column n, its lanes stream W's row n in 16-byte vectors (two in flight per lane) and reuse each
-// vector for every row of x (x stays in L1/L2), fp32 accumulation, a warp reduction at the end.
+// [out, in] layout), optionally with the MLP's gelu_tanh(gate) * up fused (W = [gate; up]). Two kernels:
+// gemv_kernel (CUDA cores): one warp per output column, lanes stream W's row in 16-byte vectors and reuse
+// each for every row of x, a warp reduction at the end; gemv_mma_kernel (tensor cores, CUDA only): below.
+// Both accumulate in fp32; gemv_use_mma() picks one.
 #include <cstdlib>
 #include <cstring>
 
 #include "common/common.cuh"
 #include "common/launchers.h"
+#ifndef G4_ROCM
+#include "common/mma.cuh"
+#endif
 
 namespace g4 {
 namespace {
@@ -80,99 +84,206 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
   }
 }
 
-// Several rows of x (2-8: speculative verification, small decode batches): the kernel above reads each x
-// vector once per weight vector and row from L1, MR times the weight traffic, and converts it MR times
-// (H200, 31B: 4 rows cost 1.75x one row). Here one warp owns NC output columns, so each x vector it loads
-// and converts serves NC weight rows, and NC (x2 with GLU) weight vectors are in flight per lane. The
-// per-lane order of the additions is the kernel above's, so the results are bit-identical.
-// Experimental, off unless GEMMA4RT_GEMV_COLS=1 (not yet measured on a GPU).
-template <typename T, int MR, bool GLU, int NC>
+#ifndef G4_ROCM
+// Tensor-core skinny GEMM for 1-8 rows (CUDA, sm_80+). One mma.sync m16n8k16 computes 8 output columns
+// for up to 8 rows of x: A = x (16 rows, the 8 past the real ones zero), B = Wᵀ (one weight row per
+// column). The k order inside a 32-wide chunk is permuted so that every operand is one 16-byte vector per
+// lane: lane (g, c) = (lane / 4, lane % 4) loads W[n0 + g][kb + 8c, +8) and x[g][kb + 8c, +8); its first
+// two 32-bit pairs are the k slots {2c, 2c+1, 2c+8, 2c+9} of one mma, the last two those of a second. A
+// and B share the permutation, so the sum is over the same products. One x load serves 8 weight rows and
+// no element is converted, where gemv_kernel loads and converts each x vector once per weight vector and
+// row, so its time grows with the rows (H200, 31B down projection: 4 rows 123 µs, one 73 µs; here 66 and
+// 65 µs). An output element depends only on its own x row, the weights and the (fixed) split, never on
+// how many rows there are. KS warps split K (contiguous ranges, summed in order through shared memory)
+// so that narrow layers still fill the GPU: 8 / KS column groups of 8 per CTA. With GLU a warp also
+// streams the up rows N + n and the epilogue is gelu_tanh(gate) * up.
+constexpr int kMmaChunk = 32;          // k per lane-group step: 4 lanes x 8 elements
+constexpr int kMmaUnroll = 4;          // chunks in flight per warp
+
+// 16-byte read-only loads: weights are read once (no L1 allocation); x is re-read by every warp (L1).
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint4 ldg_cached(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+template <typename T, bool GLU, int KS>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
-gemv_cols_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
-                 int64_t sy, int N, int K) {
+gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
+                int64_t sy, int M, int N, int K) {
+  constexpr int CG = kWarpsPerCta / KS;       // column groups (8 columns each) per CTA
+  constexpr int NR = GLU ? 2 : 1;
+  __shared__ float red[KS > 1 ? kWarpsPerCta : 1][kWarp][2 * NR];
   pdl_wait();
   pdl_trigger();
-  const int n0 = (blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp) * NC;
-  const int lane = threadIdx.x % kWarp;
-  if (n0 >= N) return;
-  constexpr int NR = GLU ? 2 : 1;
-  constexpr int R = NC * NR;           // weight rows per warp: column c's row (and its up row) at c * NR + r
-  const T* wr[R];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int cg = warp / KS, ks = warp % KS;
+  const int n0 = (blockIdx.x * CG + cg) * 8;
+  const int g = lane / 4, c = lane % 4;
+  const bool group_live = n0 < N;             // a dead group still reaches the barrier below
+  const T* wr[NR];
 #pragma unroll
-  for (int c = 0; c < NC; ++c)
+  for (int r = 0; r < NR; ++r) wr[r] = w + (int64_t)(min(n0 + g, N - 1) + r * N) * sw;
+  const bool xrow = g < M;
+  const T* xr = x + (int64_t)(xrow ? g : 0) * sx;
+  const int chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  const int per = (chunks + KS - 1) / KS;
+  const int c_begin = ks * per, c_end = min(chunks, c_begin + per);
+  float acc[NR][4];
 #pragma unroll
-    for (int r = 0; r < NR; ++r)       // a column past N reads column N - 1 and stores nothing
-      wr[c * NR + r] = w + (int64_t)(min(n0 + c, N - 1) + r * N) * sw;
-  float acc[R][MR];
+  for (int r = 0; r < NR; ++r)
 #pragma unroll
-  for (int i = 0; i < R; ++i)
+    for (int i = 0; i < 4; ++i) acc[r][i] = 0.f;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  auto mma_chunk = [&](const uint4 (&wv)[NR], uint4 xv) {
+    if (!xrow) xv = zero;                // rows past M: x row 0 was read, zeros enter the product
+    const uint32_t a0[4] = {xv.x, 0u, xv.y, 0u}, a1[4] = {xv.z, 0u, xv.w, 0u};
 #pragma unroll
-    for (int m = 0; m < MR; ++m) acc[i][m] = 0.f;
-  constexpr int V = 8;
-  constexpr int STEP = kWarp * V;
-  for (int k = lane * V; k < K; k += STEP) {
-    Vec16<T> wv[R];
+    for (int r = 0; r < NR; ++r) {
+      Mma<T>::run(acc[r], a0, wv[r].x, wv[r].y);
+      Mma<T>::run(acc[r], a1, wv[r].z, wv[r].w);
+    }
+  };
+  if (group_live) {
+    // whole chunks, kMmaUnroll at a time, double-buffered: the next block's loads are in flight while this
+    // block's mmas run (a single buffer made each mma wait for the load just issued: ~2.4 TB/s)
+    struct Block {
+      uint4 w[kMmaUnroll][NR], x[kMmaUnroll];
+    };
+    auto load_block = [&](Block& b, int c0) {
 #pragma unroll
-    for (int i = 0; i < R; ++i) wv[i] = ld16(wr[i] + k);
+      for (int u = 0; u < kMmaUnroll; ++u) {
+        const int k = (c0 + u) * kMmaChunk + c * 8;
 #pragma unroll
-    for (int m = 0; m < MR; ++m) {
-      const Vec16<T> xv = ld16(x + m * sx + k);
-      float xf[V];
+        for (int r = 0; r < NR; ++r) b.w[u][r] = ldg_stream(wr[r] + k);
+        b.x[u] = ldg_cached(xr + k);
+      }
+    };
+    const int c_full = min(c_end, K / kMmaChunk);
+    int ci = c_begin;
+    if (ci + kMmaUnroll <= c_full) {
+      Block cur;
+      load_block(cur, ci);
+      for (ci += kMmaUnroll; ci + kMmaUnroll <= c_full; ci += kMmaUnroll) {
+        Block nxt;
+        load_block(nxt, ci);
 #pragma unroll
-      for (int j = 0; j < V; ++j) xf[j] = to_f(xv.v[j]);
+        for (int u = 0; u < kMmaUnroll; ++u) mma_chunk(cur.w[u], cur.x[u]);
+        cur = nxt;
+      }
 #pragma unroll
-      for (int i = 0; i < R; ++i)
+      for (int u = 0; u < kMmaUnroll; ++u) mma_chunk(cur.w[u], cur.x[u]);
+    }
+    for (; ci < c_end; ++ci) {           // the rest, and a last chunk that K ends inside (K % 8 == 0)
+      const int k = ci * kMmaChunk + c * 8;
+      uint4 wv[NR], xv = zero;
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc[i][m] += to_f(wv[i].v[j]) * xf[j];
+      for (int r = 0; r < NR; ++r) wv[r] = zero;
+      if (k < K) {
+#pragma unroll
+        for (int r = 0; r < NR; ++r) wv[r] = *reinterpret_cast<const uint4*>(wr[r] + k);
+        xv = *reinterpret_cast<const uint4*>(xr + k);
+      }
+      mma_chunk(wv, xv);
     }
   }
+  // acc[r][0..1] = rows g, columns n0 + 2c + {0, 1}; acc[r][2..3] are the zero rows g + 8.
+  if constexpr (KS > 1) {
 #pragma unroll
-  for (int m = 0; m < MR; ++m) {
+    for (int r = 0; r < NR; ++r) {
+      red[warp][lane][2 * r] = acc[r][0];
+      red[warp][lane][2 * r + 1] = acc[r][1];
+    }
+    __syncthreads();
+    if (ks != 0) return;
 #pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      float s[NR];
+    for (int r = 0; r < NR; ++r)
 #pragma unroll
-      for (int r = 0; r < NR; ++r) s[r] = warp_sum(acc[c * NR + r][m]);
-      if (lane == (m * NC + c) % kWarp && n0 + c < N) {
-        if constexpr (GLU) {
-          const float g = to_f(from_f<T>(s[0])), u = to_f(from_f<T>(s[1]));
-          y[m * sy + n0 + c] = from_f<T>(gelu_tanh(g) * u);
-        } else {
-          y[m * sy + n0 + c] = from_f<T>(s[0]);
-        }
+      for (int j = 0; j < 2; ++j) {
+        float s = red[warp][lane][2 * r + j];
+#pragma unroll
+        for (int q = 1; q < KS; ++q) s += red[warp + q][lane][2 * r + j];
+        acc[r][j] = s;
       }
+  }
+  if (!group_live || !xrow) return;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int n = n0 + 2 * c + j;
+    if (n >= N) continue;
+    if constexpr (GLU) {
+      const float gt = to_f(from_f<T>(acc[0][j])), up = to_f(from_f<T>(acc[1][j]));
+      y[g * sy + n] = from_f<T>(gelu_tanh(gt) * up);
+    } else {
+      y[g * sy + n] = from_f<T>(acc[0][j]);
     }
   }
 }
 
-// GEMMA4RT_GEMV_COLS=1: rows 2-8 through gemv_cols_kernel. Read at each launch (a getenv is far below a
-// launch's cost, and graph replays do not launch), so that a test can compare both kernels in one process.
-inline bool gemv_cols_enabled() {
-  const char* e = std::getenv("GEMMA4RT_GEMV_COLS");
-  return e && std::strcmp(e, "1") == 0;
+// K split: the fewest warps per column group that give ~4096 warps in all (enough 2 KB streams in flight
+// to cover the memory latency), each keeping at least 8 chunks. A function of (N, K) only.
+inline int mma_ks(int N, int K) {
+  const int64_t groups = (N + 7) / 8;
+  const int chunks = (K + kMmaChunk - 1) / kMmaChunk;
+  int ks = 1;
+  while (ks < kWarpsPerCta && groups * ks < 4096 && chunks / (2 * ks) >= 8) ks *= 2;
+  return ks;
 }
+
+template <typename T, bool GLU>
+cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
+                    int K, cudaStream_t st) {
+  const int ks = mma_ks(N, K);
+  const int64_t warps = (int64_t)((N + 7) / 8) * ks;
+  const unsigned blocks = (unsigned)((warps + kWarpsPerCta - 1) / kWarpsPerCta);
+  auto kern = ks == 1 ? gemv_mma_kernel<T, GLU, 1> : ks == 2 ? gemv_mma_kernel<T, GLU, 2>
+            : ks == 4 ? gemv_mma_kernel<T, GLU, 4> : gemv_mma_kernel<T, GLU, 8>;
+  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K);
+}
+
+// Which kernel: GEMMA4RT_GEMV_MMA=1 the tensor-core kernel for every row count, =0 the CUDA-core kernel;
+// by default the CUDA-core kernel for 1-2 rows (H200, M = 1: E2B LM head 179 vs 197 µs, 31B gate/up 106 vs
+// 121 µs; batch-1 decode 26B-A4B 4.37 vs 4.95 ms) and the tensor-core kernel for 3-8 (M = 4: E2B LM head 200
+// vs 294 µs, 31B down 66 vs 123 µs; speculative decoding with 3 drafts, 31B 22.2 vs 28.3 ms a step).
+// With =1 a row's result never depends on the row count, so speculative verification reproduces plain
+// decoding bit for bit. Read at each launch (a getenv is far below a launch's cost, and graph replays do
+// not launch), so that a test can compare the kernels in one process.
+inline bool gemv_use_mma(int M) {
+  static const bool sm80 = [] {
+    int dev = 0, major = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 8;
+  }();
+  if (!sm80) return false;
+  const char* e = std::getenv("GEMMA4RT_GEMV_MMA");
+  if (e && std::strcmp(e, "0") == 0) return false;
+  if (e && std::strcmp(e, "1") == 0) return true;
+  return M >= 3;
+}
+#endif
 
 template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
                 cudaStream_t st) {
-  if constexpr (MR >= 2) {
-    if (gemv_cols_enabled()) {
-      // four weight rows per warp at most (with GLU two columns of gate + up): up to ~100 registers
-      constexpr int NC = MR == 2 ? 2 : 4;
-      const int nc = glu ? 2 : NC;
-      const unsigned blocks = (unsigned)((N + kWarpsPerCta * nc - 1) / (kWarpsPerCta * nc));
-      return launch(glu ? gemv_cols_kernel<T, MR, true, 2> : gemv_cols_kernel<T, MR, false, NC>, blocks,
-                    kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, N, K);
-    }
-  }
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
   return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
                 sx, w, sw, y, sy, N, K);
 }
 
+
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
                      int K, bool glu, cudaStream_t st) {
+#ifndef G4_ROCM
+  if (M >= 1 && M <= 8 && gemv_use_mma(M))
+    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, st) : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, st);
+#endif
   switch (M) {
     case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, st);
     case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, st);

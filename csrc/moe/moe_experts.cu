@@ -162,7 +162,8 @@ __global__ void combine_kernel(const float* __restrict__ y, T* __restrict__ out,
   }
 }
 
-// Entry mode (block_m == 1; experimental, GEMMA4RT_MOE_GEMV=1): for a few tokens, no tile alignment at all.
+// Entry mode (block_m == 1; the default up to 32 entries, GEMMA4RT_MOE_GEMV=0 turns it off): for a few tokens,
+// no tile alignment at all (H200, 26B-A4B, one token: 32.5 µs a layer against 57.9 through the tiles).
 // Each (token, slot) entry is one skinny GEMV against its expert's weights, one warp per output column
 // streaming the weight row in 16-byte vectors (two in flight per lane, as csrc/gemm/gemv.cu), the input row
 // from L1/L2: up writes h[entry] = gelu_tanh(x[token] Gᵀ) ⊙ (x[token] Uᵀ), down writes

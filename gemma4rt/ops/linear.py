@@ -1,6 +1,7 @@
 """Linear layers (x · Wᵀ, W in the checkpoint's [out, in] layout). On CUDA, 1–8 rows of bf16/fp16 go
 through the native skinny GEMM in csrc/gemm/gemv.cu (H200, batch-1 decode: E2B 4.19 -> 3.70 ms/token,
-26B-A4B 6.32 -> 5.86 against cuBLAS); GEMMA4RT_GEMV=0 turns it off. Everything else is torch's F.linear."""
+26B-A4B 6.32 -> 5.86 against cuBLAS; its CUDA-core kernel takes 1-2 rows, its tensor-core kernel 3-8, see
+GEMMA4RT_GEMV_MMA there); GEMMA4RT_GEMV=0 turns it off. Everything else is torch's F.linear."""
 from __future__ import annotations
 
 import os

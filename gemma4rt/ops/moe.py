@@ -4,8 +4,9 @@ Native experts: moe_align sorts the (token, slot) pairs into row tiles of one ex
 side, fixed-size outputs bounded from host-known T·k and E), then moe_experts runs the grouped
 gate/up GEMM with fused gelu-and-mul, the grouped down GEMM with the routing weight, and the sum
 over the k slots. Small batches use 16-row tiles, so only the active experts' weights stream.
-Experimental (GEMMA4RT_MOE_GEMV=1, not yet measured on a GPU): at most ENTRY_GEMV_MAX (token, slot)
-entries skip the alignment and run one skinny GEMV per entry (block_m = 1 selects that mode)."""
+Entry mode: at most ENTRY_GEMV_MAX (token, slot) entries (4 tokens at top-8) skip the alignment and run one
+skinny GEMV per entry (block_m = 1 selects that mode). H200, 26B-A4B, one token: 32.5 µs a layer against 57.9
+through the tiles; batch-1 decode 5.08 -> 4.34 ms. GEMMA4RT_MOE_GEMV=0 turns it off."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int,
     return ref.moe_route(router_logits, top_k, per_expert_scale)
 
 
-ENTRY_GEMV = os.environ.get("GEMMA4RT_MOE_GEMV", "0") == "1"
+ENTRY_GEMV = os.environ.get("GEMMA4RT_MOE_GEMV", "1") != "0"
 ENTRY_GEMV_MAX = 32          # (token, slot) entries: 4 tokens at top-8
 
 

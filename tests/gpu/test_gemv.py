@@ -1,5 +1,7 @@
 """Native skinny GEMM (csrc/gemm/gemv.cu) vs an fp32 matmul: 1-8 rows, odd column counts, strided rows,
-poisoned outputs, opcheck, CUDA-graph replay, and the ops.linear switch."""
+poisoned outputs, opcheck, CUDA-graph replay, and the ops.linear switch. Both kernels: the tensor-core one
+and the CUDA-core one, each forced (GEMMA4RT_GEMV_MMA=1 / 0, read at each launch), and the default choice
+(CUDA cores for 1-2 rows, tensor cores for 3-8)."""
 import os
 import sys
 
@@ -21,10 +23,28 @@ def _ref(x, w):
     return (x.float() @ w.float().t())
 
 
+@pytest.fixture(params=["mma", "cuda-cores", "default"])
+def kernel(request, monkeypatch):
+    if request.param == "default":
+        monkeypatch.delenv("GEMMA4RT_GEMV_MMA", raising=False)
+    else:
+        monkeypatch.setenv("GEMMA4RT_GEMV_MMA", "1" if request.param == "mma" else "0")
+    return request.param
+
+
+@pytest.fixture(params=["mma", "cuda-cores"])
+def one_kernel(request, monkeypatch):
+    monkeypatch.setenv("GEMMA4RT_GEMV_MMA", "1" if request.param == "mma" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
-@pytest.mark.parametrize("N,K", [(1, 8), (37, 1536), (2048, 2560), (333, 264), (6, 12288)])
-def test_gemv_matches_fp32_matmul(dtype, M, N, K):
+@pytest.mark.parametrize("N,K", [(1, 8), (37, 1536), (2048, 2560), (333, 264), (6, 12288), (100, 640),
+                                 (1536, 6152), (5376, 21504)])
+def test_gemv_matches_fp32_matmul(kernel, dtype, M, N, K):
+    """Shapes cover every K split of the tensor-core kernel (1, 2, 4, 8 warps per column group), a K that
+    ends inside a 32-wide chunk (264, 6152), column counts that leave a partial group of 8."""
     big = torch.randn(M, K + 16, device=DEV, dtype=dtype)
     x = big[:, 8:8 + K]                                        # row stride K + 16, 16-byte aligned
     w = torch.randn(N, K, device=DEV, dtype=dtype) / K ** 0.5
@@ -68,8 +88,8 @@ def test_linear_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])
-@pytest.mark.parametrize("I,K", [(6144, 1536), (37, 264), (1, 8)])
-def test_gemv_gelu_mul_matches_reference(M, I, K):
+@pytest.mark.parametrize("I,K", [(6144, 1536), (37, 264), (1, 8), (2816, 5376)])
+def test_gemv_gelu_mul_matches_reference(kernel, M, I, K):
     d = torch.bfloat16
     big = torch.randn(M, K + 8, device=DEV, dtype=d)
     x = big[:, :K]                                             # strided rows
@@ -102,25 +122,28 @@ def test_gemv_gelu_mul_opcheck_graph_and_switch(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("N,K", [(37, 1536), (2048, 2560), (333, 264), (6, 12288), (1, 8)])
-def test_gemv_columns_kernel_is_bit_identical(monkeypatch, dtype, M, N, K):
-    """GEMMA4RT_GEMV_COLS=1 (rows 2-8: one warp per 2-4 output columns) adds in the same order per lane as
-    the default kernel: identical outputs, plain and fused gate/up + gelu-mul, column counts that leave
-    a partial group, strided rows; also inside a replayed CUDA graph."""
-    big = torch.randn(M, K + 16, device=DEV, dtype=dtype)
+@pytest.mark.parametrize("N,K", [(37, 1536), (2048, 2560), (333, 264), (6, 12288), (100, 640), (1, 8)])
+def test_gemv_rows_are_independent(one_kernel, dtype, N, K):
+    """With one kernel forced, each output row is a function of its own x row only, bit for bit, whatever
+    the number of rows (1-8): speculative verification of k + 1 rows then gives the logits of k + 1
+    single-row decode steps. Plain and
+    fused gate/up + gelu-mul, strided rows, and inside a replayed CUDA graph."""
+    big = torch.randn(8, K + 16, device=DEV, dtype=dtype)
     x = big[:, 8:8 + K]
     w = torch.randn(N, K, device=DEV, dtype=dtype) / K ** 0.5
     w2 = torch.randn(2 * N, K, device=DEV, dtype=dtype) / K ** 0.5
-    monkeypatch.delenv("GEMMA4RT_GEMV_COLS", raising=False)
-    want, want_glu = poison(M, N, dtype=dtype), poison(M, N, dtype=dtype)
-    torch.ops.gemma4rt.gemv(x, w, want)
-    torch.ops.gemma4rt.gemv_gelu_mul(x, w2, want_glu)
-    monkeypatch.setenv("GEMMA4RT_GEMV_COLS", "1")
-    got, got_glu = poison(M, N, dtype=dtype), poison(M, N, dtype=dtype)
-    torch.ops.gemma4rt.gemv(x, w, got)
-    torch.ops.gemma4rt.gemv_gelu_mul(x, w2, got_glu)
-    assert torch.equal(got, want) and torch.equal(got_glu, want_glu)
-    out = graph_replay(lambda: lin.gemv(x, w), None, lambda: x.copy_(torch.randn_like(x)))
-    monkeypatch.delenv("GEMMA4RT_GEMV_COLS")
-    assert torch.equal(out, lin.gemv(x, w))
+    single = [lin.gemv(x[i:i + 1], w) for i in range(8)]
+    single_glu = []
+    for i in range(8):
+        o = poison(1, N, dtype=dtype)
+        torch.ops.gemma4rt.gemv_gelu_mul(x[i:i + 1], w2, o)
+        single_glu.append(o)
+    for M in range(2, 9):
+        got, got_glu = poison(M, N, dtype=dtype), poison(M, N, dtype=dtype)
+        torch.ops.gemma4rt.gemv(x[:M], w, got)
+        torch.ops.gemma4rt.gemv_gelu_mul(x[:M], w2, got_glu)
+        assert torch.equal(got, torch.cat(single[:M])), M
+        assert torch.equal(got_glu, torch.cat(single_glu[:M])), M
+    x4 = x[:4]
+    out = graph_replay(lambda: lin.gemv(x4, w), None, lambda: x4.copy_(torch.randn_like(x4)))
+    assert torch.equal(out, torch.cat([lin.gemv(x4[i:i + 1], w) for i in range(4)]))

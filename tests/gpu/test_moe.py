@@ -69,7 +69,9 @@ def _experts_case(T, E, k, d, I, dtype, strided=False):
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T,E,k,d,I", [(1, 16, 4, 256, 96), (5, 16, 4, 264, 104), (37, 8, 2, 128, 64),
                                        (300, 8, 4, 256, 96), (1, 128, 8, 2816, 704), (64, 128, 8, 2816, 704)])
-def test_experts(dtype, T, E, k, d, I):
+@pytest.mark.parametrize("entry", [True, False], ids=["default", "tiles"])
+def test_experts(monkeypatch, dtype, T, E, k, d, I, entry):
+    monkeypatch.setattr(moe, "ENTRY_GEMV", entry)      # False: the tile kernels at every batch size
     torch.manual_seed(T + E)
     x, gu, dn, w, ids = _experts_case(T, E, k, d, I, dtype, strided=(T % 2 == 1))
     out = moe.moe_experts(x, gu, dn, w, ids)
@@ -133,12 +135,13 @@ def test_cuda_graph_replay():
 @pytest.mark.parametrize("T,E,k,d,I", [(1, 16, 4, 256, 96), (3, 16, 4, 264, 104), (1, 128, 8, 2816, 704),
                                        (4, 128, 8, 2816, 704)])
 def test_entry_gemv_mode(monkeypatch, dtype, T, E, k, d, I):
-    """GEMMA4RT_MOE_GEMV=1 (experimental): up to 32 (token, slot) entries skip the alignment and run one
-    skinny GEMV per entry (block_m 1). Against the fp32 reference and the tile kernels, poisoned buffers,
+    """The entry mode (default; GEMMA4RT_MOE_GEMV=0 turns it off): up to 32 (token, slot) entries skip the
+    alignment and run one skinny GEMV per entry (block_m 1). Against the fp32 reference and the tile kernels, poisoned buffers,
     strided input, opcheck, and a replayed CUDA graph with new routing."""
     torch.manual_seed(T + E + d)
     x, gu, dn, w, ids = _experts_case(T, E, k, d, I, dtype, strided=True)
     exp = ref.moe_experts(x.float(), gu.float(), dn.float(), w, ids).to(dtype)
+    monkeypatch.setattr(moe, "ENTRY_GEMV", False)
     tiles = moe.moe_experts(x, gu, dn, w, ids)
     monkeypatch.setattr(moe, "ENTRY_GEMV", True)
     ids32 = ids.int().contiguous()
