@@ -251,8 +251,8 @@ cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw,
 // by default the CUDA-core kernel for 1-2 rows (H200, M = 1: E2B LM head 179 vs 197 µs, 31B gate/up 106 vs
 // 121 µs; batch-1 decode 26B-A4B 4.37 vs 4.95 ms) and the tensor-core kernel for 3-8 (M = 4: E2B LM head 200
 // vs 294 µs, 31B down 66 vs 123 µs; speculative decoding with 3 drafts, 31B 22.2 vs 28.3 ms a step).
-// With =1 a row's result never depends on the row count, so speculative verification reproduces plain
-// decoding bit for bit. Read at each launch (a getenv is far below a launch's cost, and graph replays do
+// With =1 a row's result never depends on the row count (speculative verification rows then get the
+// projections of single-row decode steps bit for bit). Read at each launch (a getenv is far below a launch's cost, and graph replays do
 // not launch), so that a test can compare the kernels in one process.
 inline bool gemv_use_mma(int M) {
   static const bool sm80 = [] {
@@ -275,7 +275,6 @@ cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, i
   return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
                 sx, w, sw, y, sy, N, K);
 }
-
 
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
