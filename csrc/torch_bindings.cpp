@@ -160,22 +160,28 @@ void gelu_tanh_mul_op(const Tensor& gate, const Tensor& up, Tensor& out) {
 
 // glu = false: out = x·wᵀ (w [N, K]). glu = true: w = [gate; up] ([2I, K]) and
 // out = gelu_tanh(x·gateᵀ) · (x·upᵀ) [M, I]: the MLP's projection and activation in one launch.
-void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, const char* name) {
+void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t kernel, const char* name) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
               w.size(0) == (glu ? 2 : 1) * out.size(1), name,
               glu ? ": x [M, K], w [2I, K] -> out [M, I]" : ": x [M, K], w [N, K] -> out [M, N]");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, name, ": 1 to 8 rows");
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, name, ": kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
   TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
               (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), name, ": bf16 or fp16, one dtype");
   TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), name, ": one device");
   c10::cuda::CUDAGuard g(x.device());
   check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), glu, stream_of(x)), name);
+                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), glu, (int)kernel,
+                           stream_of(x)), name);
 }
 
-void gemv_op(const Tensor& x, const Tensor& w, Tensor& out) { gemv_run(x, w, out, false, "gemv"); }
-void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out) { gemv_run(x, w, out, true, "gemv_gelu_mul"); }
+void gemv_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
+  gemv_run(x, w, out, false, kernel, "gemv");
+}
+void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
+  gemv_run(x, w, out, true, kernel, "gemv_gelu_mul");
+}
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
   G4_CHECK_CUDA(k); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache);
@@ -323,8 +329,8 @@ TORCH_LIBRARY(gemma4rt, m) {
         "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!) q_out) -> ()");
   m.def("gelu_tanh_and_mul(Tensor x, Tensor(a!) out) -> ()");
   m.def("gelu_tanh_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
-  m.def("gemv(Tensor x, Tensor w, Tensor(a!) out) -> ()");
-  m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out) -> ()");
+  m.def("gemv(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
+  m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 #ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "

@@ -247,20 +247,22 @@ cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw,
   return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K);
 }
 
-// Which kernel: GEMMA4RT_GEMV_MMA=1 the tensor-core kernel for every row count, =0 the CUDA-core kernel;
+// Which kernel: the caller's choice (kernel 1: CUDA cores, 2: tensor cores; gemma4rt/ops/gemm_tune.py
+// measures it per shape when asked to), else (kernel 0) GEMMA4RT_GEMV_MMA=1 the tensor-core kernel for every row count, =0 the CUDA-core kernel;
 // by default the CUDA-core kernel for 1-2 rows (H200, M = 1: E2B LM head 179 vs 197 µs, 31B gate/up 106 vs
 // 121 µs; batch-1 decode 26B-A4B 4.37 vs 4.95 ms) and the tensor-core kernel for 3-8 (M = 4: E2B LM head 200
 // vs 294 µs, 31B down 66 vs 123 µs; speculative decoding with 3 drafts, 31B 22.2 vs 28.3 ms a step).
 // With =1 a row's result never depends on the row count (speculative verification rows then get the
 // projections of single-row decode steps bit for bit). Read at each launch (a getenv is far below a launch's cost, and graph replays do
 // not launch), so that a test can compare the kernels in one process.
-inline bool gemv_use_mma(int M) {
+inline bool gemv_use_mma(int M, int kernel) {
   static const bool sm80 = [] {
     int dev = 0, major = 0;
     return cudaGetDevice(&dev) == cudaSuccess &&
            cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 8;
   }();
-  if (!sm80) return false;
+  if (!sm80 || kernel == 1) return false;
+  if (kernel == 2) return true;
   const char* e = std::getenv("GEMMA4RT_GEMV_MMA");
   if (e && std::strcmp(e, "0") == 0) return false;
   if (e && std::strcmp(e, "1") == 0) return true;
@@ -278,10 +280,12 @@ cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, i
 
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                     int K, bool glu, cudaStream_t st) {
+                     int K, bool glu, int kernel, cudaStream_t st) {
 #ifndef G4_ROCM
-  if (M >= 1 && M <= 8 && gemv_use_mma(M))
+  if (M >= 1 && M <= 8 && gemv_use_mma(M, kernel))
     return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, st) : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, st);
+#else
+  (void)kernel;    // ROCm: the CUDA-core kernel only
 #endif
   switch (M) {
     case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, st);
@@ -299,10 +303,10 @@ cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw
 }  // namespace
 
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
-                        int N, int K, bool glu, cudaStream_t st) {
+                        int N, int K, bool glu, int kernel, cudaStream_t st) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 8 != 0 || sx % 8 != 0 || sw % 8 != 0 || !aligned16(x) || !aligned16(w)) return cudaErrorInvalidValue;
-  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, st));
+  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, st));
   return cudaSuccess;
 }
 

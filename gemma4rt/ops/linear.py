@@ -1,7 +1,9 @@
 """Linear layers (x · Wᵀ, W in the checkpoint's [out, in] layout). On CUDA, 1–8 rows of bf16/fp16 go
 through the native skinny GEMM in csrc/gemm/gemv.cu (H200, batch-1 decode: E2B 4.19 -> 3.70 ms/token,
 26B-A4B 6.32 -> 5.86 against cuBLAS; its CUDA-core kernel takes 1-2 rows, its tensor-core kernel 3-8, see
-GEMMA4RT_GEMV_MMA there); GEMMA4RT_GEMV=0 turns it off. Everything else is torch's F.linear."""
+GEMMA4RT_GEMV_MMA there); GEMMA4RT_GEMV=0 turns it off. Everything else is torch's F.linear.
+CHOICE, when gemma4rt/ops/gemm_tune.py has filled it, overrides that per (out, in, glu, rows) shape with
+the kernel measured fastest there: 1 the CUDA-core kernel, 2 the tensor-core kernel, 3 cuBLAS."""
 from __future__ import annotations
 
 import os
@@ -14,6 +16,8 @@ from gemma4rt.ops.activation import gelu_tanh_and_mul
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
+CUDA_CORES, TENSOR_CORES, CUBLAS = 1, 2, 3
+CHOICE: dict[tuple[int, int, bool, int], int] = {}    # (N, K, glu, rows) -> kernel; empty: the defaults
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -23,16 +27,23 @@ def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
             w.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The native skinny GEMM, unconditionally (callers check gemv_ok)."""
+def gemv(x: torch.Tensor, w: torch.Tensor, kernel: int = 0) -> torch.Tensor:
+    """The native skinny GEMM, unconditionally (callers check gemv_ok); kernel 0 the default choice."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    torch.ops.gemma4rt.gemv(x, w, out)
+    torch.ops.gemma4rt.gemv(x, w, out, kernel)
+    return out
+
+
+def gemv_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor, kernel: int = 0) -> torch.Tensor:
+    out = torch.empty(x.shape[0], w_gate_up.shape[0] // 2, dtype=x.dtype, device=x.device)
+    torch.ops.gemma4rt.gemv_gelu_mul(x, w_gate_up, out, kernel)
     return out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if GEMV_ENABLED and gemv_ok(x, w):
-        return gemv(x, w)
+        k = CHOICE.get((w.shape[0], w.shape[1], False, x.shape[0]), 0) if CHOICE else 0
+        return F.linear(x, w) if k == CUBLAS else gemv(x, w, k)
     return F.linear(x, w)
 
 
@@ -40,7 +51,8 @@ def linear_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x · gateᵀ) · (x · upᵀ) for w_gate_up = [gate; up] ([2I, in]): one native kernel for 1–8 rows
     (no [rows, 2I] intermediate, one launch less per MLP), else the GEMM then gelu-and-mul."""
     if GEMV_ENABLED and gemv_ok(x, w_gate_up) and w_gate_up.shape[0] % 2 == 0:
-        out = torch.empty(x.shape[0], w_gate_up.shape[0] // 2, dtype=x.dtype, device=x.device)
-        torch.ops.gemma4rt.gemv_gelu_mul(x, w_gate_up, out)
-        return out
+        k = CHOICE.get((w_gate_up.shape[0], w_gate_up.shape[1], True, x.shape[0]), 0) if CHOICE else 0
+        if k != CUBLAS:
+            return gemv_gelu_mul(x, w_gate_up, k)
+        return gelu_tanh_and_mul(F.linear(x, w_gate_up))
     return gelu_tanh_and_mul(linear(x, w_gate_up))

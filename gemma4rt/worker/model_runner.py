@@ -176,6 +176,9 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
         self._step_missing: list[tuple[int, str]] = []
         self._open = None                           # the launched step not collected yet (overlap.py)
         self.graphs = None
+        if self.device.type == "cuda":
+            from gemma4rt.ops.gemm_tune import tune_models      # GEMMA4RT_GEMM_TUNE=1 (experimental)
+            tune_models(self.model, self.drafter)
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import StepGraphs
             self.graphs = StepGraphs.maybe_capture(self)
