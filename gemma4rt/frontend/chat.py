@@ -8,8 +8,8 @@ import msgspec
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
-    SSE, chat_logprobs, check_capacity, check_model, client_gone, error_status, fan_in, first_then_rest,
-    new_id, now, read_json, usage,
+    SSE, chat_logprobs, check_capacity, check_model, check_rids, client_gone, error_status, fan_in,
+    first_then_rest, new_id, now, read_json, usage,
 )
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
@@ -157,10 +157,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("chat")
     adds = [AddRequest(rid=rid if n == 1 else f"{rid}-{i}", prompt_token_ids=prompt_ids,
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
-    opts = [SeqOptions(stop=stops, include_stop=include_stop,
-                       skip_special_tokens=skip_special and not parsers_on) for _ in range(n)]
+    # with the parsers on, special tokens reach them as text, but control tokens such as the closing
+    # `<turn|>` are dropped from it (unless skip_special_tokens is false)
+    drop = st.tokenizer.control_ids if parsers_on and skip_special else frozenset()
+    opts = [SeqOptions(stop=stops, include_stop=include_stop, skip_special_tokens=skip_special and not parsers_on,
+                       drop_ids=drop) for _ in range(n)]
     parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning, st.tokenizer.channel_ids)
                for _ in range(n)]
+    check_rids(fd, adds)
     cid = new_id("chatcmpl")
     created = now()
     gen = fan_in(fd, adds, opts, client_gone(request))
@@ -199,9 +203,8 @@ async def _whole(st, gen, parsers, cid, created, model, n, want_lp):
             r = p.feed(texts[i], final=True)
             calls = p.whole_tool_calls()
             msg["content"] = r.content if (r.content or not calls) else None
-            if r.reasoning:
-                msg["reasoning_content"] = r.reasoning
-                msg["reasoning"] = r.reasoning
+            if p.r is not None:         # the reasoning parser ran: the fields are there, null when empty
+                msg["reasoning_content"] = msg["reasoning"] = r.reasoning or None
             if calls:
                 msg["tool_calls"] = calls
                 if fin == "stop":

@@ -35,13 +35,13 @@ async def read_json(request: web.Request) -> dict:
 
 
 def check_model(state, body: dict) -> str:
+    """The name to echo in the response. One model is served, so any name selects it (as SGLang does:
+    clients and test suites send the hub id, "default", or names of their own)."""
     name = body.get("model")
     if name is None:
         return state.served_name
     if not isinstance(name, str):
         raise bad_request("'model' must be a string.", param="model")
-    if name not in state.model_names:
-        raise APIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
     return name
 
 
@@ -51,6 +51,14 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def check_rids(fd, adds) -> None:
+    """A client-chosen request id ("rid") that a running request holds is a 400 (it would take over that
+    request's output queue)."""
+    for a in adds:
+        if a.rid in fd.queues:
+            raise bad_request(f"The request id {a.rid!r} belongs to a request still running.", param="rid")
 
 
 def check_capacity(fd, n: int) -> None:

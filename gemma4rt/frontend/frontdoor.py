@@ -16,6 +16,7 @@ from gemma4rt.protocol import (
     AbortRequest, AddRequest, FlushCache, RequestOutput, SchedulerStats, TokenOutputs,
 )
 from gemma4rt.runtime.actor import Actor
+from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.textproc import IncrementalDetokenizer, StopStrings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class SeqOptions:
     stop: list[str] = field(default_factory=list)
     include_stop: bool = False
     skip_special_tokens: bool = True
+    drop_ids: frozenset = frozenset()      # token ids left out of the text (control tokens, see chat.py)
 
 
 class FrontDoor(Actor):
@@ -97,6 +99,8 @@ class FrontDoor(Actor):
         return f"{prefix}-{self._n:x}-{int(time.time() * 1000) & 0xffffff:x}"
 
     def submit(self, add: AddRequest) -> asyncio.Queue:
+        if add.rid in self.queues:      # a client's reused "rid": the open request keeps it
+            raise bad_request(f"The request id {add.rid!r} belongs to a request still running.", param="rid")
         q: asyncio.Queue = asyncio.Queue()
         self.queues[add.rid] = q
         add.arrival_time = time.time()
@@ -163,7 +167,10 @@ class FrontDoor(Actor):
                         outs.append(q.get_nowait())
                     o = _merge(outs)
                 new = o.new_token_ids
-                text = detok.add(new) if new else ""
+                if opts.drop_ids and new:
+                    text = detok.add([t for t in new if t not in opts.drop_ids])
+                else:
+                    text = detok.add(new) if new else ""
                 fin = o.finish_reason
                 if fin is not None:
                     text += detok.flush()

@@ -8,7 +8,7 @@ import json
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
-    SSE, check_capacity, client_gone, error_status, fan_in, first_then_rest, now, read_json,
+    SSE, check_capacity, check_rids, client_gone, error_status, fan_in, first_then_rest, now, read_json,
 )
 from gemma4rt.frontend.completions import prompts_to_ids
 from gemma4rt.frontend.errors import APIError, bad_request
@@ -54,6 +54,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         adds.append(AddRequest(rid=base_rid if single else f"{base_rid}-{pi}", prompt_token_ids=ids, sampling=sp))
         opts.append(SeqOptions(stop=stop_strings(spd), include_stop=field(spd, "no_stop_trim", "bool", False),
                                skip_special_tokens=field(spd, "skip_special_tokens", "bool", True)))
+    check_rids(fd, adds)
     gen = fan_in(fd, adds, opts, client_gone(request))
     texts = [""] * len(adds)
     ids_out = [[] for _ in adds]

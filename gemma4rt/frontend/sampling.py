@@ -2,12 +2,14 @@
 422; unknown fields ignored) and the mapping of OpenAI/SGLang sampling fields to SamplingParams."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from gemma4rt.frontend.errors import bad_request, context_error, prompt_too_long
 from gemma4rt.protocol import GrammarSpec, SamplingParams
 
 _MISSING = object()
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
 
@@ -30,6 +32,10 @@ def field(body: dict, name: str, kind: str, default: Any = None, lo=None, hi=Non
         v, ok = int(v), True
     if not ok:
         raise bad_request(f"'{name}' must be of type {kind}, got {type(v).__name__}.", param=name)
+    if kind == "int" and not INT64_MIN <= v <= INT64_MAX:
+        raise bad_request(f"'{name}' is out of range (a 64-bit signed integer), got {v}.", param=name)
+    if kind == "float" and not math.isfinite(v):
+        raise bad_request(f"'{name}' must be a finite number, got {v}.", param=name)
     if lo is not None and v < lo:
         raise bad_request(f"'{name}' must be >= {lo}, got {v}.", param=name)
     if hi is not None and v > hi:
@@ -121,7 +127,7 @@ def build_sampling(body: dict, src: dict, model_info, num_prompt_tokens: int,
         min_new_tokens=min(min_tokens, max_new),
         temperature=field(src, "temperature", "float", float(d.get("temperature", 1.0)), lo=0.0, hi=2.0),
         top_p=_top_p(field(src, "top_p", "float", float(d.get("top_p", 1.0)), lo=0.0, hi=1.0)),
-        top_k=top_k if top_k and top_k > 0 else -1,
+        top_k=top_k if top_k and 0 < top_k < vocab else -1,          # k >= the vocabulary: no cut
         min_p=field(src, "min_p", "float", float(d.get("min_p", 0.0)), lo=0.0, hi=1.0),
         repetition_penalty=field(src, "repetition_penalty", "float", float(d.get("repetition_penalty", 1.0)),
                                  lo=0.01, hi=10.0),
@@ -146,8 +152,8 @@ def _top_p(v: float) -> float:
 
 
 def with_seed(sp: SamplingParams, i: int) -> SamplingParams:
-    """The i-th choice of an n > 1 request: seed + i when a seed is given."""
+    """The i-th choice of an n > 1 request: seed + i when a seed is given (wrapped into 64 bits)."""
     import msgspec
     if sp.seed is None or i == 0:
         return sp
-    return msgspec.structs.replace(sp, seed=sp.seed + i)
+    return msgspec.structs.replace(sp, seed=(sp.seed + i - INT64_MIN) % (1 << 64) + INT64_MIN)

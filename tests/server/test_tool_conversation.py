@@ -63,9 +63,13 @@ def test_sdk_tool_loop():
         s.stop()
 
 
+CONTROL = ("<turn|>", "<|turn>", "<eos>", "<pad>", "<|tool_response>", "<tool_response|>", "<bos>")
+
+
 def test_streamed_equals_whole_across_parsers():
     """Random-model outputs through both parsers, with tools auto/required, stop strings and thinking on
-    or off: the streamed content, reasoning, tool calls and finish reason equal the whole response's."""
+    or off: the streamed content, reasoning, tool calls and finish reason equal the whole response's, and
+    no control token (the closing `<turn|>` and the like) shows in the content or the reasoning."""
     from openai import OpenAI
     s = Server("--context-length", "1024", "--tool-call-parser", "gemma4", "--reasoning-parser", "gemma4",
                timeout=300)
@@ -90,6 +94,7 @@ def test_streamed_equals_whole_across_parsers():
                     e["args"] += t.function.arguments or ""
                 fin = ch.choices[0].finish_reason or fin
             assert (w.message.content or "") == content, seed
+            assert not any(t in content or t in reasoning for t in CONTROL), (seed, content, reasoning)
             assert (getattr(w.message, "reasoning_content", None) or "") == reasoning, seed
             assert [(t.function.name, t.function.arguments) for t in (w.message.tool_calls or [])] == \
                 [(e["name"], e["args"]) for _, e in sorted(calls.items())], seed
