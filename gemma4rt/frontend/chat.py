@@ -17,7 +17,8 @@ from gemma4rt.frontend.media import collect_parts
 from gemma4rt.frontend.parsing import OutputParser
 from gemma4rt.frontend.structured import after_reasoning, request_grammar, tool_choice_constraint
 from gemma4rt.frontend.sampling import (
-    MAX_N, MAX_TOP_LOGPROBS, build_sampling, field, stop_strings, stream_fields, with_seed,
+    CHAT_REFUSED, MAX_N, MAX_TOP_LOGPROBS, build_sampling, client_rid, field, refuse_unimplemented, stop_strings,
+    stream_fields, with_seed,
 )
 from gemma4rt.protocol import AddRequest
 
@@ -103,6 +104,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     fd = st.frontdoor
     body = await read_json(request)
     model = check_model(st, body)
+    refuse_unimplemented(body, CHAT_REFUSED)
     messages = _messages(body)
     parts = collect_parts(messages)
     if parts and st.media is None:
@@ -154,7 +156,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             raise bad_request("'thinking_token_budget' needs a tokenizer with the thought-channel tokens.",
                               param="thinking_token_budget")
         sp = msgspec.structs.replace(sp, thinking_budget=budget, thinking_tokens=list(st.tokenizer.channel_ids))
-    rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("chat")
+    rid = client_rid(body) or fd.new_rid("chat")
     adds = [AddRequest(rid=rid if n == 1 else f"{rid}-{i}", prompt_token_ids=prompt_ids,
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
     # with the parsers on, special tokens reach them as text, but control tokens such as the closing

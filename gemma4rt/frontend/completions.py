@@ -4,13 +4,15 @@ from __future__ import annotations
 from aiohttp import web
 
 from gemma4rt.frontend.common import (
-    SSE, check_capacity, check_model, client_gone, error_status, fan_in, first_then_rest, new_id, now, read_json, usage,
+    SSE, check_capacity, check_model, check_rids, client_gone, error_status, fan_in, first_then_rest, new_id, now,
+    read_json, usage,
 )
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
 from gemma4rt.frontend.structured import request_grammar
 from gemma4rt.frontend.sampling import (
-    MAX_N, build_sampling, check_token_ids, field, stop_strings, stream_fields, with_seed,
+    MAX_N, REFUSED, build_sampling, check_token_ids, client_rid, field, refuse_unimplemented, stop_strings,
+    stream_fields, with_seed,
 )
 from gemma4rt.protocol import AddRequest
 
@@ -54,6 +56,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     fd = st.frontdoor
     body = await read_json(request)
     model = check_model(st, body)
+    refuse_unimplemented(body, REFUSED)
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
     best_of = field(body, "best_of", "int", None, lo=1, hi=MAX_N)
     stream, include_usage, continuous = stream_fields(body)
@@ -76,7 +79,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = await prompts_to_ids(st, body)
     check_capacity(fd, m * len(prompts))
     adds, idx = [], []
-    rid = fd.new_rid("cmpl")
+    rid = client_rid(body) or fd.new_rid("cmpl")
     for pi, ids in enumerate(prompts):
         sp = build_sampling(body, body, st.model_info, len(ids), max_tokens, logprobs=k is not None or ranked,
                             top_logprobs=k or 0, prompt_logprobs=echo and k is not None, grammar=grammar)
@@ -84,6 +87,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             adds.append(AddRequest(rid=f"{rid}-{pi}-{i}", prompt_token_ids=ids, sampling=with_seed(sp, i)))
             idx.append(pi)
     opts = [SeqOptions(stop=stops, include_stop=include_stop, skip_special_tokens=skip_special) for _ in adds]
+    check_rids(fd, adds)
     cid = new_id("cmpl")
     created = now()
     tok = st.tokenizer
@@ -107,7 +111,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 pt = ch.prompt_top_logprobs[j] if ch.prompt_top_logprobs and j < len(ch.prompt_top_logprobs) else None
                 tops.append({tok.piece(a): b for a, b in pt} if pt else None)
                 offs.append(off)
-                off += len(piece)
+                if not (skip_special and t in tok.special_ids):    # the echoed text leaves it out (<bos>)
+                    off += len(piece)
             c.prompt_done = True
         off = start_offset
         for j, t in enumerate(ch.token_ids):

@@ -14,8 +14,19 @@ from gemma4rt.frontend.completions import prompts_to_ids
 from gemma4rt.frontend.errors import APIError, bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
 from gemma4rt.frontend.structured import from_extras
-from gemma4rt.frontend.sampling import build_sampling, field, stop_strings
+from gemma4rt.frontend.sampling import (
+    REFUSED, build_sampling, client_rid, field, refuse_unimplemented, stop_strings,
+)
 from gemma4rt.protocol import AddRequest, SamplingParams
+
+
+GENERATE_REFUSED = {
+    **REFUSED,
+    **{k: (lambda v: v is not None, "send images and audio through /v1/chat/completions")
+       for k in ("image_data", "audio_data", "video_data")},
+    "logprob_start_len": (lambda v: v is not None and v != -1,
+                          "input logprobs are returned by /v1/completions with 'echo' and 'logprobs'"),
+}
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -34,10 +45,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     else:
         raise bad_request("Either 'text' or 'input_ids' is required.", param="text")
     spd = field(body, "sampling_params", "dict", {}) or {}
+    refuse_unimplemented(body, GENERATE_REFUSED)
     stream = field(body, "stream", "bool", False)
     max_new = field(spd, "max_new_tokens", "int", 128, lo=0)
+    if max_new == 0:
+        raise bad_request("'sampling_params.max_new_tokens' 0 (prompt only, for input logprobs) is not implemented "
+                          "on /generate; use /v1/completions with 'echo' and 'logprobs'.", param="max_new_tokens")
     want_lp = field(body, "return_logprob", "bool", False)
     top_n = field(body, "top_logprobs_num", "int", 0, lo=0, hi=20)
+    lp_text = field(body, "return_text_in_logprobs", "bool", False)
     grammar = from_extras(spd)
     for name, why in (("stop_regex", "use 'stop' strings"), ("structural_tag", "use json_schema, regex or ebnf")):
         if spd.get(name) is not None:                # refused rather than ignored, as on the OpenAI routes
@@ -47,10 +63,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
                           "/v1/chat/completions (their 'n'), or send the prompt several times.", param="n")
     check_capacity(fd, len(prompts))
     adds, opts = [], []
-    base_rid = body.get("rid") if isinstance(body.get("rid"), str) else fd.new_rid("gen")
+    base_rid = client_rid(body) or fd.new_rid("gen")
     for pi, ids in enumerate(prompts):
-        sp = build_sampling(body, spd, st.model_info, len(ids), max(max_new, 1), logprobs=want_lp, top_logprobs=top_n,
-                            grammar=grammar)
+        sp = build_sampling(body, spd, st.model_info, len(ids), max_new, logprobs=want_lp,
+                            top_logprobs=top_n if want_lp else 0, grammar=grammar)
         adds.append(AddRequest(rid=base_rid if single else f"{base_rid}-{pi}", prompt_token_ids=ids, sampling=sp))
         opts.append(SeqOptions(stop=stop_strings(spd), include_stop=field(spd, "no_stop_trim", "bool", False),
                                skip_special_tokens=field(spd, "skip_special_tokens", "bool", True)))
@@ -59,14 +75,27 @@ async def generate(request: web.Request) -> web.StreamResponse:
     texts = [""] * len(adds)
     ids_out = [[] for _ in adds]
     lps = [[] for _ in adds]
+    tops = [[] for _ in adds]
+
+    def text_of(t):
+        return st.tokenizer.piece(t) if lp_text else None
 
     def result(i, ch, fin):
         meta = {"id": adds[i].rid, "finish_reason": ({"type": fin, "matched": ch.matched_stop} if fin else None),
                 "prompt_tokens": ch.num_prompt_tokens or len(adds[i].prompt_token_ids),
                 "completion_tokens": ch.num_output_tokens, "cached_tokens": ch.num_cached_tokens}
-        if want_lp:
-            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(lps[i], ids_out[i])]
+        if want_lp:      # SGLang's layout: [logprob, token id, text or None]
+            meta["output_token_logprobs"] = [[lp, t, text_of(t)] for lp, t in zip(lps[i], ids_out[i])]
+            if top_n:
+                meta["output_top_logprobs"] = [[[b, a, text_of(a)] for a, b in (top or [])] for top in tops[i]]
         return {"text": texts[i], "output_ids": ids_out[i], "meta_info": meta}
+
+    def take(i, ch):
+        texts[i] += ch.text
+        ids_out[i] += ch.token_ids
+        lps[i] += ch.logprobs or []
+        if top_n:
+            tops[i] += ch.top_logprobs or [None] * len(ch.token_ids)
 
     if stream:
         chunks = await first_then_rest(fd, gen)          # an early error is a plain HTTP error
@@ -77,9 +106,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 if ch.finish_reason == "error":
                     await sse.send(error_status(fd, ch).body())
                     break
-                texts[i] += ch.text
-                ids_out[i] += ch.token_ids
-                lps[i] += ch.logprobs or []
+                take(i, ch)
                 if not await sse.send(result(i, ch, ch.finish_reason)):
                     break
         finally:
@@ -90,9 +117,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         if ch.finish_reason == "error":
             await gen.aclose()
             raise error_status(fd, ch)
-        texts[i] += ch.text
-        ids_out[i] += ch.token_ids
-        lps[i] += ch.logprobs or []
+        take(i, ch)
         if ch.finish_reason:
             res[i] = result(i, ch, ch.finish_reason)
     return web.json_response(res[0] if single else res)

@@ -90,7 +90,11 @@ class OutputParser:
                                        "function": {"name": e.name, "arguments": ""}})
             elif isinstance(e, ToolCallArgsDelta):
                 self.calls[e.index]["arguments"] += e.text
-                out.tool_calls.append({"index": e.index, "function": {"arguments": e.text}})
+                last = out.tool_calls[-1] if out.tool_calls else None
+                if last is not None and last["index"] == e.index:     # one entry per call and chunk
+                    last["function"]["arguments"] += e.text
+                else:
+                    out.tool_calls.append({"index": e.index, "function": {"arguments": e.text}})
             elif isinstance(e, ToolCallEnd):
                 if e.index in self.calls:
                     self.calls[e.index]["ok"] = e.ok

@@ -43,6 +43,42 @@ def field(body: dict, name: str, kind: str, default: Any = None, lo=None, hi=Non
     return float(v) if kind == "float" else v
 
 
+# Fields of SGLang's or vLLM's request types that this server does not implement: a request that sets one
+# (to anything but its default) is a 400 rather than served as if it had not (unknown fields are ignored).
+_SET = lambda v: v not in (None, False, 0, "", [], {})        # noqa: E731
+REFUSED = {
+    "lora_path": (_SET, "this server loads no LoRA adapters"),
+    "return_hidden_states": (_SET, "hidden states are not returned"),
+    "mm_processor_kwargs": (_SET, "images and audio are processed with the checkpoint's settings"),
+    "priority": (_SET, "requests are served first come, first served (no priority scheduling)"),
+}
+CHAT_REFUSED = {
+    **REFUSED,
+    "input_ids": (lambda v: v is not None, "send 'messages'; the chat template is always applied"),
+    "echo": (_SET, "use /v1/completions with 'echo'"),
+    "chat_template": (_SET, "start the server with --chat-template"),
+    "stream_reasoning": (lambda v: v is False, "the reasoning streams as it is generated"),
+}
+
+
+def refuse_unimplemented(body: dict, table: dict, prefix: str = "") -> None:
+    for name, (is_set, why) in table.items():
+        if name in body and is_set(body[name]):
+            raise bad_request(f"'{prefix}{name}' is not implemented by this server: {why}.", param=name)
+
+
+def client_rid(body: dict) -> Optional[str]:
+    """The request id a client chose: SGLang's "rid" or vLLM's "request_id" (a string), else None."""
+    for name in ("rid", "request_id"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, str) or not v:
+            raise bad_request(f"'{name}' must be a non-empty string.", param=name)
+        return v
+    return None
+
+
 def stream_fields(body: dict) -> tuple[bool, bool, bool]:
     """(stream, stream_options.include_usage, stream_options.continuous_usage_stats)."""
     stream = field(body, "stream", "bool", False)

@@ -30,23 +30,19 @@ class TokenizerManager:
         self.bos_token_id = bos_token_id if bos_token_id is not None else self.tok.bos_token_id
         self.pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="tokenize")
         self.vocab_size = len(self.tok)
-        from gemma4rt.parsers.events import CHANNEL_END, CHANNEL_START
+        from gemma4rt.parsers.events import CHANNEL_END, CHANNEL_START, STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
         ids = [self.tok.convert_tokens_to_ids(t) for t in (CHANNEL_START, CHANNEL_END)]
         # (`<|channel>`, `<channel|>`) ids of the thought channel, None if the tokenizer lacks them
         self.channel_ids = tuple(ids) if all(i is not None and i != self.tok.unk_token_id for i in ids) else None
-        self.control_ids = self._control_ids()
-        self._piece_cache: dict[int, str] = {}
-
-    def _control_ids(self) -> frozenset:
-        """Special tokens that are no text for the user (`<turn|>`, `<eos>`, `<|tool_response>`, ...): with
-        the output parsers on, the detokenizer keeps special tokens for them and drops these. The
-        parsers' own tags (thought channel, tool call, string delimiter) are not among them."""
-        from gemma4rt.parsers.events import CHANNEL_END, CHANNEL_START, STRING_DELIM, TOOL_CALL_END, TOOL_CALL_START
+        # special tokens (those skip_special_tokens leaves out of text), and the ones among them that are no
+        # text for the user even with the output parsers on (`<turn|>`, `<eos>`, `<|tool_response>`, ...):
+        # the parsers' own tags (thought channel, tool call, string delimiter) are not among those
+        special = {i for i, t in getattr(self.tok, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+        special.update(getattr(self.tok, "all_special_ids", []))
+        self.special_ids = frozenset(special)
         keep = {CHANNEL_START, CHANNEL_END, TOOL_CALL_START, TOOL_CALL_END, STRING_DELIM}
-        ids = {i for i, t in getattr(self.tok, "added_tokens_decoder", {}).items()
-               if getattr(t, "special", False) and str(t) not in keep}
-        ids.update(i for i in getattr(self.tok, "all_special_ids", []) if self.tok.convert_ids_to_tokens(i) not in keep)
-        return frozenset(ids)
+        self.control_ids = frozenset(i for i in special if self.tok.convert_ids_to_tokens(i) not in keep)
+        self._piece_cache: dict[int, str] = {}
 
     async def _run(self, fn, *args, big: bool = True):
         if not big:

@@ -92,6 +92,11 @@ def test_completion_logprobs_and_echo(client, server):
     n_prompt = json.loads(body)["usage"]["prompt_tokens"]
     assert len(c["logprobs"]["tokens"]) == n_prompt + 3
     assert c["logprobs"]["token_logprobs"][0] is None and c["logprobs"]["token_logprobs"][1] is not None
+    # offsets index the echoed text: the prompt's <bos> (left out of it) takes no room
+    text, toks, offs = c["text"], c["logprobs"]["tokens"], c["logprobs"]["text_offset"]
+    assert offs == sorted(offs) and offs[-1] < len(text)
+    for t, o in zip(toks, offs):
+        assert t == "<bos>" or text[o:o + len(t)] == t, (t, o, text)
 
 
 def test_n_and_seed(client):

@@ -36,6 +36,25 @@ def test_tool_calls_through_the_seam():
     assert "".join(d["function"].get("arguments", "") for d in deltas) == calls[0]["function"]["arguments"]
 
 
+def test_one_tool_call_entry_per_index_and_chunk():
+    """A chunk that carries a call's name and the start of its arguments holds one entry for that index
+    (vLLM's layout), as does a chunk with several argument pieces; two calls keep two entries."""
+    from gemma4rt.parsers import tool_calls as tc
+    tools = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("f", "g")]
+    text = tc.to_gemma_tool_call("f", {"a": 1, "b": "x y"}) + tc.to_gemma_tool_call("g", {"c": [1, 2]})
+    for step in (len(text), 7, 1):
+        p = OutputParser(False, True, thinking=False, tools=tools)
+        parts = [p.feed(text[i:i + step]) for i in range(0, len(text), step)] + [p.feed("", final=True)]
+        for x in parts:
+            idx = [d["index"] for d in x.tool_calls]
+            assert len(idx) == len(set(idx)), (step, x.tool_calls)
+        calls = p.whole_tool_calls()
+        assert [c["function"]["name"] for c in calls] == ["f", "g"]
+        for i, c in enumerate(calls):
+            args = "".join(d["function"].get("arguments", "") for x in parts for d in x.tool_calls if d["index"] == i)
+            assert args == c["function"]["arguments"]
+
+
 def test_reasoning_token_count():
     """usage.reasoning_tokens counts the thought channel's tokens: `<|channel>` through `<channel|>`."""
     OPEN, CLOSE = 7, 8

@@ -94,6 +94,71 @@ def test_running_request_id_is_not_reused(server):
     assert st == 200
 
 
+@pytest.mark.parametrize("path,body,param", [
+    (CHAT, {"messages": MSGS, "lora_path": "a"}, "lora_path"),
+    (CHAT, {"messages": MSGS, "return_hidden_states": True}, "return_hidden_states"),
+    (CHAT, {"messages": MSGS, "priority": 1}, "priority"),
+    (CHAT, {"messages": MSGS, "chat_template": "{{ messages }}"}, "chat_template"),
+    (CHAT, {"messages": MSGS, "echo": True}, "echo"),
+    (CHAT, {"messages": MSGS, "stream_reasoning": False}, "stream_reasoning"),
+    (CHAT, {"messages": MSGS, "input_ids": [1, 2]}, "input_ids"),
+    (CHAT, {"messages": MSGS, "mm_processor_kwargs": {"do_resize": False}}, "mm_processor_kwargs"),
+    (CHAT, {"messages": MSGS, "rid": 5}, "rid"),
+    ("/v1/completions", {"prompt": "x", "lora_path": "a"}, "lora_path"),
+    ("/v1/completions", {"prompt": "x", "priority": -2}, "priority"),
+    ("/generate", {"text": "x", "image_data": "http://x/a.png"}, "image_data"),
+    ("/generate", {"text": "x", "audio_data": ["a.wav"]}, "audio_data"),
+    ("/generate", {"text": "x", "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+    ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 0}}, "max_new_tokens"),
+    ("/generate", {"text": "x", "return_hidden_states": True}, "return_hidden_states"),
+])
+def test_unimplemented_extras_are_400_not_ignored(server, path, body, param):
+    """SGLang / vLLM request fields this server does not implement are refused when set, not served as if
+    absent; their defaults (and fields no one defines) pass."""
+    st, raw, _ = server.post(path, body)
+    assert st == 400, raw
+    assert _err(raw)["param"] == param and "not implemented" in _err(raw)["message"] or param == "rid"
+    defaults = {"lora_path": None, "priority": 0, "stream_reasoning": True, "echo": False,
+                "logprob_start_len": -1, "return_hidden_states": False, "some_new_field": 1}
+    st, raw, _ = server.post(CHAT, dict(defaults, messages=MSGS, max_tokens=2))
+    assert st == 200, raw
+
+
+def test_generate_top_logprobs(server):
+    for text_too in (False, True):
+        st, raw, _ = server.post("/generate", {"text": "hello", "return_logprob": True, "top_logprobs_num": 3,
+                                               "return_text_in_logprobs": text_too,
+                                               "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+        assert st == 200, raw
+        meta = json.loads(raw)["meta_info"]
+        toks, tops = meta["output_token_logprobs"], meta["output_top_logprobs"]
+        assert len(toks) == len(tops) == meta["completion_tokens"] == 4
+        for (lp, tid, txt), top in zip(toks, tops):
+            assert len(top) == 3 and all(len(e) == 3 for e in top)
+            assert top[0][0] >= top[1][0] >= top[2][0] and lp <= top[0][0] + 1e-6
+            assert isinstance(txt, str) if text_too else txt is None
+            assert all(isinstance(e[2], str) if text_too else e[2] is None for e in top)
+
+
+def test_vllm_request_id_is_the_rid(server):
+    """vLLM's request_id names the request as SGLang's rid does: /abort_request finds it."""
+    import threading
+    res = {}
+
+    def run():
+        res["r"] = server.post("/v1/completions", {"prompt": "go", "request_id": "vllm-id-1", "max_tokens": 60000,
+                                                   "ignore_eos": True})
+    t = threading.Thread(target=run)
+    t.start()
+    t_end = time.time() + 5
+    while server.load().get("num_running", 0) == 0 and time.time() < t_end:
+        time.sleep(0.02)
+    st, raw, _ = server.post("/abort_request", {"rid": "vllm-id-1-0-0"})
+    assert st == 200
+    t.join(10)
+    assert json.loads(res["r"][1])["choices"][0]["finish_reason"] == "abort"
+
+
 def test_media_part_message(server):
     st, raw, _ = server.post(CHAT, {"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]})
