@@ -74,6 +74,19 @@ def _reasoning_knobs(body: dict, kwargs: dict) -> None:
     kwargs.setdefault("enable_thinking", effort.lower() != "none")
 
 
+def text_mode(skip_special: bool, parsers_on: bool, unparsed_tools: bool, unseparated_reasoning: bool,
+              control_ids: frozenset) -> tuple[bool, frozenset]:
+    """(skip_special_tokens, ids to drop) for the detokenizer. The output parsers read special tokens as
+    text (the thought channel and tool-call tags); so does the client where the request asked for tags
+    that no parser takes out (tools without --tool-call-parser, separate_reasoning false): the tags stay in
+    the content, in Gemma's format, rather than being stripped around their contents. Either way control
+    tokens such as the closing `<turn|>` are dropped, unless the request keeps special tokens."""
+    tags = parsers_on or unparsed_tools or unseparated_reasoning
+    if not skip_special:
+        return False, frozenset()
+    return (False, control_ids) if tags else (True, frozenset())
+
+
 def _tool_calls(calls, i: int) -> list:
     """An assistant message's tool_calls with JSON-string arguments parsed to objects: chat templates
     render a dict as Gemma's call syntax but would paste a string verbatim."""
@@ -136,7 +149,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     skip_special = field(body, "skip_special_tokens", "bool", True)
     # a forced call (tool_choice required / named) is always parsed: its format is known
     tool_parse = bool(tools) and (st.parsers["tool"] or tool_grammar is not None)
-    # separate_reasoning (SGLang) false: the thought stays in content, tags and all
+    # separate_reasoning (SGLang) false: the thought stays in content, tags and all (text_mode)
     reasoning_parse = st.parsers["reasoning"] and field(body, "separate_reasoning", "bool", True)
     include_reasoning = field(body, "include_reasoning", "bool", True)      # vLLM: false drops it
     parsers_on = reasoning_parse or tool_parse
@@ -159,11 +172,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid = client_rid(body) or fd.new_rid("chat")
     adds = [AddRequest(rid=rid if n == 1 else f"{rid}-{i}", prompt_token_ids=prompt_ids,
                        sampling=with_seed(sp, i), mm_items=mm_items) for i in range(n)]
-    # with the parsers on, special tokens reach them as text, but control tokens such as the closing
-    # `<turn|>` are dropped from it (unless skip_special_tokens is false)
-    drop = st.tokenizer.control_ids if parsers_on and skip_special else frozenset()
-    opts = [SeqOptions(stop=stops, include_stop=include_stop, skip_special_tokens=skip_special and not parsers_on,
-                       drop_ids=drop) for _ in range(n)]
+    skip, drop = text_mode(skip_special, parsers_on, bool(tools) and not tool_parse,
+                           st.parsers["reasoning"] and not reasoning_parse, st.tokenizer.control_ids)
+    opts = [SeqOptions(stop=stops, include_stop=include_stop, skip_special_tokens=skip, drop_ids=drop)
+            for _ in range(n)]
     parsers = [OutputParser(reasoning_parse, tool_parse, thinking, tools, include_reasoning, st.tokenizer.channel_ids)
                for _ in range(n)]
     check_rids(fd, adds)

@@ -68,3 +68,15 @@ def test_reasoning_token_count():
     u = OutputParser(True, False, thinking=True, tools=None, channel_ids=(OPEN, CLOSE))
     u.count([OPEN] + [1] * 9)                 # cut off inside the thought: all of it
     assert u.reasoning_tokens == 10
+
+
+def test_text_mode():
+    """Which special tokens reach the text: all for a request that keeps them; the tags but not the control
+    tokens where a parser reads them or the client asked for them unparsed; none otherwise."""
+    from gemma4rt.frontend.chat import text_mode
+    ctl = frozenset({1, 106})
+    assert text_mode(True, False, False, False, ctl) == (True, frozenset())          # plain text
+    assert text_mode(True, True, False, False, ctl) == (False, ctl)                  # parsers on
+    assert text_mode(True, False, True, False, ctl) == (False, ctl)                  # tools, no tool parser
+    assert text_mode(True, False, False, True, ctl) == (False, ctl)                  # separate_reasoning false
+    assert text_mode(False, True, False, False, ctl) == (False, frozenset())         # skip_special_tokens false
