@@ -13,7 +13,7 @@ from gemma4rt.frontend.common import (
 )
 from gemma4rt.frontend.errors import bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
-from gemma4rt.frontend.media import collect_parts
+from gemma4rt.frontend.media import MEDIA_PARTS, collect_parts
 from gemma4rt.frontend.parsing import OutputParser
 from gemma4rt.frontend.structured import after_reasoning, request_grammar, tool_choice_constraint
 from gemma4rt.frontend.sampling import (
@@ -38,16 +38,28 @@ def _messages(body: dict) -> list:
             raise bad_request(f"'messages[{i}].role' must be one of {sorted(ROLES)}.", param="messages")
         c = m.get("content")
         if isinstance(c, list):
-            for p in c:
+            parts = []
+            for j, p in enumerate(c):
                 if not isinstance(p, dict) or not isinstance(p.get("type"), str):
                     raise bad_request(f"'messages[{i}].content' parts must be objects with a 'type'.",
                                       param="messages")
-                if p["type"] == "text" and not isinstance(p.get("text"), str):
-                    raise bad_request(f"'messages[{i}].content' text parts need a string 'text'.",
+                if p["type"] in ("text", "input_text"):          # input_text: the Responses API's name
+                    if not isinstance(p.get("text"), str):
+                        raise bad_request(f"'messages[{i}].content' text parts need a string 'text'.",
+                                          param="messages")
+                    p = {**p, "type": "text"}
+                elif p["type"] not in MEDIA_PARTS:
+                    raise bad_request(f"'messages[{i}].content[{j}].type' {p['type']!r} is not a content part "
+                                      f"this server reads (text, image_url, input_audio, audio_url, video_url).",
                                       param="messages")
+                parts.append(p)
+            c = parts
         elif c is not None and not isinstance(c, str):
             raise bad_request(f"'messages[{i}].content' must be a string or a list of parts.", param="messages")
-        m = dict(m)
+        if c is None and not (role.lower() in ("assistant", "model") and m.get("tool_calls")):
+            raise bad_request(f"'messages[{i}].content' is required (an assistant message may have tool_calls "
+                              f"instead).", param="messages")
+        m = dict(m, content=c)
         m["role"] = role.lower()
         if m.get("tool_calls") is not None:
             m["tool_calls"] = _tool_calls(m["tool_calls"], i)

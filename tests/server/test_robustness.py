@@ -35,6 +35,9 @@ MSGS = [{"role": "user", "content": "hi"}]
     ({"messages": MSGS, "stop": 5}, "stop"),
     ({"messages": MSGS, "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"messages": MSGS, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"messages": [{"role": "user"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "foo", "foo": 1}]}]}, "messages"),
     ({"messages": MSGS, "seed": 1 << 63}, "seed"),                 # beyond 64-bit ints: no worker overflow
     ({"messages": MSGS, "seed": 1 << 70}, "seed"),
     ({"messages": MSGS, "top_k": 1 << 64}, "top_k"),
@@ -48,6 +51,14 @@ def test_invalid_fields_are_400(server, body, param):
     assert st == 400, raw
     assert _err(raw)["param"] == param
     _ok_after(server)
+
+
+def test_input_text_parts_are_text(server):
+    st, raw, _ = server.post(CHAT, {"messages": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                                    "max_tokens": 2})
+    assert st == 200, raw
+    st2, raw2, _ = server.post(CHAT, {"messages": MSGS, "max_tokens": 2})
+    assert json.loads(raw)["usage"]["prompt_tokens"] == json.loads(raw2)["usage"]["prompt_tokens"]
 
 
 def test_large_but_valid_numbers(server):
