@@ -81,6 +81,8 @@ FLAGS = [
     (["--default-chat-template-kwargs"], "server", "default_chat_template_kwargs", "json",
      'chat template arguments for every request (a request\'s own win), e.g. \'{"enable_thinking": true}\''),
     (["--max-request-bytes"], "server", "max_request_bytes", int, "largest accepted request body"),
+    (["--enable-force-include-usage"], "server", "force_include_usage", "flag",
+     "a usage chunk ends every stream, as if stream_options.include_usage were set"),
     (["--limit-mm-per-prompt"], "server", "limit_mm_per_prompt", "json",
      'most media items per request, JSON, e.g. \'{"image": 4, "audio": 1, "video": 1}\''),
     (["--mm-processor-kwargs"], "server", "mm_processor_kwargs", "json",

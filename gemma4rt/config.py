@@ -123,6 +123,7 @@ class ServerConfig:
     chat_template: Optional[str] = None         # path overriding the checkpoint's template
     default_chat_template_kwargs: dict = field(default_factory=dict)
     max_request_bytes: int = 64 * 1024 * 1024
+    force_include_usage: bool = False           # vLLM's --enable-force-include-usage: usage in every stream
     limit_mm_per_prompt: dict = field(default_factory=lambda: {"image": 16, "audio": 4, "video": 2})
     allow_private_media_urls: bool = False
     mm_processor_kwargs: dict = field(default_factory=dict)     # {"max_soft_tokens": 280}

@@ -84,6 +84,7 @@ async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
                      parsers=parsers_available(srv.reasoning_parser, srv.tool_call_parser),
                      media=MediaInput.for_server(mi, eng_cfg, srv, tok.tok),
                      chat_template_kwargs=dict(srv.default_chat_template_kwargs),
+                     force_include_usage=srv.force_include_usage,
                      server_args=server_args(eng_cfg, srv))
     app = build_app(state, srv.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)

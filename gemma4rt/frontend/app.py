@@ -27,6 +27,7 @@ class AppState:
     parsers: dict = field(default_factory=lambda: {"reasoning": False, "tool": False})
     media: object = None                   # frontend.media.MediaInput; None: a text-only model
     chat_template_kwargs: dict = field(default_factory=dict)   # --default-chat-template-kwargs
+    force_include_usage: bool = False      # --enable-force-include-usage
     server_args: dict = field(default_factory=dict)   # the engine and server settings (/get_server_info)
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -136,7 +136,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request(f"{parts[0].where}: this model takes text only ({parts[0].modality} input is not "
                           f"supported).", param="messages")
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
-    stream, include_usage, continuous = stream_fields(body)
+    stream, include_usage, continuous = stream_fields(body, st.force_include_usage)
     want_lp = field(body, "logprobs", "bool", False)
     top_lp = field(body, "top_logprobs", "int", 0, lo=0, hi=MAX_TOP_LOGPROBS)
     if top_lp and not want_lp:

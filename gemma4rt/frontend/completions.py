@@ -59,7 +59,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     refuse_unimplemented(body, REFUSED)
     n = field(body, "n", "int", 1, lo=1, hi=MAX_N)
     best_of = field(body, "best_of", "int", None, lo=1, hi=MAX_N)
-    stream, include_usage, continuous = stream_fields(body)
+    stream, include_usage, continuous = stream_fields(body, st.force_include_usage)
     if best_of is not None and best_of < n:
         raise bad_request(f"'best_of' ({best_of}) must be at least 'n' ({n}).", param="best_of")
     if best_of is not None and best_of > n and stream:

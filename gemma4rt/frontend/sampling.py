@@ -49,7 +49,8 @@ _SET = lambda v: v not in (None, False, 0, "", [], {})        # noqa: E731
 REFUSED = {
     "lora_path": (_SET, "this server loads no LoRA adapters"),
     "return_hidden_states": (_SET, "hidden states are not returned"),
-    "mm_processor_kwargs": (_SET, "images and audio are processed with the checkpoint's settings"),
+    "mm_processor_kwargs": (_SET, "images and audio are processed with the server's settings "
+                                  "(--mm-processor-kwargs at start-up)"),
     "priority": (_SET, "requests are served first come, first served (no priority scheduling)"),
 }
 CHAT_REFUSED = {
@@ -79,13 +80,14 @@ def client_rid(body: dict) -> Optional[str]:
     return None
 
 
-def stream_fields(body: dict) -> tuple[bool, bool, bool]:
-    """(stream, stream_options.include_usage, stream_options.continuous_usage_stats)."""
+def stream_fields(body: dict, force_usage: bool = False) -> tuple[bool, bool, bool]:
+    """(stream, stream_options.include_usage, stream_options.continuous_usage_stats); force_usage
+    (--enable-force-include-usage) sets include_usage for every stream."""
     stream = field(body, "stream", "bool", False)
     so = field(body, "stream_options", "dict", None)
     if so is not None and not stream:
         raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-    return stream, bool(so and so.get("include_usage")), bool(so and so.get("continuous_usage_stats"))
+    return stream, bool(so and so.get("include_usage")) or force_usage, bool(so and so.get("continuous_usage_stats"))
 
 
 def stop_strings(body: dict, name: str = "stop") -> list[str]:

@@ -101,3 +101,21 @@ def test_every_flag_is_documented_in_the_readme():
     missing = [f for flags, *_ in FLAGS for f in flags if f"`{f}`" not in readme]
     assert "`--speculative-config`" in readme
     assert not missing, missing
+
+
+def test_force_include_usage_server():
+    """--enable-force-include-usage: a stream without stream_options still ends with the usage chunk."""
+    import json
+
+    from .conftest import NOOP, Server
+    s = Server(*NOOP, "--enable-force-include-usage")
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            st, raw, _ = s.post(path, dict(body, max_tokens=3, stream=True))
+            assert st == 200
+            chunks = [json.loads(line[6:]) for line in raw.decode().splitlines()
+                      if line.startswith("data: {")]
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3, chunks[-1]
+    finally:
+        s.stop()
