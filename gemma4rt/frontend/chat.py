@@ -196,7 +196,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = fan_in(fd, adds, opts, client_gone(request))
     if stream:
         return await _stream(request, st, gen, parsers, cid, created, model, n, (include_usage, continuous),
-                             want_lp)
+                             want_lp, len(prompt_ids))
     return await _whole(st, gen, parsers, cid, created, model, n, want_lp)
 
 
@@ -246,9 +246,9 @@ def _reasoning_tokens(parsers) -> Optional[int]:
     return sum(p.reasoning_tokens for p in parsers) if parsers[0].r is not None else None
 
 
-async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts, want_lp):
+async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts, want_lp, num_prompt=0):
     """usage_opts: (include_usage: a final usage chunk, continuous_usage_stats: running usage in every
-    chunk)."""
+    chunk, from the role chunk on, which counts the prompt's num_prompt tokens)."""
     include_usage, continuous = usage_opts
     fd = st.frontdoor
     chunks = await first_then_rest(fd, gen)
@@ -264,7 +264,7 @@ async def _stream(request, st, gen, parsers, cid, created, model, n, usage_opts,
             return dict(base, choices=[c], usage=usage(n_prompt, sum(n_out), n_cached))
         return dict(base, choices=[c])
 
-    n_prompt = n_cached = 0
+    n_prompt, n_cached = num_prompt, 0
     n_out = [0] * n
     for i in range(n):
         await sse.send(chunk(i, {"role": "assistant", "content": ""}))

@@ -170,6 +170,8 @@ def test_continuous_usage_and_reasoning_knobs(server, client):
         stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}))
     counts = [c.usage.completion_tokens for c in chunks if c.choices]
     assert counts == sorted(counts) and counts[-1] == 6 and all(c.usage is not None for c in chunks)
+    n_prompt = chunks[-1].usage.prompt_tokens
+    assert n_prompt > 0 and all(c.usage.prompt_tokens == n_prompt for c in chunks)     # the role chunk's too
     raw = server.post("/v1/completions", {"model": "gemma4rt-noop", "prompt": "x", "max_tokens": 4, "stream": True,
                                           "stream_options": {"continuous_usage_stats": True}})[1].decode()
     ev = [json.loads(x[6:]) for x in raw.split("\n\n") if x.startswith("data: {")]
