@@ -193,7 +193,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_rids(fd, adds)
     cid = new_id("chatcmpl")
     created = now()
-    gen = fan_in(fd, adds, opts, client_gone(request))
+    gen = fan_in(fd, adds, opts, client_gone(request), rid)
     if stream:
         return await _stream(request, st, gen, parsers, cid, created, model, n, (include_usage, continuous),
                              want_lp, len(prompt_ids))

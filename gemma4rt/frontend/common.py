@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 import uuid
@@ -17,6 +18,7 @@ from gemma4rt.frontend.frontdoor import SeqChunk, SeqOptions
 from gemma4rt.protocol import AddRequest
 
 _encode = msgspec.json.encode
+_SURROGATE = re.compile(rb"\\[uU][dD][89a-fA-F]|\xed[\xa0-\xbf]")   # \ud800-\udfff, or its UTF-8 form
 GONE_CHECK_S = 0.5            # how often a long wait checks whether the client is still there
 
 
@@ -29,8 +31,16 @@ async def read_json(request: web.Request) -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise bad_request(f"The request body is not valid JSON: {e}")
+    except RecursionError:
+        raise bad_request("The request body nests JSON arrays or objects too deeply.")
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    if _SURROGATE.search(raw):        # an escaped or encoded UTF-16 surrogate: all must be in pairs
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("The request body holds an unpaired UTF-16 surrogate (e.g. '\\ud800'): "
+                              "text must be valid Unicode.")
     return body
 
 
@@ -68,16 +78,23 @@ def check_capacity(fd, n: int) -> None:
         raise APIError(429, "Too many requests are waiting; retry later.", headers={"Retry-After": "1"})
 
 
-async def fan_in(fd, adds: list[AddRequest], opts: list[SeqOptions],
-                 is_gone: Callable[[], bool]) -> AsyncIterator[tuple[int, SeqChunk]]:
+async def fan_in(fd, adds: list[AddRequest], opts: list[SeqOptions], is_gone: Callable[[], bool],
+                 group: Optional[str] = None) -> AsyncIterator[tuple[int, SeqChunk]]:
     """Run several sequences together and yield (index, chunk) as they come. Leaving early (client
-    gone, error, cancellation) aborts every unfinished sequence."""
+    gone, error, cancellation) aborts every unfinished sequence. group: the request's id when its
+    sequences have ids of their own (n > 1, several prompts), under which /abort_request finds them."""
     q: asyncio.Queue = asyncio.Queue()
+    members = tuple(a.rid for a in adds)
+    if group is not None and members != (group,):
+        fd.groups[group] = members
 
     async def one(i: int, add: AddRequest, o: SeqOptions):
         try:
             async for ch in fd.generate(add, o):
                 q.put_nowait((i, ch))
+        except APIError as e:            # e.g. a request id taken between check_rids() and the submit
+            q.put_nowait((i, SeqChunk(text="", token_ids=[], finish_reason="error", error=e.message,
+                                      client_error=e)))
         except Exception as e:           # pragma: no cover (defensive)
             q.put_nowait((i, SeqChunk(text="", token_ids=[], finish_reason="error", error=str(e))))
 
@@ -104,6 +121,8 @@ async def fan_in(fd, adds: list[AddRequest], opts: list[SeqOptions],
         for t in tasks:
             if not t.done():
                 t.cancel()
+        if group is not None and fd.groups.get(group) == members:
+            del fd.groups[group]
 
 
 async def first_then_rest(fd, gen):
@@ -143,6 +162,8 @@ def client_gone(request: web.Request) -> Callable[[], bool]:
 
 def error_status(fd, ch: SeqChunk) -> APIError:
     """A sequence that ended with an error, as the HTTP error to answer."""
+    if ch.client_error is not None:
+        return ch.client_error
     if fd.engine_dead is not None:
         return APIError(503, ch.error or "The engine stopped.")
     if ch.num_output_tokens == 0 and ch.error and ("context length" in ch.error or "KV cache" in ch.error

@@ -91,7 +91,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     cid = new_id("cmpl")
     created = now()
     tok = st.tokenizer
-    gen = fan_in(fd, adds, opts, client_gone(request))
+    gen = fan_in(fd, adds, opts, client_gone(request), rid)
     choices = [_Choice() for _ in adds]
     prompt_texts = {}
     if echo:

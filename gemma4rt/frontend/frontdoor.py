@@ -38,6 +38,7 @@ class SeqChunk:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    client_error: object = None       # an APIError (4xx) raised for this sequence before it started
 
 
 @dataclass
@@ -57,6 +58,7 @@ class FrontDoor(Actor):
         self.sched_cfg = sched_cfg
         self.metrics = metrics
         self.queues: dict[str, asyncio.Queue] = {}
+        self.groups: dict[str, tuple[str, ...]] = {}     # a request's id -> its sequences' ids (fan_in)
         self.stats: Optional[SchedulerStats] = None
         self.engine_dead: Optional[str] = None
         self.shutting_down = False

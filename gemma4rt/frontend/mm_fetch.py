@@ -291,6 +291,10 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int = AUDIO_SAMPLE_RATE) -> 
     return y.astype(np.float32)
 
 
+MIN_AUDIO_RATE, MAX_AUDIO_RATE = 1000, 384_000      # Hz
+MAX_AUDIO_SECONDS = 30                              # the model's limit per clip (mm_preprocess.MAX_AUDIO_SAMPLES)
+
+
 def decode_audio(data: bytes, fmt: Optional[str] = None, part_index: Optional[int] = None) -> np.ndarray:
     """WAV (stdlib) or, with soundfile installed, mp3/flac/ogg → 16 kHz mono float32 [S]."""
     is_wav = data[:4] == b"RIFF" and data[8:12] == b"WAVE"
@@ -310,8 +314,14 @@ def decode_audio(data: bytes, fmt: Optional[str] = None, part_index: Optional[in
         raise
     except Exception as exc:
         raise MediaError(f"cannot decode audio ({type(exc).__name__}: {exc})", part_index) from None
+    rate = int(rate)
+    if not MIN_AUDIO_RATE <= rate <= MAX_AUDIO_RATE:
+        raise MediaError(f"audio sample rate {rate} Hz is outside {MIN_AUDIO_RATE}..{MAX_AUDIO_RATE} Hz", part_index)
+    if len(x) > MAX_AUDIO_SECONDS * rate:     # before resampling: 20 kB at 1 Hz would become 3.2e8 samples
+        raise MediaError(f"the audio clip lasts {len(x) / rate:.1f} s; this model takes at most "
+                         f"{MAX_AUDIO_SECONDS} s per clip (split it into several clips)", part_index)
     mono = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
-    return resample(mono, int(rate))
+    return resample(mono, rate)
 
 
 def _digest(data: bytes) -> str:

@@ -71,7 +71,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         opts.append(SeqOptions(stop=stop_strings(spd), include_stop=field(spd, "no_stop_trim", "bool", False),
                                skip_special_tokens=field(spd, "skip_special_tokens", "bool", True)))
     check_rids(fd, adds)
-    gen = fan_in(fd, adds, opts, client_gone(request))
+    gen = fan_in(fd, adds, opts, client_gone(request), base_rid)
     texts = [""] * len(adds)
     ids_out = [[] for _ in adds]
     lps = [[] for _ in adds]
@@ -159,7 +159,9 @@ async def abort_request(request: web.Request) -> web.Response:
     if not isinstance(rid, str):
         raise bad_request("'rid' (a string) or 'abort_all' is required.", param="rid")
     fd = st.frontdoor
-    hit = [r for r in list(fd.queues) if r == rid or r.startswith(rid + "-")]
+    # the request of that id, or its sequences (n > 1, several prompts); never other requests whose ids
+    # merely start with it
+    hit = [rid] if rid in fd.queues else [r for r in fd.groups.get(rid, ()) if r in fd.queues]
     for r in hit:
         fd.abort_external(r)
     return web.json_response({"aborted": len(hit)})

@@ -138,18 +138,20 @@ def _object_rules(prefix: str, schema: dict, rules: list[str]) -> str:
         key = _lit(k) if _simple_key(k) else _lit('<|"|>' + k + '<|"|>')
         members.append(f"{key} \":\" {_value_rule(f'{prefix}_p{j}', props[k], rules)}")
     n = len(keys)
-    # r_i: what may follow once members before index i were decided (and >= 1 was written)
-    for first in (True, False):
-        for i in range(n + 1):
-            alts = []
-            for j in range(i, n):
-                alts.append(("" if first else '"," ') + f"{members[j]} {prefix}_r{j + 1}")
-                if keys[j] in req:
-                    break                   # a required key cannot be skipped
-            if not any(k in req for k in keys[i:]):
-                alts.append('""')
-            name = f"{prefix}_{'f' if first else 'r'}{i}"
-            rules.append(f"{name} ::= " + (" | ".join(f"({a})" for a in alts) if alts else '""'))
+    # f_i: the members from index i on when none was written yet; r_i: the same after >= 1 was written
+    # (each then starts with a comma). Member i is written or, unless required, skipped: a chain of rules
+    # linear in the number of properties (listing every later member in each rule made a schema of 2000
+    # optional properties a grammar of millions of alternatives).
+    for i in range(n + 1):
+        for kind, comma in (("f", ""), ("r", '"," ')):
+            if i == n:
+                body = '""'
+            else:
+                alts = [f"{comma}{members[i]} {prefix}_r{i + 1}"]
+                if keys[i] not in req:
+                    alts.append(f"{prefix}_{kind}{i + 1}")
+                body = " | ".join(f"({a})" for a in alts)
+            rules.append(f"{prefix}_{kind}{i} ::= {body}")
     rules.append(f'{prefix} ::= "{{" {prefix}_f0 "}}"')
     return prefix
 

@@ -171,6 +171,16 @@ def test_input_audio_wav_resampled_and_downmixed():
         assert abs(np.abs(x[1000:7000]).max() - 0.5) < 0.02               # channels averaged, not summed
 
 
+def test_audio_length_and_rate_checked_before_resampling():
+    """A 20 kB WAV at 1 Hz would resample to 3.2e8 samples (fuzzing found the server at 9 GB): the rate
+    and the clip's length are refused first."""
+    with pytest.raises(MediaError, match="sample rate"):
+        decode_audio(_wav(np.zeros((20000, 1)), 1), part_index=0)
+    with pytest.raises(MediaError, match="lasts 31.0 s"):
+        decode_audio(_wav(np.zeros((31 * 8000, 1)), 8000), part_index=0)
+    assert decode_audio(_wav(np.zeros((29 * 8000, 1)), 8000)).shape == (29 * 16000,)
+
+
 def test_mp3_without_a_decoder_is_a_clear_error(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "soundfile", None)      # as on a machine without soundfile

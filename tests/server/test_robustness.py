@@ -164,10 +164,65 @@ def test_vllm_request_id_is_the_rid(server):
     t_end = time.time() + 5
     while server.load().get("num_running", 0) == 0 and time.time() < t_end:
         time.sleep(0.02)
-    st, raw, _ = server.post("/abort_request", {"rid": "vllm-id-1-0-0"})
-    assert st == 200
+    st, raw, _ = server.post("/abort_request", {"rid": "vllm-id-1"})     # the request's one sequence
+    assert st == 200 and json.loads(raw)["aborted"] == 1
     t.join(10)
     assert json.loads(res["r"][1])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_body_nesting_and_unpaired_surrogates_are_400(server):
+    """Found by fuzzing: 5000 nested arrays (RecursionError) and lone UTF-16 surrogates (in content, a
+    prompt, a rid or the model name: encoding errors deep in the tokenizer or the engine link) were 500s
+    or a cut stream."""
+    deep = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    st, raw, _ = server.request("POST", CHAT, raw=deep, headers={"Content-Type": "application/json"})
+    assert st == 400 and "deeply" in _err(raw)["message"]
+    for path, body in ((CHAT, '{"messages": [{"role": "user", "content": "a\\ud800b"}]}'),
+                       ("/v1/completions", '{"prompt": "\\udfff"}'),
+                       (CHAT, '{"messages": [{"role": "user", "content": "hi"}], "rid": "\\uD800"}'),
+                       (CHAT, '{"model": "\\ud800", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'),
+                       ("/generate", b'{"text": "\xed\xa0\x80"}')):
+        data = body if isinstance(body, bytes) else body.encode()
+        st, raw, _ = server.request("POST", path, raw=data, headers={"Content-Type": "application/json"})
+        assert st == 400 and "surrogate" in _err(raw)["message"], (path, body, raw)
+    st, raw, _ = server.request("POST", CHAT, raw=b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}],'
+                                b' "max_tokens": 2}', headers={"Content-Type": "application/json"})
+    assert st == 200, raw                                                    # a pair is an emoji
+    _ok_after(server)
+
+
+def test_same_rid_at_once_is_400_never_500(server):
+    """32 requests with one rid at the same time: one runs, the others are 400s (some lost the race after
+    the check, inside the front door; they were 500s)."""
+    from concurrent.futures import ThreadPoolExecutor
+    body = {"messages": MSGS, "rid": "same-rid", "max_tokens": 20}
+    with ThreadPoolExecutor(32) as ex:
+        codes = list(ex.map(lambda _: server.post(CHAT, body)[0], range(32)))
+    assert set(codes) <= {200, 400} and 200 in codes and 400 in codes, codes
+    _ok_after(server)
+
+
+def test_abort_matches_a_request_or_its_sequences_not_a_prefix(server):
+    import threading
+    res = {}
+
+    def run(name, body):
+        res[name] = server.post(CHAT, dict(body, messages=MSGS, max_tokens=60000, ignore_eos=True))
+    ts = [threading.Thread(target=run, args=("solo", {"rid": "grp-7"})),
+          threading.Thread(target=run, args=("pair", {"rid": "grp", "n": 2, "temperature": 1.0}))]
+    for t in ts:
+        t.start()
+    t_end = time.time() + 5
+    while server.load().get("num_running", 0) < 3 and time.time() < t_end:
+        time.sleep(0.02)
+    st, raw, _ = server.post("/abort_request", {"rid": "grp"})        # the pair's 2 sequences, not "grp-7"
+    assert st == 200 and json.loads(raw)["aborted"] == 2
+    ts[1].join(10)
+    assert [c["finish_reason"] for c in json.loads(res["pair"][1])["choices"]] == ["abort", "abort"]
+    assert ts[0].is_alive()
+    assert json.loads(server.post("/abort_request", {"rid": "grp-7"})[1])["aborted"] == 1
+    ts[0].join(10)
+    assert json.loads(res["solo"][1])["choices"][0]["finish_reason"] == "abort"
 
 
 def test_media_part_message(server):
