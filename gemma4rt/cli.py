@@ -36,7 +36,8 @@ FLAGS = [
     (["--cuda-graph-max-bs"], "engine", "cuda_graph_max_bs", int, "largest batch captured in a CUDA graph"),
     (["--cuda-graph-max-tokens"], "engine", "cuda_graph_max_tokens", int,
      "also capture CUDA graphs for steps that carry prompt tokens (mixed prefill + decode), up to this many "
-     "tokens a step, padded to 128-token buckets (default 1024; 0: off)"),
+     "tokens a step, padded to buckets of 128 tokens up to 1024, 256 up to 4096, 512 beyond (default 1024; "
+     "0: off)"),
     (["--page-size", "--block-size"], "cache", "page_size", int, "tokens per KV page"),
     (["--mem-fraction-static", "--gpu-memory-utilization"], "cache", "mem_fraction_static", float,
      "fraction of GPU memory for weights + KV"),
