@@ -35,7 +35,9 @@ async def read_json(request: web.Request) -> dict:
         raise bad_request("The request body nests JSON arrays or objects too deeply.")
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
-    if _SURROGATE.search(raw):        # an escaped or encoded UTF-16 surrogate: all must be in pairs
+    # an escaped or encoded UTF-16 surrogate must be one of a pair (find() first: a large body of base64
+    # media holds neither a backslash-u nor the byte 0xED, and the regex would scan it all)
+    if (b"\\u" in raw or b"\xed" in raw) and _SURROGATE.search(raw):
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -67,8 +69,7 @@ def check_rids(fd, adds) -> None:
     """A client-chosen request id ("rid") that a running request holds is a 400 (it would take over that
     request's output queue)."""
     for a in adds:
-        if a.rid in fd.queues:
-            raise bad_request(f"The request id {a.rid!r} belongs to a request still running.", param="rid")
+        fd.check_rid_free(a.rid)
 
 
 def check_capacity(fd, n: int) -> None:

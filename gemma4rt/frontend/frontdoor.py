@@ -100,9 +100,13 @@ class FrontDoor(Actor):
         self._n += 1
         return f"{prefix}-{self._n:x}-{int(time.time() * 1000) & 0xffffff:x}"
 
+    def check_rid_free(self, rid: str) -> None:
+        """A client's reused "rid": the open request keeps it (a 400 for the new one)."""
+        if rid in self.queues:
+            raise bad_request(f"The request id {rid!r} belongs to a request still running.", param="rid")
+
     def submit(self, add: AddRequest) -> asyncio.Queue:
-        if add.rid in self.queues:      # a client's reused "rid": the open request keeps it
-            raise bad_request(f"The request id {add.rid!r} belongs to a request still running.", param="rid")
+        self.check_rid_free(add.rid)    # again here: two requests may race past the routes' check
         q: asyncio.Queue = asyncio.Queue()
         self.queues[add.rid] = q
         add.arrival_time = time.time()

@@ -15,7 +15,7 @@ from gemma4rt.frontend.errors import APIError, bad_request
 from gemma4rt.frontend.frontdoor import SeqOptions
 from gemma4rt.frontend.structured import from_extras
 from gemma4rt.frontend.sampling import (
-    REFUSED, build_sampling, client_rid, field, refuse_unimplemented, stop_strings,
+    REFUSED, SAMPLING_PARAMS_REFUSED, build_sampling, client_rid, field, refuse_unimplemented, stop_strings,
 )
 from gemma4rt.protocol import AddRequest, SamplingParams
 
@@ -55,9 +55,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     top_n = field(body, "top_logprobs_num", "int", 0, lo=0, hi=20)
     lp_text = field(body, "return_text_in_logprobs", "bool", False)
     grammar = from_extras(spd)
-    for name, why in (("stop_regex", "use 'stop' strings"), ("structural_tag", "use json_schema, regex or ebnf")):
-        if spd.get(name) is not None:                # refused rather than ignored, as on the OpenAI routes
-            raise bad_request(f"'sampling_params.{name}' is not implemented by this server; {why}.", param=name)
+    refuse_unimplemented(spd, SAMPLING_PARAMS_REFUSED, "sampling_params.")
     if field(spd, "n", "int", 1, lo=1) != 1:
         raise bad_request("'sampling_params.n' above 1 is not implemented on /generate; use /v1/completions or "
                           "/v1/chat/completions (their 'n'), or send the prompt several times.", param="n")

@@ -46,7 +46,9 @@ def field(body: dict, name: str, kind: str, default: Any = None, lo=None, hi=Non
 # Fields of SGLang's or vLLM's request types that this server does not implement: a request that sets one
 # (to anything but its default) is a 400 rather than served as if it had not (unknown fields are ignored).
 _SET = lambda v: v not in (None, False, 0, "", [], {})        # noqa: E731
+_GIVEN = lambda v: v is not None                              # noqa: E731
 REFUSED = {
+    "stop_regex": (_GIVEN, "use 'stop' strings"),
     "lora_path": (_SET, "this server loads no LoRA adapters"),
     "return_hidden_states": (_SET, "hidden states are not returned"),
     "mm_processor_kwargs": (_SET, "images and audio are processed with the server's settings "
@@ -55,10 +57,15 @@ REFUSED = {
 }
 CHAT_REFUSED = {
     **REFUSED,
-    "input_ids": (lambda v: v is not None, "send 'messages'; the chat template is always applied"),
+    "input_ids": (_GIVEN, "send 'messages'; the chat template is always applied"),
     "echo": (_SET, "use /v1/completions with 'echo'"),
     "chat_template": (_SET, "start the server with --chat-template"),
     "stream_reasoning": (lambda v: v is False, "the reasoning streams as it is generated"),
+}
+
+SAMPLING_PARAMS_REFUSED = {          # inside /generate's sampling_params
+    "stop_regex": (_GIVEN, "use 'stop' strings"),
+    "structural_tag": (_GIVEN, "use json_schema, regex or ebnf"),
 }
 
 

@@ -149,9 +149,6 @@ def from_vllm(body: dict) -> Optional[GrammarSpec]:
 
 
 def request_grammar(body: dict) -> Optional[GrammarSpec]:
-    if body.get("stop_regex") is not None:          # SGLang's; refused rather than ignored
-        raise bad_request("'stop_regex' is not implemented by this server; use 'stop' strings.",
-                          param="stop_regex")
     given = [(name, g) for name, g in (("response_format", from_response_format(body)),
                                        ("json_schema/regex/ebnf", from_extras(body)),
                                        ("structured_outputs/guided_*", from_vllm(body))) if g is not None]

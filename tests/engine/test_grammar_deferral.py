@@ -14,8 +14,10 @@ def test_slow_grammar_defers_only_its_request(monkeypatch):
     alone = llm.generate([[2, 10, 11, 12]], free)[0].token_ids
 
     orig_prepare = constrained.GrammarSlots._prepare
+    # 1.5 s: longer than the free request's prefill even on a loaded 2-core machine (with 0.5 s, one run
+    # beside another test suite found the grammar compiled before its first poll)
     monkeypatch.setattr(constrained.GrammarSlots, "_prepare",
-                        lambda self, spec: (time.sleep(0.5), orig_prepare(self, spec))[1])
+                        lambda self, spec: (time.sleep(1.5), orig_prepare(self, spec))[1])
     polls = {"pending": 0}
     orig_poll = constrained.SeqGrammar.poll
 
