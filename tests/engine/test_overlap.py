@@ -99,17 +99,20 @@ def test_overlap_held_requests_penalties_grammar_prompt_logprobs(tiny_checkpoint
 
 
 def _steps_to_finish(llm, prompts, params):
-    """Run to the end; the engine step at which each request finished, and its tokens."""
+    """Run to the end; per request the engine step at which it finished, its reason and the number of
+    steps from its first token to its end, and its tokens."""
     eng = llm.engine
     for i, (p, sp) in enumerate(zip(prompts, params)):
         assert eng.add_request(AddRequest(rid=str(i), prompt_token_ids=p, sampling=sp)) is None
-    done, toks, step = {}, {str(i): [] for i in range(len(prompts))}, 0
+    done, toks, first, step = {}, {str(i): [] for i in range(len(prompts))}, {}, 0
     while eng.has_work():
         step += 1
         for o in eng.step().outputs:
+            if o.new_token_ids:
+                first.setdefault(o.rid, step)
             toks[o.rid] += o.new_token_ids
             if o.finish_reason:
-                done[o.rid] = (step, o.finish_reason)
+                done[o.rid] = (step, o.finish_reason, step - first.get(o.rid, step))
     return done, toks
 
 
@@ -129,10 +132,11 @@ def test_overlap_grammar_on_demo_model():
     s_done, _ = _steps_to_finish(LLM(overlap_schedule=False), prompts, [free, digits, short])
     o_done, o_toks = _steps_to_finish(LLM(overlap_schedule=True), prompts, [free, digits, short])
     assert o_toks["1"] == sync[1].token_ids
-    # 17 tokens (16 digits and the end): every other step would take ~34 steps (36 measured); a few more
-    # than without overlap: each output comes one step later, and the step planned before the first
-    # token came back holds the request
-    assert o_done["1"][0] <= s_done["1"][0] + 5, (o_done, s_done)
+    # 17 tokens (16 digits and the end): from its first token, every other step would take ~32 steps; at
+    # most a few more than without overlap (the step planned before the first token came back holds the
+    # request). Counted from the first token: how long the grammar takes to compile (in a thread) varies
+    # with the machine's load, and the steps before it are deferrals, not decoding
+    assert o_done["1"][2] <= s_done["1"][2] + 3, (o_done, s_done)
 
 
 def test_overlap_abort_mid_generation(tiny_checkpoint):
