@@ -180,23 +180,28 @@ def _hf_name(name: str, cfg: ModelConfig) -> str:
 
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                       tp_size: int = 1) -> None:
+                       tp: TP = NO_TP) -> None:
     """Random weights at the real geometry: norms and scalars near 1 (q/k norms near head_dim^-1/4),
-    matrices N(0, 1/sqrt(fan_in)). With tensor parallelism (tp_size > 1) each parameter is drawn from a seed
-    of its own name, so that ranks, whose sharded parameters differ in shape, hold identical replicated
-    ones, and the row-parallel matrices (o_proj, down projections: 1/tp_size of their inputs) keep the
-    scale of the whole matrix."""
+    matrices N(0, 1/sqrt(fan_in)). Each parameter is drawn from a seed of its own name. With tensor
+    parallelism (`tp.size > 1`; `model` a Gemma4Model) a sharded parameter is drawn at its whole,
+    unsharded shape and cut to this rank's slice as a checkpoint tensor is (`shard`), so that every
+    `--tp` holds the same model as one GPU."""
     import zlib
-    per_name_seeds = tp_size > 1
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gd = torch.Generator(device=device) if per_name_seeds and str(device).startswith("cuda") else None
+    full_shapes: dict[str, tuple] = {}
+    if tp.size > 1:
+        with torch.device("meta"):
+            whole = type(model)(model.config, NO_TP)
+        full_shapes = {n: tuple(p.shape) for n, p in whole.named_parameters()}
+        del whole
+    on_cuda = str(device).startswith("cuda")
+    g = torch.Generator(device="cpu")
+    gd = torch.Generator(device=device) if on_cuda else None
     for name, p in model.named_parameters():
-        shape = tuple(p.shape)
-        if per_name_seeds:
-            s = seed * 1000003 + zlib.crc32(name.encode())
-            g.manual_seed(s)
-            if gd is not None:
-                gd.manual_seed(s)
+        shape = full_shapes.get(name, tuple(p.shape))
+        s = seed * 1000003 + zlib.crc32(name.encode())
+        g.manual_seed(s)
+        if gd is not None:
+            gd.manual_seed(s)
         leaf = name.rsplit(".", 1)[-1]
         if len(shape) == 0:      # clipped-linear bounds of the encoders: no clipping
             set_tensor(model, name, torch.tensor(float("-inf") if leaf.endswith("_min") else float("inf"),
@@ -210,16 +215,16 @@ def init_dummy_weights(model: torch.nn.Module, dtype: torch.dtype, device: torch
                 # almost hard argmax whose winner flips with bf16 rounding (a chaotic random model);
                 # head_dim^-1/4 on each side gives unit-variance logits, as trained weights do
                 t = t * shape[-1] ** -0.25
+            t = t.to(device=device, dtype=dtype)
+        elif on_cuda:
+            t = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, shape[-1] ** -0.5, generator=gd)
         else:
-            fan_in = shape[-1]
-            if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight", "experts.down_proj")):
-                fan_in *= tp_size
-            if str(device).startswith("cuda"):
-                set_tensor(model, name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, fan_in ** -0.5,
-                                                                                              generator=gd))
-                continue
-            t = torch.randn(shape, generator=g) * fan_in ** -0.5
-        set_tensor(model, name, t.to(device=device, dtype=dtype))
+            t = (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype=dtype)
+        if tp.size > 1:
+            t = shard(name, t, model.config.text, tp).contiguous()
+            if tuple(t.shape) != tuple(p.shape):
+                raise RuntimeError(f"dummy {name}: shard of {shape} is {tuple(t.shape)}, expected {tuple(p.shape)}")
+        set_tensor(model, name, t)
 
 
 def load_config(model_dir: Optional[str], builtin: Optional[dict] = None) -> ModelConfig:

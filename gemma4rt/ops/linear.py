@@ -2,8 +2,9 @@
 through the native skinny GEMM in csrc/gemm/gemv.cu (H200, batch-1 decode: E2B 4.19 -> 3.70 ms/token,
 26B-A4B 6.32 -> 5.86 against cuBLAS; its CUDA-core kernel takes 1-2 rows, its tensor-core kernel 3-8, see
 GEMMA4RT_GEMV_MMA there); GEMMA4RT_GEMV=0 turns it off. Everything else is torch's F.linear.
-CHOICE, when gemma4rt/ops/gemm_tune.py has filled it, overrides that per (out, in, glu, rows) shape with
-the kernel measured fastest there: 1 the CUDA-core kernel, 2 the tensor-core kernel, 3 cuBLAS."""
+A start-up tuner that timed both kernels and cuBLAS per weight shape and kept the fastest was measured
+slower in the decode graph than these fixed choices (H200: E2B 3.07 -> 3.44 ms, 31B 17.50 -> 17.76) and
+was removed: a kernel timed alone is not the kernel in the step's chain."""
 from __future__ import annotations
 
 import os
@@ -16,8 +17,7 @@ from gemma4rt.ops.activation import gelu_tanh_and_mul
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
-CUDA_CORES, TENSOR_CORES, CUBLAS = 1, 2, 3
-CHOICE: dict[tuple[int, int, bool, int], int] = {}    # (N, K, glu, rows) -> kernel; empty: the defaults
+CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -42,8 +42,7 @@ def gemv_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor, kernel: int = 0) -> 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if GEMV_ENABLED and gemv_ok(x, w):
-        k = CHOICE.get((w.shape[0], w.shape[1], False, x.shape[0]), 0) if CHOICE else 0
-        return F.linear(x, w) if k == CUBLAS else gemv(x, w, k)
+        return gemv(x, w)
     return F.linear(x, w)
 
 
@@ -51,8 +50,5 @@ def linear_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x · gateᵀ) · (x · upᵀ) for w_gate_up = [gate; up] ([2I, in]): one native kernel for 1–8 rows
     (no [rows, 2I] intermediate, one launch less per MLP), else the GEMM then gelu-and-mul."""
     if GEMV_ENABLED and gemv_ok(x, w_gate_up) and w_gate_up.shape[0] % 2 == 0:
-        k = CHOICE.get((w_gate_up.shape[0], w_gate_up.shape[1], True, x.shape[0]), 0) if CHOICE else 0
-        if k != CUBLAS:
-            return gemv_gelu_mul(x, w_gate_up, k)
-        return gelu_tanh_and_mul(F.linear(x, w_gate_up))
+        return gemv_gelu_mul(x, w_gate_up)
     return gelu_tanh_and_mul(linear(x, w_gate_up))

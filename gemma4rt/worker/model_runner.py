@@ -103,7 +103,7 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
         if self.model_dir is not None and engine_cfg.load_format != "dummy":
             load_weights(model, self.config, self.model_dir, self.dtype, self.device, tp=tp)
         else:
-            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed, tp_size=tp.size)
+            init_dummy_weights(model, self.dtype, self.device, seed=engine_cfg.seed, tp=tp)
         self.ple_host_table = None
         if engine_cfg.ple_on_host and self.config.text.has_ple and self.device.type == "cuda":
             # 2.3-2.8 B parameters that are only gathered: keep them in pinned host memory
@@ -176,9 +176,6 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
         self._step_missing: list[tuple[int, str]] = []
         self._open = None                           # the launched step not collected yet (overlap.py)
         self.graphs = None
-        if self.device.type == "cuda":
-            from gemma4rt.ops.gemm_tune import tune_models      # GEMMA4RT_GEMM_TUNE=1 (experimental)
-            tune_models(self.model, self.drafter)
         if self.device.type == "cuda" and not engine_cfg.disable_cuda_graph:
             from gemma4rt.worker.cuda_graph import StepGraphs
             self.graphs = StepGraphs.maybe_capture(self)

@@ -65,28 +65,37 @@ def test_check_tp_explains_what_does_not_divide(tiny_checkpoint):
     assert check_tp(cfg, 0) is not None
 
 
-def test_dummy_weights_of_two_ranks_share_the_replicated_parameters(tiny_checkpoint):
-    """--load-format dummy with --tp: every rank draws its own shapes, but the replicated parameters
-    (embeddings, norms, router) come out identical, and a row-parallel matrix keeps the whole matrix's
-    scale (std 1/sqrt(full fan-in))."""
+def test_dummy_weights_of_each_rank_are_its_slice_of_the_one_gpu_model(tiny_checkpoint):
+    """--load-format dummy with --tp: every rank holds exactly its shard of the weights that one GPU draws
+    (so a --tp run and a one-GPU run serve the same model), and the matrices have std 1/sqrt(fan-in)."""
     from gemma4rt.model.gemma4 import Gemma4Model
     from gemma4rt.model.loader import init_dummy_weights
+    from gemma4rt.model.parallel import shard
     cfg = load_model_config(tiny_checkpoint("moe", text_only=True))
-    models = []
-    for r in range(2):
+
+    def params(tp):
         with torch.device("meta"):
-            m = Gemma4Model(cfg, TP(r, 2))
-        init_dummy_weights(m, torch.float32, torch.device("cpu"), seed=3, tp_size=2)
-        models.append(dict(m.named_parameters()))
-    a, b = models
-    replicated = [n for n in a if a[n].shape == b[n].shape and "proj" not in n and "experts" not in n]
-    assert "language_model.embed_tokens.weight" in replicated and len(replicated) > 10
-    for n in replicated:
-        assert torch.equal(a[n], b[n]), n
-    o = a["language_model.layers.0.self_attn.o_proj.weight"]
-    full_fan_in = cfg.text.num_heads * cfg.text.layers[0].head_dim
-    assert o.shape[1] * 2 == full_fan_in
-    assert abs(o.std().item() * full_fan_in ** 0.5 - 1.0) < 0.15
+            m = Gemma4Model(cfg, tp)
+        init_dummy_weights(m, torch.float32, torch.device("cpu"), seed=3, tp=tp)
+        return dict(m.named_parameters())
+
+    one = params(TP(0, 1))
+    sharded = 0
+    for r in range(2):
+        part = params(TP(r, 2))
+        assert part.keys() == one.keys()
+        for n, p in part.items():
+            want = shard(n, one[n], cfg.text, TP(r, 2))
+            sharded += want.shape != one[n].shape
+            assert torch.equal(p, want), n
+    assert sharded >= 2 * 6, sharded          # q/k/v/o, MLP and expert matrices of every layer
+    o = one["language_model.layers.0.self_attn.o_proj.weight"]
+    assert abs(o.std().item() * o.shape[1] ** 0.5 - 1.0) < 0.15
+    with torch.device("meta"):
+        m = Gemma4Model(cfg, TP(0, 1))
+    init_dummy_weights(m, torch.float32, torch.device("cpu"), seed=4)
+    assert not torch.equal(m.get_parameter("language_model.embed_tokens.weight"),
+                           one["language_model.embed_tokens.weight"])
 
 
 def test_a_dead_rank_fails_steps_instead_of_hanging(tiny_checkpoint):
