@@ -247,8 +247,8 @@ cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw,
   return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K);
 }
 
-// Which kernel: the caller's choice (kernel 1: CUDA cores, 2: tensor cores; gemma4rt/ops/gemm_tune.py
-// measures it per shape when asked to), else (kernel 0) GEMMA4RT_GEMV_MMA=1 the tensor-core kernel for every row count, =0 the CUDA-core kernel;
+// Which kernel: the caller's choice (kernel 1: CUDA cores, 2: tensor cores; the GPU tests force each), else
+// (kernel 0) GEMMA4RT_GEMV_MMA=1 the tensor-core kernel for every row count, =0 the CUDA-core kernel;
 // by default the CUDA-core kernel for 1-2 rows (H200, M = 1: E2B LM head 179 vs 197 µs, 31B gate/up 106 vs
 // 121 µs; batch-1 decode 26B-A4B 4.37 vs 4.95 ms) and the tensor-core kernel for 3-8 (M = 4: E2B LM head 200
 // vs 294 µs, 31B down 66 vs 123 µs; speculative decoding with 3 drafts, 31B 22.2 vs 28.3 ms a step).

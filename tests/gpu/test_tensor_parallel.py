@@ -48,18 +48,28 @@ def _run_dummy(name, tp):
 
 
 @pytest.mark.parametrize("name", ["gemma-4-E2B-it", "gemma-4-26B-A4B-it"])
-def test_bf16_two_gpus_with_cuda_graphs(name):
+def test_bf16_two_gpus_with_cuda_graphs(name, monkeypatch):
     """bf16 with the native kernels and CUDA graphs (decode and mixed steps, NCCL all-reduces inside) on
-    both ranks, real geometry with random weights: the first generated token of every prompt and its
-    log-probability agree with one GPU within bf16 rounding, and the decoded continuations mostly agree
-    (a near-tie may flip under a different summation order)."""
+    both ranks, real geometry with the same random weights (dummy weights are drawn whole and sharded): the
+    first generated token of every prompt agrees with one GPU, the decoded continuations mostly agree (a
+    near-tie may flip under a different summation order), and the first token's log-probability differs
+    by no more than bf16 rounding. For the MoE model that bound is measured in the same run: a random
+    router's top-8 flips on near-ties, so one GPU with its other valid expert path (the tile kernels
+    instead of one GEMV per (token, expert), GEMMA4RT_MOE_GEMV=0) sets the spread that two GPUs may reach."""
+    from gemma4rt.ops import moe
     one, g1 = _run_dummy(name, 1)
     two, g2 = _run_dummy(name, 2)
     assert g1 and g2, "CUDA graphs were not captured"
     first = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(one, two))
     assert first >= len(PROMPTS) - 1, first
-    for a, b in zip(one, two):
-        if a.token_ids[0] == b.token_ids[0]:
-            assert abs(a.logprobs[0] - b.logprobs[0]) < 0.05
+    d_tp = max(abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(one, two) if a.token_ids[0] == b.token_ids[0])
+    bound = 0.05
+    if "A4B" in name:
+        monkeypatch.setattr(moe, "ENTRY_GEMV", False)
+        alt, _ = _run_dummy(name, 1)
+        d_alt = max(abs(a.logprobs[0] - b.logprobs[0]) for a, b in zip(one, alt) if a.token_ids[0] == b.token_ids[0])
+        print(f"[tp-moe] first-token logprob: 2 GPUs vs 1 {d_tp:.3f}, tile kernels vs entry GEMVs on 1 {d_alt:.3f}")
+        bound = max(bound, 3 * d_alt)
+    assert d_tp < bound, (d_tp, bound)
     same = sum(x == y for a, b in zip(one, two) for x, y in zip(a.token_ids, b.token_ids))
     assert same >= 0.8 * sum(len(a.token_ids) for a in one)
