@@ -81,6 +81,49 @@ void norm_add_scale_norm_op(const Tensor& x, const Tensor& residual, const optio
                "norm_add_scale_norm");
 }
 
+void norm_add_scale_norm3_op(const Tensor& x, const Tensor& residual, const optional<Tensor>& weight,
+                             const optional<Tensor>& scale, const Tensor& weight2, const Tensor& weight3,
+                             const Tensor& weight4, double eps, Tensor& out, Tensor& normed2, Tensor& normed3,
+                             Tensor& normed4) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(residual); G4_CHECK_LAST(out);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&normed2, &normed3, &normed4}) {
+    G4_CHECK_LAST((*t));
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type() && t->stride(0) == normed2.stride(0),
+                "norm_add_scale_norm3: the normed outputs share x's shape and dtype and one row stride");
+  }
+  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && out.sizes() == x.sizes(), "norm_add_scale_norm3: shapes");
+  TORCH_CHECK(residual.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(), "norm_add_scale_norm3: dtypes");
+  check_weight(weight, x, x.size(1));
+  for (const Tensor* w : std::initializer_list<const Tensor*>{&weight2, &weight3, &weight4}) check_weight(*w, x, x.size(1));
+  if (scale) TORCH_CHECK(scale->is_cuda() && scale->numel() == 1 && scale->scalar_type() == at::kFloat, "scale: [1] fp32");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_norm_add_scale_norm3(dtype_code(x), x.data_ptr(), x.stride(0), residual.data_ptr(),
+                                           residual.stride(0), G4_OPT_PTR(weight),
+                                           scale ? scale->data_ptr<float>() : nullptr, weight2.data_ptr(),
+                                           weight3.data_ptr(), weight4.data_ptr(), out.data_ptr(), out.stride(0),
+                                           normed2.data_ptr(), normed3.data_ptr(), normed4.data_ptr(),
+                                           normed2.stride(0), x.size(0), (int)x.size(1), (float)eps, stream_of(x)),
+               "norm_add_scale_norm3");
+}
+
+void moe_block_end_op(const Tensor& m, const Tensor& e, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                      const Tensor& w3, const optional<Tensor>& scale, const Tensor& w4, double eps, Tensor& out,
+                      Tensor& normed) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(m); G4_CHECK_LAST(e); G4_CHECK_LAST(x); G4_CHECK_LAST(out); G4_CHECK_LAST(normed);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&m, &e, &out, &normed})
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type(), "moe_block_end: m, e, out, normed as x");
+  TORCH_CHECK(x.dim() == 2, "moe_block_end: x [rows, n]");
+  for (const Tensor* w : std::initializer_list<const Tensor*>{&w1, &w2, &w3, &w4}) check_weight(*w, x, x.size(1));
+  if (scale) TORCH_CHECK(scale->is_cuda() && scale->numel() == 1 && scale->scalar_type() == at::kFloat, "scale: [1] fp32");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_moe_block_end(dtype_code(x), m.data_ptr(), m.stride(0), e.data_ptr(), e.stride(0), x.data_ptr(),
+                                    x.stride(0), w1.data_ptr(), w2.data_ptr(), w3.data_ptr(),
+                                    scale ? scale->data_ptr<float>() : nullptr, w4.data_ptr(), out.data_ptr(),
+                                    out.stride(0), normed.data_ptr(), normed.stride(0), x.size(0), (int)x.size(1),
+                                    (float)eps, stream_of(x)),
+               "moe_block_end");
+}
+
 void head_norm_rope_op(const Tensor& x, const optional<Tensor>& weight, double eps, const optional<Tensor>& cos,
                        const optional<Tensor>& sin, Tensor& out) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(out);
@@ -324,6 +367,11 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("norm_add_scale(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, float eps, Tensor(a!) out) -> ()");
   m.def("norm_add_scale_norm(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, Tensor? weight2, float eps, "
         "Tensor(a!) out, Tensor(b!) normed) -> ()");
+  m.def("norm_add_scale_norm3(Tensor x, Tensor residual, Tensor? weight, Tensor? scale, Tensor weight2, "
+        "Tensor weight3, Tensor weight4, float eps, Tensor(a!) out, Tensor(b!) normed2, Tensor(c!) normed3, "
+        "Tensor(d!) normed4) -> ()");
+  m.def("moe_block_end(Tensor m, Tensor e, Tensor x, Tensor w1, Tensor w2, Tensor w3, Tensor? scale, Tensor w4, "
+        "float eps, Tensor(a!) out, Tensor(b!) normed) -> ()");
   m.def("head_norm_rope(Tensor x, Tensor? weight, float eps, Tensor? cos, Tensor? sin, Tensor(a!) out) -> ()");
   m.def("qkv_norm_rope_store(Tensor q, Tensor k, Tensor v, Tensor? q_weight, Tensor? k_weight, float eps, Tensor cos, "
         "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!) q_out) -> ()");
@@ -353,6 +401,8 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("add_rms_norm", &g4::add_rms_norm_op);
   m.impl("norm_add_scale", &g4::norm_add_scale_op);
   m.impl("norm_add_scale_norm", &g4::norm_add_scale_norm_op);
+  m.impl("norm_add_scale_norm3", &g4::norm_add_scale_norm3_op);
+  m.impl("moe_block_end", &g4::moe_block_end_op);
   m.impl("head_norm_rope", &g4::head_norm_rope_op);
   m.impl("qkv_norm_rope_store", &g4::qkv_norm_rope_store_op);
   m.impl("gelu_tanh_and_mul", &g4::gelu_tanh_and_mul_op);

@@ -21,6 +21,17 @@ cudaError_t launch_norm_add_scale_norm(int dtype, const void* x, int64_t sx, con
                                        int64_t sro, void* y, int64_t sy, int64_t rows, int n, float eps,
                                        cudaStream_t st);
 
+// the same, with y2 / y3 / y4 = rms(res_out)·w2 / w3 / w4 (one row stride sy for the three)
+cudaError_t launch_norm_add_scale_norm3(int dtype, const void* x, int64_t sx, const void* res, int64_t sres,
+                                        const void* w, const float* scale, const void* w2, const void* w3,
+                                        const void* w4, void* res_out, int64_t sro, void* y2, void* y3, void* y4,
+                                        int64_t sy, int64_t rows, int n, float eps, cudaStream_t st);
+// f = rms(m)·w1 + rms(e)·w2; h = (x + rms(f)·w3) · scale (fp32, may be null); y = rms(h)·w4
+cudaError_t launch_moe_block_end(int dtype, const void* m, int64_t sm, const void* e, int64_t se, const void* x,
+                                 int64_t sx, const void* w1, const void* w2, const void* w3, const float* scale,
+                                 const void* w4, void* h, int64_t sh, void* y, int64_t sy, int64_t rows, int n,
+                                 float eps, cudaStream_t st);
+
 // ---- head norm + rope (csrc/rope) ------------------------------------------------------------------
 // x: [T, H, D] strides (st, sh, 1); cos/sin: [T, D/2] fp32 strides (sc, 1) (null = no rope).
 cudaError_t launch_head_norm_rope(int dtype, const void* x, int64_t sxt, int64_t sxh, const void* w,

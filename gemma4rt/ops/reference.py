@@ -52,6 +52,18 @@ def norm_add_scale(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     return r
 
 
+def moe_block_end(m: torch.Tensor, e: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                  w3: torch.Tensor, scale: Optional[torch.Tensor], w4: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of a MoE block (26B-A4B, §3.4): the shared MLP's output m and the experts' e are each
+    normed and summed, f = rms_norm(m, w1) + rms_norm(e, w2) (rounded as norm_add_scale rounds), then
+    h = norm_add_scale(f, x, w3, scale) is the new residual stream and y = rms_norm(h, w4) the next
+    block's opening norm. Returns (h, y)."""
+    f = norm_add_scale(e, rms_norm(m, w1, eps), w2, None, eps)
+    h = norm_add_scale(f, x, w3, scale, eps)
+    return h, rms_norm(h, w4, eps)
+
+
 def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) · up in fp32, in gate's dtype (the per-layer-input gate, §3.3)."""
     return (F.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)

@@ -80,6 +80,59 @@ def test_norm_add_scale_norm(dtype, rows, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_norm_add_scale_norm3(dtype, rows, n):
+    """Three norms of the new residual stream with three weights: each equals rms_norm of the residual."""
+    x, r = _x(rows, n, dtype, True), _x(rows, n, dtype, False)
+    w, w2, w3, w4 = (torch.randn(n, device=DEV, dtype=dtype) for _ in range(4))
+    for scale in (torch.tensor([0.37], device=DEV), None):
+        out = poison(rows, n, dtype=dtype)
+        normed = poison(3, rows, n + 8, dtype=dtype)[:, :, 4:4 + n]     # row stride n + 8
+        torch.ops.gemma4rt.norm_add_scale_norm3(x, r, w, scale, w2, w3, w4, 1e-6, out, normed[0], normed[1], normed[2])
+        eh = ref.norm_add_scale(x, r, w, scale, 1e-6)
+        assert_close(out, eh, dtype, "norm_add_scale_norm3 residual")
+        for i, wi in enumerate((w2, w3, w4)):
+            assert_close(normed[i], ref.rms_norm(eh, wi, 1e-6), dtype, f"norm_add_scale_norm3 normed {i}")
+        got = norm.norm_add_scale_norm3(x, r, w, scale, w2, w3, w4, 1e-6)
+        want = (eh,) + tuple(ref.rms_norm(eh, wi, 1e-6) for wi in (w2, w3, w4))
+        for g, e in zip(got, want):
+            assert_close(g, e, dtype, "norm_add_scale_norm3 wrapper")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SIZES)
+def test_moe_block_end(dtype, rows, n):
+    m, e, x = _x(rows, n, dtype, True), _x(rows, n, dtype, False), _x(rows, n, dtype, True)
+    w1, w2, w3, w4 = (torch.randn(n, device=DEV, dtype=dtype) for _ in range(4))
+    for scale in (torch.tensor([0.37], device=DEV), None):
+        out, normed = poison(rows, n, dtype=dtype), poison(rows, n, dtype=dtype)
+        torch.ops.gemma4rt.moe_block_end(m, e, x, w1, w2, w3, scale, w4, 1e-6, out, normed)
+        eh, ey = ref.moe_block_end(m, e, x, w1, w2, w3, scale, w4, 1e-6)
+        assert_close(out, eh, dtype, "moe_block_end residual")
+        assert_close(normed, ey, dtype, "moe_block_end normed")
+        h, y = norm.moe_block_end(m, e, x, w1, w2, w3, scale, w4, 1e-6)
+        assert_close(h, eh, dtype, "moe_block_end wrapper")
+        assert_close(y, ey, dtype, "moe_block_end wrapper normed")
+
+
+def test_moe_block_end_equals_the_separate_ops_bit_for_bit():
+    """The fused MoE-block end and opening norms give the separate native launches' bits (same rounding
+    points, same reduction order), so GEMMA4RT_FUSED_MOE_NORMS=0 changes no result."""
+    d, rows, n = torch.bfloat16, 5, 2816
+    m, e, x, a = (torch.randn(rows, n, device=DEV, dtype=d) * 2 for _ in range(4))
+    w1, w2, w3, w4 = (torch.randn(n, device=DEV, dtype=d) for _ in range(4))
+    sc = torch.tensor([0.61], device=DEV)
+    h, y = norm.moe_block_end(m, e, x, w1, w2, w3, sc, w4, 1e-6)
+    f = norm.norm_add_scale(e, norm.rms_norm(m, w1, 1e-6), w2, None, 1e-6)
+    h2, y2 = norm.norm_add_scale_norm(f, x, w3, sc, w4, 1e-6)
+    assert torch.equal(h, h2) and torch.equal(y, y2)
+    hx, u, z, v = norm.norm_add_scale_norm3(a, x, w1, None, w2, w3, w4, 1e-6)
+    hx2, u2 = norm.norm_add_scale_norm(a, x, w1, None, w2, 1e-6)
+    assert torch.equal(hx, hx2) and torch.equal(u, u2)
+    assert torch.equal(z, norm.rms_norm(hx2, w3, 1e-6)) and torch.equal(v, norm.rms_norm(hx2, w4, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,I", [(1, 256), (35, 256), (6, 100), (3, 37)])
 def test_gelu_tanh_mul(dtype, T, I):
     big = torch.randn(T, 5, I, device=DEV, dtype=dtype) * 2
@@ -129,6 +182,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.gemma4rt.norm_add_scale_norm.default,
                           (x, r, w, torch.ones(1, device=DEV), w, 1e-6, o1, o2))
     torch.library.opcheck(torch.ops.gemma4rt.gelu_tanh_mul.default, (x, r, torch.empty_like(x)))
+    o3, o4 = torch.empty_like(x), torch.empty_like(x)
+    torch.library.opcheck(torch.ops.gemma4rt.norm_add_scale_norm3.default,
+                          (x, r, w, None, w, w, w, 1e-6, o1, o2, o3, o4))
+    torch.library.opcheck(torch.ops.gemma4rt.moe_block_end.default,
+                          (x, r, x, w, w, w, torch.ones(1, device=DEV), w, 1e-6, o1, o2))
     q = torch.randn(3, 2, 256, device=DEV, dtype=d)
     cos, sin = torch.rand(3, 128, device=DEV), torch.rand(3, 128, device=DEV)
     torch.library.opcheck(torch.ops.gemma4rt.head_norm_rope.default, (q, w, 1e-6, cos, sin, torch.empty_like(q)))
@@ -142,19 +200,22 @@ def test_cuda_graph_replay():
     q = torch.randn(9, 4, 256, device=DEV, dtype=d)
     cos, sin = torch.rand(9, 128, device=DEV), torch.rand(9, 128, device=DEV)
     gu = torch.randn(9, 1408, device=DEV, dtype=d)
+    xm = torch.randn(9, 2816, device=DEV, dtype=d)
 
     def fn():
         y, res = norm.add_rms_norm(x, r, w, 1e-6)
         return y, res, norm.norm_add_scale(x, r, w, sc, 1e-6), rope.head_norm_rope(q, w[:256], 1e-6, cos, sin), \
             activation.gelu_tanh_and_mul(gu), norm.norm_add_scale_norm(x, r, w, sc, w, 1e-6), \
-            activation.gelu_tanh_mul(gu[:, :704], gu[:, 704:])
+            activation.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), norm.moe_block_end(x, r, xm, w, w, w,
+                                                                                  sc, w, 1e-6), \
+            norm.norm_add_scale_norm3(x, r, w, sc, w, w, w, 1e-6)
 
     def refill():
-        for t in (x, r, q, gu):
+        for t in (x, r, q, gu, xm):
             t.copy_(torch.randn_like(t))
         cos.copy_(torch.rand_like(cos))
 
-    y, res, nas, hq, act, (h2, n2), act2 = graph_replay(fn, None, refill)
+    y, res, nas, hq, act, (h2, n2), act2, (mh, my), n3 = graph_replay(fn, None, refill)
     ey, er = ref.add_rms_norm(x, r, w, 1e-6)
     assert_close(y, ey, d, "graph y")
     assert_close(res, er, d, "graph residual")
@@ -165,6 +226,11 @@ def test_cuda_graph_replay():
     assert_close(h2, eh, d, "graph norm_add_scale_norm")
     assert_close(n2, ref.rms_norm(eh, w, 1e-6), d, "graph norm_add_scale_norm normed")
     assert_close(act2, ref.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), d, "graph gelu_tanh_mul")
+    emh, emy = ref.moe_block_end(x, r, xm, w, w, w, sc, w, 1e-6)
+    assert_close(mh, emh, d, "graph moe_block_end")
+    assert_close(my, emy, d, "graph moe_block_end normed")
+    for i, t in enumerate(n3):
+        assert_close(t, eh if i == 0 else ref.rms_norm(eh, w, 1e-6), d, "graph norm_add_scale_norm3")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

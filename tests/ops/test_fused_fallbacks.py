@@ -39,3 +39,22 @@ def test_qkv_norm_rope_store_is_norms_then_store():
     for s in range(P * S):
         if s not in written:        # the negative slot wrote nothing anywhere
             assert not flat_k[s].any() and not flat_v[s].any()
+
+
+def test_moe_norms_are_the_separate_norms():
+    """ops.norm_add_scale_norm3 and ops.moe_block_end (the MoE block's fused norms) against the ops they
+    replace in text.py's unfused path, in bf16 so that every rounding point counts."""
+    torch.manual_seed(0)
+    d, n = torch.bfloat16, 48
+    a, x, m, e = (torch.randn(3, n, dtype=d) * 2 for _ in range(4))
+    w1, w2, w3, w4 = (torch.randn(n, dtype=d) for _ in range(4))
+    sc = torch.tensor([0.7])
+    h, u, z, v = ops.norm_add_scale_norm3(a, x, w1, None, w2, w3, w4, 1e-6)
+    h2, u2 = ops.norm_add_scale_norm(a, x, w1, None, w2, 1e-6)
+    assert torch.equal(h, h2) and torch.equal(u, u2)
+    assert torch.equal(z, ops.rms_norm(h2, w3, 1e-6)) and torch.equal(v, ops.rms_norm(h2, w4, 1e-6))
+    hh, y = ops.moe_block_end(m, e, x, w1, w2, w3, sc, w4, 1e-6)
+    f = ops.norm_add_scale(e, ops.rms_norm(m, w1, 1e-6), w2, None, 1e-6)
+    assert not torch.equal(f, ops.norm_add_scale(m, ops.rms_norm(e, w1, 1e-6), w2, None, 1e-6))  # order matters
+    hh2, y2 = ops.norm_add_scale_norm(f, x, w3, sc, w4, 1e-6)
+    assert torch.equal(hh, hh2) and torch.equal(y, y2)
