@@ -8,8 +8,9 @@ Rows per model (random weights at the real geometry, --load-format dummy):
   * batch-1 TPOT at ~1k context: bench/one_batch.py in a subprocess (ours, transformers' model as the
     same-run reference, fraction of the bandwidth limit from the copy bandwidth measured in that run);
   * cookbook throughput: a gemma4rt server started here, then bench/serving.py --backend sglang,
-    random U[1,1024] in/out, seed 1, 1000 prompts at concurrency 100 (31B: concurrency 10, since its
-    bf16 KV fits ~11 sequences on one H100, §3.3).
+    random U[1,1024] in/out, seed 1, 1000 prompts at concurrency 100 (31B: the largest concurrency its
+    KV cache holds, at most 100: the server's max_total_num_tokens over 2048 tokens a request; ~11
+    sequences on one H100, §3.3).
 Results go to $OUT (or --out-dir): targets.json (everything measured) and targets.md (the table).
 """
 from __future__ import annotations
@@ -33,7 +34,15 @@ MODELS = ("E2B", "E4B", "12B", "26B-A4B", "31B")
 # the project's targets on one H100 (issue 6; stricter than performance-targets.md §4.3's anchors)
 TPOT_TARGET_MS = {"E2B": 2.0, "E4B": 4.0, "12B": 9.3, "26B-A4B": 3.4, "31B": 23.0}
 THROUGHPUT_TARGET = {"E2B": 12000.0, "E4B": 8000.0, "12B": 4000.0, "26B-A4B": 4000.0, "31B": None}
-CONCURRENCY = {"31B": 10}          # default 100 (the cookbook's)
+CONCURRENCY = {"31B": "kv"}        # default 100 (the cookbook's); "kv": as many as the KV cache holds
+REQUEST_TOKENS = 2048              # the recipe's longest request: 1024 in + 1024 out
+
+
+def kv_concurrency(base: str, cap: int = 100) -> int:
+    """How many of the recipe's longest requests the server's KV cache holds at once (at most cap)."""
+    with urllib.request.urlopen(base + "/get_server_info", timeout=30) as r:
+        info = json.loads(r.read())
+    return max(1, min(cap, int(info["max_total_num_tokens"]) // REQUEST_TOKENS))
 
 
 def short_name(m: str) -> str:
@@ -119,6 +128,9 @@ def run_throughput(model: str, a, workdir: str) -> dict:
     except RuntimeError as e:
         return {"error": str(e), "max_concurrency": conc}
     try:
+        if conc == "kv":
+            conc = kv_concurrency(base)
+            print(f"{s}: concurrency {conc} (what the KV cache holds of {REQUEST_TOKENS}-token requests)", flush=True)
         argv = ["--backend", "sglang", "--base-url", base, "--dataset-name", "random",
                 "--num-prompts", str(a.num_prompts), "--max-concurrency", str(conc),
                 "--random-input-len", "1024", "--random-output-len", "1024", "--seed", "1",
@@ -188,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--input-len", type=int, default=1024, help="batch-1 prompt length (context ~ this)")
     p.add_argument("--output-len", type=int, default=64, help="batch-1 decode steps")
     p.add_argument("--num-prompts", type=int, default=1000)
-    p.add_argument("--max-concurrency", type=int, default=None, help="default 100 (31B: 10)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="default 100 (31B: as many requests as its KV cache holds, at most 100)")
     p.add_argument("--max-duration", type=float, default=600.0, help="cut a throughput run off after this (s)")
     p.add_argument("--port", type=int, default=30123)
     p.add_argument("--server-args", default="", help="extra flags for python -m gemma4rt.server")

@@ -32,6 +32,14 @@ def server_args(eng_cfg: EngineConfig, srv: ServerConfig) -> dict:
     return d
 
 
+def kv_info(pool_pages: dict[str, int], page_size: dict[str, int]) -> dict:
+    """The KV pools for /get_server_info: tokens per pool, and SGLang's max_total_num_tokens (the pool that
+    holds every token of a request: the full-attention one when there are several)."""
+    tokens = {n: pool_pages[n] * page_size.get(n, 1) for n in pool_pages}
+    main = tokens.get("full", min(tokens.values()) if tokens else 0)
+    return {"kv_pool_tokens": tokens, "max_total_num_tokens": main}
+
+
 async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
     from gemma4rt.frontend.app import AppState, build_app
     from gemma4rt.frontend.frontdoor import FrontDoor
@@ -85,7 +93,7 @@ async def serve(eng_cfg: EngineConfig, srv: ServerConfig) -> int:
                      media=MediaInput.for_server(mi, eng_cfg, srv, tok.tok),
                      chat_template_kwargs=dict(srv.default_chat_template_kwargs),
                      force_include_usage=srv.force_include_usage,
-                     server_args=server_args(eng_cfg, srv))
+                     server_args=dict(server_args(eng_cfg, srv), **kv_info(ready.pool_pages, ready.pool_page_size)))
     app = build_app(state, srv.max_request_bytes)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()

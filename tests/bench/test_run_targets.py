@@ -45,3 +45,35 @@ def test_latency_rows_on_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     saved = json.loads((tmp_path / "targets.json").read_text())
     assert saved["models"][path]["latency"]["rows"][0]["batch_size"] == 1
     assert "batch-1 TPOT" in (tmp_path / "targets.md").read_text()
+
+
+def test_kv_concurrency_is_what_the_kv_cache_holds():
+    """The 31B's throughput row runs at the concurrency its KV cache holds: max_total_num_tokens over the
+    recipe's longest request (2048 tokens), at most 100."""
+    import http.server
+    import json
+    import threading
+
+    holds = {"tokens": 0}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"max_total_num_tokens": holds["tokens"]}).encode()
+            self.send_response(200 if self.path == "/get_server_info" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        for tokens, want in ((23000, 11), (10 ** 7, 100), (100, 1)):
+            holds["tokens"] = tokens
+            assert rt.kv_concurrency(base) == want
+    finally:
+        srv.shutdown()
+    assert rt.CONCURRENCY["31B"] == "kv"

@@ -254,6 +254,7 @@ def test_server_info_version_and_invocations(server):
     assert info["engine"]["runner"] == "noop" and info["engine"]["scheduler"]["max_running_requests"] == 96
     assert info["engine"]["scheduler"]["overlap_schedule"] is True and info["server"]["enable_metrics"]
     assert info["internal_states"][0]["healthy"] is True       # (the /get_load figures)
+    assert info["max_total_num_tokens"] > 0 and info["kv_pool_tokens"], info
     st, body, _ = server.get("/version")
     assert st == 200 and json.loads(body) == {"version": gemma4rt.__version__}
     st, body, _ = server.post("/invocations", {"model": "default", "max_tokens": 3,
@@ -261,6 +262,9 @@ def test_server_info_version_and_invocations(server):
     assert st == 200 and json.loads(body)["object"] == "chat.completion", body
     eng, srv, _ = parse_args(["--api-key", "sekrit"])
     assert "sekrit" not in json.dumps(server_args(eng, srv)) and server_args(eng, srv)["server"]["port"] == 30000
+    from gemma4rt.server import kv_info
+    assert kv_info({"sliding": 10, "full": 40}, {"sliding": 16, "full": 16}) == {
+        "kv_pool_tokens": {"sliding": 160, "full": 640}, "max_total_num_tokens": 640}
 
 
 def test_usage_reports_reasoning_tokens_with_the_reasoning_parser(client):
