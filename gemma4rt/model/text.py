@@ -19,7 +19,7 @@ from gemma4rt.model.parallel import NO_TP, TP
 from gemma4rt.model_config import FULL, SLIDING, LayerSpec, TextConfig
 
 # A MoE block's norms in two launches (norm_add_scale_norm3, moe_block_end) instead of seven; =0 for the
-# separate ops (an A/B switch for the benchmarks; the results agree within bf16 rounding).
+# separate ops (an A/B switch for the benchmarks; the same bits either way, tests/gpu checks it).
 FUSED_MOE_NORMS = os.environ.get("GEMMA4RT_FUSED_MOE_NORMS", "1") != "0"
 
 
