@@ -68,7 +68,8 @@ def _experts_case(T, E, k, d, I, dtype, strided=False):
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T,E,k,d,I", [(1, 16, 4, 256, 96), (5, 16, 4, 264, 104), (37, 8, 2, 128, 64),
-                                       (300, 8, 4, 256, 96), (1, 128, 8, 2816, 704), (64, 128, 8, 2816, 704)])
+                                       (300, 8, 4, 256, 96), (1, 128, 8, 2816, 704), (64, 128, 8, 2816, 704),
+                                       (1, 128, 8, 2816, 352), (64, 128, 8, 2816, 352)])   # 352: a --tp 2 shard
 @pytest.mark.parametrize("entry", [True, False], ids=["default", "tiles"])
 def test_experts(monkeypatch, dtype, T, E, k, d, I, entry):
     monkeypatch.setattr(moe, "ENTRY_GEMV", entry)      # False: the tile kernels at every batch size
@@ -133,7 +134,7 @@ def test_cuda_graph_replay():
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("T,E,k,d,I", [(1, 16, 4, 256, 96), (3, 16, 4, 264, 104), (1, 128, 8, 2816, 704),
-                                       (4, 128, 8, 2816, 704)])
+                                       (4, 128, 8, 2816, 704), (4, 128, 8, 2816, 352)])
 def test_entry_gemv_mode(monkeypatch, dtype, T, E, k, d, I):
     """The entry mode (default; GEMMA4RT_MOE_GEMV=0 turns it off): up to 32 (token, slot) entries skip the
     alignment and run one skinny GEMV per entry (block_m 1). Against the fp32 reference and the tile kernels, poisoned buffers,
