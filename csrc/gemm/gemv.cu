@@ -253,8 +253,8 @@ cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw,
 // 121 µs; batch-1 decode 26B-A4B 4.37 vs 4.95 ms) and the tensor-core kernel for 3-8 (M = 4: E2B LM head 200
 // vs 294 µs, 31B down 66 vs 123 µs; speculative decoding with 3 drafts, 31B 22.2 vs 28.3 ms a step).
 // With =1 a row's result never depends on the row count (speculative verification rows then get the
-// projections of single-row decode steps bit for bit). Read at each launch (a getenv is far below a launch's cost, and graph replays do
-// not launch), so that a test can compare the kernels in one process.
+// projections of single-row decode steps bit for bit). Read at each launch (a getenv is far below a
+// launch's cost, and graph replays do not launch), so that a test can compare the kernels in one process.
 inline bool gemv_use_mma(int M, int kernel) {
   static const bool sm80 = [] {
     int dev = 0, major = 0;

@@ -250,12 +250,8 @@ cudaError_t run_moe_end(const void* m, int64_t sm, const void* e, int64_t se, co
   constexpr int V = 16 / sizeof(T);
   const bool vec = n % V == 0 && sm % V == 0 && se % V == 0 && sx % V == 0 && shs % V == 0 && sy % V == 0 &&
                    aligned16(m) && aligned16(e) && aligned16(x) && aligned16(h) && aligned16(y);
-  const T *mp = static_cast<const T*>(m), *ep = static_cast<const T*>(e), *xp = static_cast<const T*>(x);
-  const T *p1 = static_cast<const T*>(w1), *p2 = static_cast<const T*>(w2), *p3 = static_cast<const T*>(w3),
-          *p4 = static_cast<const T*>(w4);
-  T *hp = static_cast<T*>(h), *yp = static_cast<T*>(y);
   return launch(vec ? moe_end_kernel<T, V> : moe_end_kernel<T, 1>, dim3((unsigned)rows), norm_threads(n, vec, V), 0,
-                st, mp, sm, ep, se, xp, sx, p1, p2, p3, scale, p4, hp, shs, yp, sy, n, eps);
+                st, m, sm, e, se, x, sx, w1, w2, w3, scale, w4, h, shs, y, sy, n, eps);
 }
 
 cudaError_t launch_moe_block_end(int dtype, const void* m, int64_t sm, const void* e, int64_t se, const void* x,

@@ -206,9 +206,8 @@ def test_cuda_graph_replay():
         y, res = norm.add_rms_norm(x, r, w, 1e-6)
         return y, res, norm.norm_add_scale(x, r, w, sc, 1e-6), rope.head_norm_rope(q, w[:256], 1e-6, cos, sin), \
             activation.gelu_tanh_and_mul(gu), norm.norm_add_scale_norm(x, r, w, sc, w, 1e-6), \
-            activation.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), norm.moe_block_end(x, r, xm, w, w, w,
-                                                                                  sc, w, 1e-6), \
-            norm.norm_add_scale_norm3(x, r, w, sc, w, w, w, 1e-6)
+            activation.gelu_tanh_mul(gu[:, :704], gu[:, 704:]), \
+            norm.moe_block_end(x, r, xm, w, w, w, sc, w, 1e-6), norm.norm_add_scale_norm3(x, r, w, sc, w, w, w, 1e-6)
 
     def refill():
         for t in (x, r, q, gu, xm):
