@@ -19,7 +19,9 @@
 #              COMPARE_ENV / COMPARE_ARGS run each model again under those settings / with those one_batch flags
 #              (e.g. COMPARE_ARGS="--cuda-graph-max-tokens 0": the prompt steps eagerly, not through mixed graphs)
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
-#              plan and forced split sizes, in the engine's KV layout and head-major pages ($SWEEP_LAYOUTS)
+#              plan and forced split sizes, per decode kernel ($SWEEP_VARIANTS, e.g. "16,8:16x3"), in the engine's
+#              KV layout ($SWEEP_LAYOUTS=nhd,hnd adds head-major pages), random page order ($SWEEP_TABLES=random,seq
+#              adds pages in order), $SWEEP_BATCHES (default 100,1), SWEEP_PROBE=1: the 8-row kernels' loads alone
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags), and
 #              again with $SERVER_COMPARE_ARGS added when set (e.g. "--disable-overlap-schedule")
@@ -163,21 +165,25 @@ fi
 
 if has sweep && [ "$(left)" -gt 90 ]; then
   echo "== decode attention sweep"
-  timeout $(( $(left) - 60 )) $PY -m bench.kernels.decode_sweep --layouts ${SWEEP_LAYOUTS:-nhd,hnd} --out "$OUT" \
-    >"$OUT/decode_sweep.log" 2>&1
+  timeout $(( $(left) - 60 )) $PY -m bench.kernels.decode_sweep --layouts ${SWEEP_LAYOUTS:-nhd} --out "$OUT" \
+    ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} ${SWEEP_TABLES:+--tables $SWEEP_TABLES} ${SWEEP_PROBE:+--probe} \
+    ${SWEEP_BATCHES:+--batches $SWEEP_BATCHES} >"$OUT/decode_sweep.log" 2>&1
   echo "sweep rc=$? ($(elapsed)s)"
   $PY - "$OUT/decode_sweep.jsonl" <<'PYEOF' 2>/dev/null
 import collections, json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 best = collections.defaultdict(dict)
 for r in rows:
-    k = (r["geom"], r["B"], r["layout"])
-    if r["label"] == "plan":
-        best[k]["plan"] = r["us"]
-    if r["us"] < best[k].get("best", (1e9, ""))[0]:
+    k = (r["geom"], r["B"], r["layout"] + "/" + r.get("pages", "random"), r.get("kernel", ""))
+    if r["label"] in ("plan", "probe"):
+        best[k][r["label"]] = (r["us"], r.get("read_frac", 0))
+    if r["label"] != "probe" and r["us"] < best[k].get("best", (1e9, ""))[0]:
         best[k]["best"] = (r["us"], r["label"])
-for (g, b, lay), v in best.items():
-    print(f"{g:12s} B={b:<3d} {lay}: plan {v.get('plan', float('nan')):.1f} us, best {v['best'][0]:.1f} us ({v['best'][1]})")
+for (g, b, lay, kern), v in best.items():
+    us, rf = v.get("plan", (float("nan"), 0))
+    pr = f", loads alone {v['probe'][0]:.1f} us" if "probe" in v else ""
+    print(f"{g:12s} B={b:<3d} {lay} {kern:8s}: plan {us:.1f} us ({100 * rf:.0f}% of read BW), "
+          f"best {v['best'][0]:.1f} us ({v['best'][1]}){pr}")
 PYEOF
 fi
 

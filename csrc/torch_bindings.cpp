@@ -263,7 +263,7 @@ void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_
               seq_lens.is_contiguous() && cu_seqlens_q.numel() == seq_lens.numel() + 1 &&
               page_table.size(0) >= seq_lens.numel(), "cu_seqlens_q [B+1], seq_lens [B]: int32");
   if (block_ids) TORCH_CHECK(block_ids->scalar_type() == at::kInt && block_ids->is_contiguous() && block_ids->numel() == T, "block_ids: [T] int32");
-  TORCH_CHECK(num_splits >= 1 && (warps_m == 1 || warps_m == 4), "paged_attention: plan");
+  TORCH_CHECK(num_splits >= 1 && (warps_m == 0 || warps_m == 1 || warps_m == 4), "paged_attention: plan");
   if (num_splits > 1) {
     TORCH_CHECK(ws_o.scalar_type() == at::kFloat && ws_o.is_contiguous() && ws_o.numel() >= num_splits * T * H * D &&
                 ws_lse.scalar_type() == at::kFloat && ws_lse.is_contiguous() && ws_lse.numel() >= num_splits * T * H,

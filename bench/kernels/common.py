@@ -1,5 +1,6 @@
 """Shared microbenchmark helpers: graph-replayed CUDA-event timing (median), the card's measured
-ceilings (device-to-device copy bandwidth, bf16 matmul rate), and the result table."""
+ceilings (device-to-device copy bandwidth, read-only bandwidth of a full reduction, bf16 matmul rate), and
+the result table."""
 from __future__ import annotations
 
 import statistics
@@ -53,6 +54,9 @@ def measure_ceilings() -> dict:
     dst = torch.empty_like(src)
     t = time_us(lambda: dst.copy_(src), reps=10, inner=3)
     bw = 2 * n / (t * 1e-6)  # bytes read + written
+    # read-only rate (a decode kernel mostly reads): a full reduction of the same GiB
+    t = time_us(lambda: torch.sum(src), reps=10, inner=3)
+    bw_read = n / (t * 1e-6)
     del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
@@ -61,7 +65,7 @@ def measure_ceilings() -> dict:
     flops = 2 * m ** 3 / (t * 1e-6)
     del a, b
     torch.cuda.empty_cache()
-    return {"bw": bw, "mm": flops, "card": torch.cuda.get_device_name()}
+    return {"bw": bw, "bw_read": bw_read, "mm": flops, "card": torch.cuda.get_device_name()}
 
 
 def row(family, name, geom, t_us, nbytes, flops, ceil, ref_us=None, ref_name="torch ref"):

@@ -30,8 +30,8 @@ def main():
     args = ap.parse_args()
     ceil = measure_ceilings()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    head = (f"card: {ceil['card']}, {stamp}; measured copy bandwidth {ceil['bw'] / 1e12:.2f} TB/s (read+write), "
-            f"bf16 matmul 8192³ {ceil['mm'] / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
+    head = (f"card: {ceil['card']}, {stamp}; measured copy bandwidth {ceil['bw'] / 1e12:.2f} TB/s (read+write; "
+            f"% BW is over this), read-only (torch.sum) {ceil['bw_read'] / 1e12:.2f} TB/s, bf16 matmul 8192³ {ceil['mm'] / 1e12:.0f} TFLOP/s; torch {torch.__version__}")
     print(head, flush=True)
     rows = []
     for name in args.only.split(","):

@@ -91,7 +91,8 @@ struct AttnParams {
   float scale;
   int num_splits, split_size;                 // split_size: keys per split (multiple of 32)
   int max_tiles;                              // grid bound on row tiles
-  int warps_m;                                // 1 (decode) or 4 (prefill)
+  int warps_m;                                // 0: 8-row decode tiles, 1: 16-row decode tiles, 4: 64-row prefill
+  int probe;                                  // set by the launcher from GEMMA4RT_ATTN_PROBE (benchmarks)
 };
 cudaError_t launch_paged_attention(int dtype, const AttnParams& p, cudaStream_t st);
 

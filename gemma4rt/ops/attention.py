@@ -6,6 +6,7 @@ host-known bounds only — token count, request count, page-table width — neve
 and a device-side run (`paged_attention_planned`) that a CUDA graph can capture."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -15,7 +16,16 @@ from gemma4rt.ops import _native
 from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
-DECODE_MAX_Q = 8        # a step of at most this many query rows per request runs decode tiles (16 rows)
+DECODE_MAX_Q = 8        # a step of at most this many query rows per request runs decode tiles (8 or 16 rows)
+# A pure decode step (one token per request) of a layer with at most 8 query heads per KV head runs the 8-row
+# decode kernel (keys on the MMA's M side, bulk K/V copies on sm_90) once it has DECODE8_MIN_CTAS (request x KV
+# head) pairs; GEMMA4RT_DECODE8=0 keeps the 16-row tiles. H200 (bench/kernels/decode_sweep.py, us per layer,
+# 8-row vs 16-row): batch 100 26B-A4B sliding 243 vs 346, 31B full 284 vs 415, E4B sliding 42 vs 61; batch 1
+# (one 32-key split a CTA) E2B sliding 12.6 vs 10.4, 26B-A4B full 17.3 vs 14.8, 31B sliding (16 KV heads)
+# 17.5 vs 21.2.
+DECODE8 = os.environ.get("GEMMA4RT_DECODE8", "1") != "0"
+DECODE8_MIN_CTAS = 16
+DECODE8_SPLIT_KEYS = 2048
 # (one launch per step, decode and prompt rows alike: two launches per mixed step measured slower, RESULTS.md)
 CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
 # Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
@@ -44,16 +54,25 @@ class AttentionPlan:
     num_splits: int     # key-range splits per (request, KV head, row tile); 1 = no merge step
     split_size: int     # keys per split (multiple of KEYS_PER_STAGE)
     max_tiles: int      # bound on the row tiles over all requests (grid x)
-    warps_m: int        # 1: 16 query rows per CTA (decode), 4: 64 rows (prefill)
+    warps_m: int        # 0: 8 query rows per CTA (decode), 1: 16 rows (decode), 4: 64 rows (prefill)
+
+    @property
+    def rows(self) -> int:
+        return 8 if self.warps_m == 0 else 16 * self.warps_m
 
 
 def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, max_seq_len: int,
-                   sliding_window: Optional[int] = None, num_sms: int = 132, head_dim: int = 256) -> AttentionPlan:
+                   sliding_window: Optional[int] = None, num_sms: int = 132, head_dim: int = 256,
+                   decode_rows: Optional[int] = None) -> AttentionPlan:
     """Host-side plan from bounds the scheduler knows. Splits the key range when the
-    (request × KV head × row tile) grid would leave the GPU under-filled (decode over long contexts)."""
+    (request × KV head × row tile) grid would leave the GPU under-filled (decode over long contexts).
+    decode_rows (8 or 16) forces the decode kernel of a step that runs decode tiles (tests, sweeps)."""
     group = num_heads // num_kv_heads
     warps_m = 1 if num_tokens <= DECODE_MAX_Q * max(num_seqs, 1) else 4
-    rows = 16 * warps_m
+    if warps_m == 1 and (decode_rows == 8 or (decode_rows is None and DECODE8 and num_tokens == num_seqs and
+                                              group <= 8 and num_seqs * num_kv_heads >= DECODE8_MIN_CTAS)):
+        warps_m = 0
+    rows = 8 if warps_m == 0 else 16 * warps_m
     tiles_tok = -(-num_tokens * group // rows)
     max_tiles = tiles_tok + num_seqs
     # keys of a sliding layer's tile: at most the window plus the tile's queries. window + num_tokens is a
@@ -64,12 +83,19 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
     span = max(span, 1)
     est = max(1, min(max_tiles, max(num_seqs, tiles_tok))) * num_kv_heads
     splits = 1
-    if warps_m == 1:
-        if est < CTAS_PER_SM * num_sms:
-            # a decode CTA is two or four warps: several fit on an SM, and with few (request x KV head)
-            # pairs only fine splits (down to one key stage) put enough loads in flight
-            splits = min(-(-CTAS_PER_SM * num_sms // est), -(-span // KEYS_PER_STAGE))
-        splits = max(splits, min(-(-span // DECODE_SPLIT_KEYS), MAX_FINE_SPLITS))
+    if warps_m <= 1:
+        # a decode CTA is two or four warps: several fit on an SM, and with few (request x KV head) pairs
+        # only fine splits (down to one key stage) put enough loads in flight. The 8-row kernel (bulk copies)
+        # keeps its loads in flight over a whole range: it is split only to fill the GPU (one CTA an SM at head
+        # dim 512, whose CTA holds ~110 KB of stages, four at 256; H200 batch 100: 31B sliding unsplit 411 us vs
+        # 465 in 5 splits, 26B-A4B full 128 vs 155 in 2), the 16-row kernel also into ~DECODE_SPLIT_KEYS-key pieces
+        target = (CTAS_PER_SM if warps_m == 1 or head_dim <= 256 else 1) * num_sms
+        if est < target:
+            splits = min(-(-target // est), -(-span // KEYS_PER_STAGE))
+        # (over long contexts the 8-row kernel is still cut into DECODE8_SPLIT_KEYS pieces: CTAs of similar
+        # length leave no long last wave)
+        piece = DECODE_SPLIT_KEYS if warps_m == 1 else DECODE8_SPLIT_KEYS
+        splits = max(splits, min(-(-span // piece), MAX_FINE_SPLITS))
     elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
     # the fp32 partials of the splits: [splits, tokens, heads, head_dim]; a big step (a prompt beside decode

@@ -61,18 +61,27 @@ def run_native(q, kc, vc, table, cu, sl, window, bids, plan):
 
 
 def check(q, kc, vc, table, cu, sl, window, bids, dtype, forced_splits=None):
+    """The plan's kernel against the reference; a step that runs decode tiles also through the other decode
+    kernel (8-row tiles with the keys on the MMA's M side, 16-row tiles). Returns the default plan."""
     T, H, D = q.shape
-    plan = attention.plan_attention(T, sl.numel(), H, kc.shape[2], table.shape[1] * kc.shape[1], window)
-    if forced_splits:
-        span = table.shape[1] * kc.shape[1]
-        ss = -(-span // forced_splits)
-        ss = -(-ss // 32) * 32
-        plan = attention.AttentionPlan(-(-span // ss), ss, plan.max_tiles, plan.warps_m)
-    out = run_native(q, kc, vc, table, cu, sl, window, bids, plan)
     exp = ref.paged_attention(q, kc, vc, table, cu, sl, window, bids, 1.0)
-    # scale 1.0 with unit-variance q/k gives peaky softmax: compare in fp32-reference terms
-    assert_close(out, exp, dtype, f"attn plan={plan}", rel=2e-2 if dtype == torch.bfloat16 else 5e-3)
-    return plan
+    default = None
+    for rows in (None, 8, 16):
+        plan = attention.plan_attention(T, sl.numel(), H, kc.shape[2], table.shape[1] * kc.shape[1], window,
+                                        decode_rows=rows)
+        if default is None:
+            default = plan
+        elif plan.warps_m == 4 or plan == default:
+            continue
+        if forced_splits:
+            span = table.shape[1] * kc.shape[1]
+            ss = -(-span // forced_splits)
+            ss = -(-ss // 32) * 32
+            plan = attention.AttentionPlan(-(-span // ss), ss, plan.max_tiles, plan.warps_m)
+        out = run_native(q, kc, vc, table, cu, sl, window, bids, plan)
+        # scale 1.0 with unit-variance q/k gives peaky softmax: compare in fp32-reference terms
+        assert_close(out, exp, dtype, f"attn plan={plan}", rel=2e-2 if dtype == torch.bfloat16 else 5e-3)
+    return default
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -200,10 +209,58 @@ def test_store_kv(dtype, D):
     assert torch.equal(kc, ek) and torch.equal(vc, ev)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("rows,tile", [(8, "16x2"), (8, "16x3"), (8, "b16x2"), (8, "b16x3"), (16, "16x2"),
+                                       (16, "16x3"), (16, "b16x2"), (16, "b16x3")])
+@pytest.mark.parametrize("D,H,KVH", [(256, 16, 8), (512, 8, 1), (256, 8, 2)])
+def test_decode_pipelines(monkeypatch, rows, tile, D, H, KVH):
+    """Each loader and stage count of both decode kernels (GEMMA4RT_DECODE8_TILE / GEMMA4RT_DECODE16_TILE;
+    "b": bulk copies on an mbarrier): decode rows, speculative rows and a prompt chunk with an image block,
+    with the plan's splits and unsplit."""
+    monkeypatch.setenv(f"GEMMA4RT_DECODE{rows}_TILE", tile)
+    torch.manual_seed(D + H + KVH + len(tile) + rows)
+    d = torch.bfloat16
+    q_lens = [1] * 9 + [4, 1, 37]
+    seq = [int(x) for x in torch.randint(40, 1300, (11,))] + [300]
+    seq = [max(s, n) for s, n in zip(seq, q_lens)]
+    q, kc, vc, table, cu, sl, _ = make_batch(q_lens, seq, H, KVH, D, d)
+    q = q / D ** 0.5
+    T = q.shape[0]
+    bids = torch.full((T,), -1, dtype=torch.int32, device=DEV)
+    bids[T - 20:T - 8] = 3
+    span = table.shape[1] * kc.shape[1]
+    for window, blocks in [(None, None), (128, bids)]:
+        exp = ref.paged_attention(q, kc, vc, table, cu, sl, window, blocks, 1.0)
+        base = attention.plan_attention(T, len(q_lens), H, KVH, span, window, decode_rows=rows)
+        assert base.rows == rows
+        for plan in (base, attention.AttentionPlan(1, -(-span // 32) * 32, base.max_tiles, base.warps_m)):
+            out = run_native(q, kc, vc, table, cu, sl, window, blocks, plan)
+            assert_close(out, exp, d, f"rows={rows} tile={tile} plan={plan} window={window}", rel=2e-2)
+
+
+@pytest.mark.parametrize("rows", [8, 16])
+@pytest.mark.parametrize("D", [256, 512])
+def test_decode_one_split_over_many_pages(rows, D):
+    """One CTA over a key range of more pages than the 8-row kernel stages in shared memory (128): its loaders
+    read the page table from global memory; with the plan's splits the same batch stages its pages."""
+    torch.manual_seed(11 + D + rows)
+    d = torch.bfloat16
+    seq = [3001, 2500, 40]
+    q, kc, vc, table, cu, sl, _ = make_batch([1] * 3, seq, 16, 2, D, d)
+    q = q / D ** 0.5
+    span = table.shape[1] * kc.shape[1]
+    exp = ref.paged_attention(q, kc, vc, table, cu, sl, None, None, 1.0)
+    base = attention.plan_attention(3, 3, 16, 2, span, None, decode_rows=rows)
+    for plan in (base, attention.AttentionPlan(1, -(-span // 32) * 32, base.max_tiles, base.warps_m)):
+        out = run_native(q, kc, vc, table, cu, sl, None, None, plan)
+        assert_close(out, exp, d, f"plan={plan}", rel=2e-2)
+
+
+@pytest.mark.parametrize("rows", [8, 16])
+def test_opcheck(rows):
     d = torch.bfloat16
     q, kc, vc, table, cu, sl, _ = make_batch([1, 1], [40, 70], 8, 1, 256, d)
-    plan = attention.plan_attention(2, 2, 8, 1, table.shape[1] * 16, None)
+    plan = attention.plan_attention(2, 2, 8, 1, table.shape[1] * 16, None, decode_rows=rows)
+    assert plan.rows == rows
     ws_o, ws_lse = attention.attention_workspace(plan, 2, 8, 256, DEV)
     torch.library.opcheck(torch.ops.gemma4rt.paged_attention.default,
                           (q, kc, vc, table, cu, sl, None, 0, 1.0, plan.num_splits, plan.split_size, plan.max_tiles,
@@ -213,7 +270,8 @@ def test_opcheck():
                           (k, k.clone(), kc, vc, torch.tensor([3, 50], device=DEV)))
 
 
-def test_cuda_graph_replay():
+@pytest.mark.parametrize("rows", [8, 16])
+def test_cuda_graph_replay(rows):
     d = torch.bfloat16
     torch.manual_seed(5)
     q, kc, vc, table, cu, sl, _ = make_batch([1] * 6, [900, 33, 400, 1500, 7, 64], 16, 2, 512, d, reserve=1)
@@ -221,8 +279,8 @@ def test_cuda_graph_replay():
     knew = torch.randn(6, 2, 512, device=DEV, dtype=d)
     vnew = torch.randn(6, 2, 512, device=DEV, dtype=d)
     slots = torch.zeros(6, dtype=torch.int64, device=DEV)
-    plan = attention.plan_attention(6, 6, 16, 2, table.shape[1] * 16, None)
-    assert plan.num_splits > 1
+    plan = attention.plan_attention(6, 6, 16, 2, table.shape[1] * 16, None, decode_rows=rows)
+    assert plan.num_splits > 1 and plan.rows == rows
     out = torch.empty_like(q)
     ws_o, ws_lse = attention.attention_workspace(plan, 6, 16, 512, DEV)
 

@@ -1,7 +1,7 @@
 """plan_attention: the host-side split plan of the native paged attention (no GPU needed)."""
 import pytest
 
-from gemma4rt.ops.attention import (CTAS_PER_SM, DECODE_SPLIT_KEYS, KEYS_PER_STAGE, MAX_FINE_SPLITS,
+from gemma4rt.ops.attention import (CTAS_PER_SM, DECODE8, DECODE_SPLIT_KEYS, KEYS_PER_STAGE, MAX_FINE_SPLITS,
                                     plan_attention)
 
 
@@ -9,17 +9,23 @@ from gemma4rt.ops.attention import (CTAS_PER_SM, DECODE_SPLIT_KEYS, KEYS_PER_STA
 def test_batch1_decode_splits_the_keys_finely(span, window):
     p = plan_attention(1, 1, 8, 1, span, window)
     keys = min(span, window + 1) if window else span
-    assert p.warps_m == 1
+    assert p.rows == 16         # one (request x KV head) pair: the 16-row kernel
     assert p.split_size % KEYS_PER_STAGE == 0
     assert p.num_splits * p.split_size >= keys > (p.num_splits - 1) * p.split_size    # covers, no empty split
     assert p.num_splits == -(-keys // KEYS_PER_STAGE)          # one key stage per split: all the parallelism
 
 
 def test_enough_ctas_still_splits_decode_into_short_ranges_and_prefill_is_not_split_finely():
-    full = plan_attention(64, 64, 32, 16, 4096, 1024)                    # 1024 CTAs already
+    full = plan_attention(64, 64, 32, 16, 4096, 1024, decode_rows=16)    # 1024 CTAs already
     assert full.num_splits == -(-(1024 + 64) // DECODE_SPLIT_KEYS) and full.split_size <= DECODE_SPLIT_KEYS
-    long = plan_attention(100, 100, 16, 2, 65536, None)                  # long context: the split count is capped
-    assert long.num_splits == MAX_FINE_SPLITS and long.num_splits * long.split_size >= 65536
+    # the 8-row kernel is split only to fill the GPU: 4 CTAs an SM at head dim 256, 1 at 512
+    assert plan_attention(64, 64, 32, 16, 4096, 1024, decode_rows=8).num_splits == 1
+    assert plan_attention(100, 100, 16, 2, 2048, None, head_dim=512, decode_rows=8).num_splits == 1
+    assert plan_attention(100, 100, 8, 1, 2048, None, head_dim=512, decode_rows=8).num_splits == 2
+    assert plan_attention(100, 100, 8, 1, 4096, 512, decode_rows=8).num_splits == -(-(512 + 100) // 128)
+    for rows in (8, 16):                                                 # long context: the split count is capped
+        long = plan_attention(100, 100, 16, 2, 65536, None, decode_rows=rows)
+        assert long.num_splits == MAX_FINE_SPLITS and long.num_splits * long.split_size >= 65536
     short = plan_attention(100, 100, 16, 8, 160, 1024)                   # short context: nothing to cut
     assert short.num_splits == 1
     big = plan_attention(4096, 1, 8, 1, 4096, None)
@@ -61,7 +67,7 @@ def test_plan_covers_every_tile_key_range(seed, bidirectional):
         S = 16
         width = max(-(-L // S) for L in seq_lens)
         p = plan_attention(sum(q_lens), B, H, KVH, width * S, window)
-        spans = _tile_key_spans(q_lens, seq_lens, H // KVH, 16 * p.warps_m, window, bidirectional)
+        spans = _tile_key_spans(q_lens, seq_lens, H // KVH, p.rows, window, bidirectional)
         assert max(spans) <= p.num_splits * p.split_size, (p, max(spans), H, KVH, window, kind)
 
 
@@ -76,3 +82,20 @@ def test_split_workspace_is_capped():
     assert p.num_splits * p.split_size >= 4096
     small = plan_attention(100, 100, 16, 8, 4096, 1024, head_dim=256)    # decode: far below the cap
     assert small == plan_attention(100, 100, 16, 8, 4096, 1024)
+
+
+def test_decode_kernel_choice():
+    """Pure decode steps of layers with at most 8 query heads per KV head take the 8-row kernel; more heads
+    per KV head (the 12B's full layers), speculative rows and prompt chunks keep 16-row or prefill tiles;
+    decode_rows forces either decode kernel; the tile bound counts the chosen rows."""
+    if DECODE8:
+        assert plan_attention(100, 100, 16, 8, 2048, 1024).warps_m == 0
+        assert plan_attention(100, 100, 32, 4, 2048, None, head_dim=512).warps_m == 0
+        assert plan_attention(1, 1, 32, 16, 2048, 1024).warps_m == 0                 # 16 KV heads at batch 1
+    assert plan_attention(1, 1, 16, 8, 2048, 1024).warps_m == 1                       # 8 pairs: 16-row tiles
+    assert plan_attention(100, 100, 16, 1, 2048, None, head_dim=512).warps_m == 1      # group 16
+    assert plan_attention(400, 100, 16, 8, 2048, 1024).warps_m == 1                   # 4 tokens a request
+    assert plan_attention(100, 100, 16, 8, 2048, 1024, decode_rows=16).warps_m == 1
+    forced = plan_attention(400, 100, 16, 8, 2048, 1024, decode_rows=8)
+    assert forced.warps_m == 0 and forced.max_tiles == -(-400 * 2 // 8) + 100
+    assert plan_attention(5000, 2, 16, 8, 8192, 1024, decode_rows=8).warps_m == 4     # prefill stays prefill
