@@ -126,21 +126,35 @@ class Sampler:
                                 torch.tensor([p.frequency_penalty for p in ps], device=dev),
                                 torch.tensor([p.presence_penalty for p in ps], device=dev))
             edit()[idx] = sub
+        # logit bias and blocked ids of every row as one scatter each (a per-row edit costs a few launches and
+        # a host copy: ~0.2 ms a row for a 12B step of 100 rows, where every request suppresses EOI/EOA)
         forced = []                              # rows whose thinking budget is spent
+        bias_rc: tuple[list[int], list[int]] = ([], [])
+        bias_v: list[float] = []
+        block_rc: tuple[list[int], list[int]] = ([], [])
         for i, s in enumerate(states):
             p = s.params
             if p.thinking_budget is not None and s.must_end_thinking():
                 forced.append(i)
-            if p.logit_bias:
-                for tid, b in p.logit_bias.items():
-                    if 0 <= int(tid) < V:
-                        edit()[i, int(tid)] += float(b)
+            for tid, b in (p.logit_bias or {}).items():
+                if 0 <= int(tid) < V:
+                    bias_rc[0].append(i)
+                    bias_rc[1].append(int(tid))
+                    bias_v.append(float(b))
             blocked = list(p.suppress_token_ids)
             n_out = s.num_output + (unseen[i] if unseen else 0)
             if n_out < p.min_new_tokens and s.grammar is None:     # a grammar decides its own end
                 blocked += list(self.eos_token_ids) + list(p.stop_token_ids)
-            if blocked:
-                edit()[i, to_device([b for b in blocked if 0 <= b < V], dev, torch.long)] = float("-inf")
+            for b in blocked:
+                if 0 <= b < V:
+                    block_rc[0].append(i)
+                    block_rc[1].append(b)
+        if bias_v:
+            edit().index_put_(tuple(to_device(x, dev, torch.long) for x in bias_rc),
+                              to_device(bias_v, dev, work.dtype), accumulate=True)
+        if block_rc[0]:
+            edit().index_put_(tuple(to_device(x, dev, torch.long) for x in block_rc),
+                              torch.tensor(float("-inf"), dtype=work.dtype, device=dev))
         if self.sample_limit is not None or self._never:
             edit().masked_fill_(self._blocked_mask(dev), float("-inf"))
         if mask_rows:

@@ -61,3 +61,22 @@ def test_sampling_never_changes_the_callers_logits():
                 assert all(t != 3 for t in got), extra   # the edit did apply, to the copy
     plain = [r.token_ids[0] for r in Sampler(V, (1,)).sample(logits, _states(5, temperature=0.0))]
     assert plain == [3] * 5 and torch.equal(logits, before)
+
+
+def test_bias_and_blocked_ids_per_row_in_one_batch():
+    """Rows with different logit biases, suppressed ids and min_new_tokens-blocked EOS (applied as one
+    scatter per kind): each row gets exactly its own edits."""
+    V = 40
+    logits = torch.zeros(5, V)
+    logits[:, 9] = 5.0                               # every row's favourite unless edited
+    logits[:, 1] = 4.0                               # EOS (id 1), second best
+    states = [SeqSamplingState(params=p, seed=i, prompt_ids=[]) for i, p in enumerate([
+        SamplingParams(max_new_tokens=4, temperature=0.0),
+        SamplingParams(max_new_tokens=4, temperature=0.0, suppress_token_ids=[9]),                # -> EOS
+        SamplingParams(max_new_tokens=4, temperature=0.0, suppress_token_ids=[9], min_new_tokens=3),
+        SamplingParams(max_new_tokens=4, temperature=0.0, logit_bias={"20": 7.0, "9": -1.0}),
+        SamplingParams(max_new_tokens=4, temperature=0.0, logit_bias={"9": -3.0}, suppress_token_ids=[30]),
+    ])]
+    logits[2, 12] = 3.0                              # row 2: EOS and 9 blocked -> 12
+    got = [r.token_ids[0] for r in Sampler(V, (1,)).sample(logits, states)]
+    assert got == [9, 1, 12, 20, 1]
