@@ -17,16 +17,16 @@ from gemma4rt.ops import reference as ref
 
 KEYS_PER_STAGE = 32     # the kernel's key tile; split sizes are multiples of it
 DECODE_MAX_Q = 8        # a step of at most this many query rows per request runs decode tiles (8 or 16 rows)
+# (one launch per step, decode and prompt rows alike: two launches per mixed step measured slower, RESULTS.md)
 # A pure decode step (one token per request) of a layer with at most 8 query heads per KV head runs the 8-row
-# decode kernel (keys on the MMA's M side, bulk K/V copies on sm_90) once it has DECODE8_MIN_CTAS (request x KV
-# head) pairs; GEMMA4RT_DECODE8=0 keeps the 16-row tiles. H200 (bench/kernels/decode_sweep.py, us per layer,
-# 8-row vs 16-row): batch 100 26B-A4B sliding 243 vs 346, 31B full 284 vs 415, E4B sliding 42 vs 61; batch 1
-# (one 32-key split a CTA) E2B sliding 12.6 vs 10.4, 26B-A4B full 17.3 vs 14.8, 31B sliding (16 KV heads)
-# 17.5 vs 21.2.
+# decode kernel (keys on the MMA's M side) once it has DECODE8_MIN_CTAS (request x KV head) pairs;
+# GEMMA4RT_DECODE8=0 keeps the 16-row tiles. H200 (bench/kernels/decode_sweep.py, us per layer, 8-row vs
+# 16-row, both with bulk K/V copies): batch 100 26B-A4B sliding 241 vs 268, 31B full 266 vs 304, E4B sliding
+# 42 vs 48; batch 1 (one 32-key split a CTA) E2B sliding 12.2 vs 10.8, 26B-A4B full 16.9 vs 15.8, 31B sliding
+# (16 KV heads) 17.5 vs 22.5.
 DECODE8 = os.environ.get("GEMMA4RT_DECODE8", "1") != "0"
 DECODE8_MIN_CTAS = 16
 DECODE8_SPLIT_KEYS = 2048
-# (one launch per step, decode and prompt rows alike: two launches per mixed step measured slower, RESULTS.md)
 CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
 # Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
 # (request x KV head) grid already fills the GPU: many short CTAs balance uneven contexts and leave no
