@@ -92,6 +92,41 @@ __device__ __forceinline__ TileKeys tile_keys(const AttnParams& p, int group, in
   return r;
 }
 
+// Whether key j is visible to a query row at position qpos (in image block qblk, -1: none) of a request whose
+// chunk starts at position first_q and token index q0: causal within the window, or in the row's image block.
+__device__ __forceinline__ bool key_visible(const AttnParams& p, int j, int qpos, int qblk, int first_q, int q0) {
+  const bool win = p.window <= 0 || j > qpos - p.window;
+  bool vis = j <= qpos && win;
+  if (!vis && p.block_ids && qblk >= 0 && j >= first_q && win) vis = p.block_ids[q0 + (j - first_q)] == qblk;
+  return vis;
+}
+// Online softmax (log2 domain) for one row with the tile's (row-reduced) max mx: rescales the running sum l
+// and max m, returns the factor for the running output; mx becomes the offset for the tile's exponents.
+__device__ __forceinline__ float softmax_step(float& m, float& l, float& mx) {
+  const float mn = fmaxf(m, mx);
+  const float mu = mn == -INFINITY ? 0.f : mn;
+  const float alpha = exp2f(m - mu);
+  l *= alpha;
+  m = mn;
+  mx = mu;
+  return alpha;
+}
+
+// The tile's M query rows (row = token·group + head in group; rows past nrows zero-filled) -> swizzled smem,
+// by cp.async (the caller commits).
+template <typename T, int D, int M>
+__device__ __forceinline__ void load_q_tile(T* Qs, const AttnParams& p, const TileKeys& tk, int kvh, int group) {
+  constexpr int CH = D / 8;
+  const T* q = static_cast<const T*>(p.q);
+  for (int id = threadIdx.x; id < M * CH; id += blockDim.x) {
+    const int r = id / CH, c = id % CH;
+    const bool ok = r < tk.nrows;
+    const int rr = tk.row0 + (ok ? r : 0);
+    const T* src = q + (int64_t)(tk.q0 + rr / group) * p.sq_t + (int64_t)(kvh * group + rr % group) * p.sq_h + c * 8;
+    cp_async16(Qs + swz<D>(r, c * 8), src, ok);
+  }
+}
+
 constexpr int kPageCap = 128;   // page-table entries staged in shared memory (longer key ranges read global)
 
 // The K/V tiles of a CTA's key range [ks, ke): NS shared-memory stages of KB keys each (K rows, then V rows).
@@ -161,6 +196,18 @@ struct KvPipe {
       }
     }
   }
+  // tiles 0 .. NS-2 in flight through load(kb, stage), one commit group each (empty past the end, so that
+  // cp_async_wait<NS-2> in the loop always means "tile it has landed"); returns the number of tiles
+  template <typename F>
+  __device__ __forceinline__ int prologue(F&& load) const {
+    const int n = ke > ks ? (ke - ks + KB - 1) / KB : 0;
+#pragma unroll
+    for (int s = 0; s < NS - 1; ++s) {
+      if (s < n) load(ks + s * KB, s);
+      cp_async_commit();
+    }
+    return n;
+  }
   // BULK: wait until tile `it` has landed (the cp.async path waits on its commit groups instead)
   __device__ __forceinline__ void wait(int it) const {
     if constexpr (BULK) mbar_wait(full + it % NS, (it / NS) & 1);
@@ -180,7 +227,7 @@ attn_kernel(const AttnParams p) {
   pdl_trigger();
   using C = Cfg<T, D, WM, LD, KB_, NS_, BULK_>;
   using Pipe = KvPipe<T, D, KB_, NS_, BULK_>;
-  constexpr int M = C::M, DW = C::DW, NT = C::NT, CH = D / 8, KB = C::KB, NS = C::NS, RP = Pipe::RP;
+  constexpr int M = C::M, DW = C::DW, NT = C::NT, KB = C::KB, NS = C::NS, RP = Pipe::RP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);
 
@@ -195,32 +242,17 @@ attn_kernel(const AttnParams p) {
   const int wm = warp % WM, wd = (warp / WM) % C::DS;
   const bool computes = warp < C::CW;   // the other warps only load K/V tiles (BULK) or help to
   const int g = lane / 4, t4 = lane % 4;
-  const T* q = static_cast<const T*>(p.q);
   Pipe kv;
   kv.init(smem_raw + C::QB, p, tk.b, ks, ke, kvh);
 
-  // ---- Q tile -> smem ----
-  for (int id = tid; id < M * CH; id += NT) {
-    const int r = id / CH, c = id % CH;
-    const bool ok = r < nrows;
-    const int rr = row0 + (ok ? r : 0);
-    const T* src = q + (int64_t)(q0 + rr / group) * p.sq_t + (int64_t)(kvh * group + rr % group) * p.sq_h + c * 8;
-    cp_async16(Qs + swz<D>(r, c * 8), src, ok);
-  }
+  load_q_tile<T, D, M>(Qs, p, tk, kvh, group);   // in the first commit group
   __syncthreads();   // the page slice (and the barriers) are visible to the loaders
   // BULK: the loader warps issue; else every thread does
   auto load_kv = [&](int kb, int stage) {
     if (!C::BULK) kv.issue(p, kb, stage, tid, NT);
     else if (!computes) kv.issue(p, kb, stage, tid - 32 * C::CW, NT - 32 * C::CW);
   };
-  const int n_tiles = ke > ks ? (ke - ks + KB - 1) / KB : 0;
-  // prologue: tiles 0 .. NS-2 in flight (one commit group each, empty past the end, so that
-  // cp_async_wait<NS-2> below always means "tile it has landed")
-#pragma unroll
-  for (int s = 0; s < NS - 1; ++s) {
-    if (s < n_tiles) load_kv(ks + s * KB, s);
-    cp_async_commit();
-  }
+  const int n_tiles = kv.prologue(load_kv);
   // per-thread rows: g and g+8 of this warp's 16
   int qpos[2], qblk[2];
   bool rvalid[2];
@@ -274,14 +306,7 @@ attn_kernel(const AttnParams p) {
         for (int e = 0; e < 4; ++e) {
           const int h = e / 2;
           const int j = kb + nt * 8 + 2 * t4 + (e & 1);
-          bool ok = rvalid[h] && j < ke;
-          if (ok) {
-            const bool win = p.window <= 0 || j > qpos[h] - p.window;
-            bool vis = j <= qpos[h] && win;
-            if (!vis && p.block_ids && qblk[h] >= 0 && j >= first_q && win)
-              vis = p.block_ids[q0 + (j - first_q)] == qblk[h];
-            ok = vis;
-          }
+          const bool ok = rvalid[h] && j < ke && key_visible(p, j, qpos[h], qblk[h], first_q, q0);
           const float v = ok ? s[nt][e] * sl2 : -INFINITY;
           s[nt][e] = v;
           mx[h] = fmaxf(mx[h], v);
@@ -291,12 +316,7 @@ attn_kernel(const AttnParams p) {
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float mn = fmaxf(mrow[h], mx[h]);
-        const float mu = mn == -INFINITY ? 0.f : mn;
-        alpha[h] = exp2f(mrow[h] - mu);
-        lrow[h] *= alpha[h];
-        mrow[h] = mn;
-        mx[h] = mu;
+        alpha[h] = softmax_step(mrow[h], lrow[h], mx[h]);
       }
       uint32_t pa[KB / 16][4];
 #pragma unroll
@@ -388,7 +408,7 @@ attn_decode8_kernel(const AttnParams p) {
   using C = Cfg8<D, KB_, NS_, BULK_>;
   using Pipe = KvPipe<T, D, KB_, NS_, BULK_>;
   static_assert(8 * C::OP * 4 <= Pipe::STAGE_BYTES, "output staging reuses the K/V stages");
-  constexpr int DW = C::DW, NT = C::NT, CH = D / 8, KB = C::KB, NS = C::NS, MT = KB / 16, RP = Pipe::RP;
+  constexpr int DW = C::DW, NT = C::NT, KB = C::KB, NS = C::NS, MT = KB / 16, RP = Pipe::RP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);
 
@@ -400,28 +420,15 @@ attn_decode8_kernel(const AttnParams p) {
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const bool computes = warp < C::CW;
   const int g = lane / 4, t4 = lane % 4;
-  const T* q = static_cast<const T*>(p.q);
   Pipe kv;
   kv.init(smem_raw + C::QB, p, tk.b, ks, ke, kvh);
 
-  // ---- Q tile (8 rows) -> smem, in the first commit group ----
-  for (int id = tid; id < 8 * CH; id += NT) {
-    const int r = id / CH, c = id % CH;
-    const bool ok = r < nrows;
-    const int rr = row0 + (ok ? r : 0);
-    const T* src = q + (int64_t)(q0 + rr / group) * p.sq_t + (int64_t)(kvh * group + rr % group) * p.sq_h + c * 8;
-    cp_async16(Qs + swz<D>(r, c * 8), src, ok);
-  }
+  load_q_tile<T, D, 8>(Qs, p, tk, kvh, group);   // in the first commit group
   __syncthreads();   // the page slice (and the barriers) are visible to the loaders
   auto load_kv = [&](int kb, int stage) {   // the loader warps only
     if (!computes) kv.issue(p, kb, stage, tid - 32 * C::CW, 32 * C::LW);
   };
-  const int n_tiles = ke > ks ? (ke - ks + KB - 1) / KB : 0;
-#pragma unroll
-  for (int s = 0; s < NS - 1; ++s) {
-    if (s < n_tiles) load_kv(ks + s * KB, s);
-    cp_async_commit();
-  }
+  const int n_tiles = kv.prologue(load_kv);
   // this thread's two query rows (Sᵀ and Oᵀ columns 2·t4 and 2·t4 + 1)
   int qpos[2], qblk[2];
   bool cval[2];
@@ -476,14 +483,7 @@ attn_decode8_kernel(const AttnParams p) {
       for (int e = 0; e < 4; ++e) {
         const int h = e & 1;
         const int j = kb + mt * 16 + g + (e >> 1) * 8;
-        bool ok = cval[h] && j < ke;
-        if (ok) {
-          const bool win = p.window <= 0 || j > qpos[h] - p.window;
-          bool vis = j <= qpos[h] && win;
-          if (!vis && p.block_ids && qblk[h] >= 0 && j >= first_q && win)
-            vis = p.block_ids[q0 + (j - first_q)] == qblk[h];
-          ok = vis;
-        }
+        const bool ok = cval[h] && j < ke && key_visible(p, j, qpos[h], qblk[h], first_q, q0);
         const float v = ok ? s[mt][e] * sl2 : -INFINITY;
         s[mt][e] = v;
         mx[h] = fmaxf(mx[h], v);
@@ -493,12 +493,7 @@ attn_decode8_kernel(const AttnParams p) {
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int o2 = 4; o2 < 32; o2 <<= 1) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], o2));
-      const float mn = fmaxf(mcol[h], mx[h]);
-      const float mu = mn == -INFINITY ? 0.f : mn;
-      alpha[h] = exp2f(mcol[h] - mu);
-      lcol[h] *= alpha[h];
-      mcol[h] = mn;
-      mx[h] = mu;
+      alpha[h] = softmax_step(mcol[h], lcol[h], mx[h]);
     }
     // Pᵀ as the PV MMA's B fragments: lane (g, t4) takes keys 2·t4, 2·t4+1 (+8) of column g from lanes
     // 8·t4 + g/2 and 8·t4 + 4 + g/2, which hold columns g & ~1 and g | 1 packed in one register
