@@ -21,7 +21,8 @@
 #     sweep    bench/kernels/decode_sweep.py: decode attention per layer at serving geometries for the engine's
 #              plan and forced split sizes, per decode kernel ($SWEEP_VARIANTS, e.g. "16,8:16x3"), in the engine's
 #              KV layout ($SWEEP_LAYOUTS=nhd,hnd adds head-major pages), random page order ($SWEEP_TABLES=random,seq
-#              adds pages in order), $SWEEP_BATCHES (default 100,1), SWEEP_PROBE=1: the 8-row kernels' loads alone
+#              adds pages in order), $SWEEP_BATCHES (default 100,1), SWEEP_PROBE=1: the 8-row kernels' loads alone,
+#              SWEEP_CONTEXTS=uniform,spread adds uneven contexts (uniform on [1, 2 ctx - 1], as in serving)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags), and
 #              again with $SERVER_COMPARE_ARGS added when set (e.g. "--disable-overlap-schedule")
@@ -167,14 +168,15 @@ if has sweep && [ "$(left)" -gt 90 ]; then
   echo "== decode attention sweep"
   timeout $(( $(left) - 60 )) $PY -m bench.kernels.decode_sweep --layouts ${SWEEP_LAYOUTS:-nhd} --out "$OUT" \
     ${SWEEP_VARIANTS:+--variants $SWEEP_VARIANTS} ${SWEEP_TABLES:+--tables $SWEEP_TABLES} ${SWEEP_PROBE:+--probe} \
-    ${SWEEP_BATCHES:+--batches $SWEEP_BATCHES} >"$OUT/decode_sweep.log" 2>&1
+    ${SWEEP_BATCHES:+--batches $SWEEP_BATCHES} ${SWEEP_CONTEXTS:+--contexts $SWEEP_CONTEXTS} >"$OUT/decode_sweep.log" 2>&1
   echo "sweep rc=$? ($(elapsed)s)"
   $PY - "$OUT/decode_sweep.jsonl" <<'PYEOF' 2>/dev/null
 import collections, json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 best = collections.defaultdict(dict)
 for r in rows:
-    k = (r["geom"], r["B"], r["layout"] + "/" + r.get("pages", "random"), r.get("kernel", ""))
+    k = (r["geom"], r["B"], r["layout"] + "/" + r.get("pages", "random") + "/" + r.get("contexts", "uniform"),
+         r.get("kernel", ""))
     if r["label"] in ("plan", "probe"):
         best[k][r["label"]] = (r["us"], r.get("read_frac", 0))
     if r["label"] != "probe" and r["us"] < best[k].get("best", (1e9, ""))[0]:

@@ -7,7 +7,8 @@ plan the engine would pick and for forced split sizes. Each call walks several l
 Kernel variants (`--variants`): "ROWS[:TILE]", ROWS = 16 (the 16-row decode kernel) or 8 (the 8-row kernel,
 keys on the MMA's M side), TILE = [b]KBxNS: KB keys per stage, NS stages, "b" for bulk copies
 (GEMMA4RT_DECODE16_TILE / GEMMA4RT_DECODE8_TILE), each timed for the engine's plan and the forced split sizes. `--tables seq` also
-times page tables in order (against random order), `--probe` the 8-row kernels' loads without compute. Rows carry $SWEEP_TAG, to tell builds apart in the jsonl.
+times page tables in order (against random order), `--probe` the 8-row kernels' loads without compute,
+`--contexts spread` requests of uneven contexts (uniform on [1, 2 ctx - 1], as in serving). Rows carry $SWEEP_TAG, to tell builds apart in the jsonl.
 
 H200, 2026-11-29, ~1.1k context, batch 100 (us per layer): keys per stage x stages 32x2 / 32x3 / 16x3 /
 16x4 / 16x2 for the 26B-A4B sliding layer in 256-key splits 354 / 466 / 347 / 415 / 356, full layer 274 /
@@ -48,15 +49,19 @@ def _kv(P: int, KVH: int, D: int, layout: str, dt) -> torch.Tensor:
 
 
 def sweep(ctx: int, batches, ceil, layouts=("nhd",), variants=("16", "8:16x2"), tables=("random",),
-          probe=False) -> list[dict]:
+          probe=False, contexts=("uniform",)) -> list[dict]:
     dt = torch.bfloat16
     rows = []
-    for (name, H, KVH, D, W), layout, order in [(g, lay, o) for g in GEOMS for lay in layouts for o in tables]:
+    for (name, H, KVH, D, W), layout, order, cdist in [(g, lay, o, c) for g in GEOMS for lay in layouts
+                                                        for o in tables for c in contexts]:
         for B in batches:
-            keys = min(ctx, W) if W else ctx
-            per_layer = B * keys * KVH * D * 2 * 2
+            # "uniform": every request at ctx tokens; "spread": uniform on [1, 2·ctx - 1] (seeded), as in serving
+            gen = torch.Generator().manual_seed(B)
+            lens = ([ctx] * B if cdist == "uniform" or B == 1 else
+                    torch.randint(1, 2 * ctx, (B,), generator=gen).tolist())
+            per_layer = sum(min(c, W) if W else c for c in lens) * KVH * D * 2 * 2
             layers = max(1, min(8, (512 << 20) // max(per_layer, 1)))
-            pages = -(-ctx // S)
+            pages = -(-max(lens) // S)
             caches = []
             for _ in range(layers):
                 table = (torch.randperm(B * pages, device="cuda") if order == "random" else
@@ -64,7 +69,7 @@ def sweep(ctx: int, batches, ceil, layouts=("nhd",), variants=("16", "8:16x2"), 
                 caches.append((_kv(B * pages, KVH, D, layout, dt), _kv(B * pages, KVH, D, layout, dt), table))
             q = torch.randn(B, H, D, device="cuda", dtype=dt) / D ** 0.5
             cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-            sl = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+            sl = torch.tensor(lens, device="cuda", dtype=torch.int32)
             span = min(pages * S, W + B) if W else pages * S
             plans = {}
             for var in variants:
@@ -101,7 +106,8 @@ def sweep(ctx: int, batches, ceil, layouts=("nhd",), variants=("16", "8:16x2"), 
                         attention.paged_attention_planned(q, kc, vc, table, cu, sl, W, None, 1.0, plan, out,
                                                           ws_o, ws_lse)
                 t = time_us(fn, reps=9, inner=4) / layers
-                rows.append({"geom": name, "layout": layout, "pages": order, "B": B, "ctx": ctx, "kernel": var,
+                rows.append({"geom": name, "layout": layout, "pages": order, "contexts": cdist, "B": B, "ctx": ctx,
+                             "kernel": var,
                              "label": label,
                              "splits": plan.num_splits,
                              "split_size": plan.split_size, "us": round(t, 2),
@@ -126,13 +132,15 @@ def main():
                          'GEMMA4RT_DECODE16_TILE (default: the kernel\'s own)')
     ap.add_argument("--tables", default="random", help="random (pages in random order) and/or seq (in order)")
     ap.add_argument("--probe", action="store_true", help="also time the 8-row kernels' loads alone")
+    ap.add_argument("--contexts", default="uniform",
+                    help="uniform (every request at --ctx) and/or spread (uniform on [1, 2 ctx - 1], as in serving)")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     a = ap.parse_args()
     ceil = measure_ceilings()
     print(json.dumps({"card": ceil["card"], "copy_GBps": round(ceil["bw"] / 1e9),
                       "read_GBps": round(ceil["bw_read"] / 1e9)}), flush=True)
     rows = sweep(a.ctx, [int(b) for b in a.batches.split(",")], ceil, tuple(a.layouts.split(",")),
-                 tuple(a.variants.split(",")), tuple(a.tables.split(",")), a.probe)
+                 tuple(a.variants.split(",")), tuple(a.tables.split(",")), a.probe, tuple(a.contexts.split(",")))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, "decode_sweep.jsonl"), "a") as f:
