@@ -136,8 +136,9 @@ constexpr int kPageCap = 128;   // page-table entries staged in shared memory (l
 // into swizzled rows (keys past the range zero-filled), one commit group per stage. The page-table slice of
 // the range is staged in shared memory when it has at most kPageCap entries.
 // H200, batch-100 decode at ~1.1k context (bench/kernels/decode_sweep.py): the cp.async path reaches ~55% of
-// the read bandwidth however many stages are in flight, the bulk path 75-86% (an SM keeps only so many
-// cp.async requests in flight; a bulk copy is one request for a whole row).
+// the read bandwidth however many stages are in flight (its loads alone, timed with GEMMA4RT_ATTN_PROBE=1, are
+// no faster: an SM keeps only so many cp.async requests in flight), the bulk path 61-97% on layers of 2 or
+// more KV heads (a bulk copy is one request for a whole row).
 template <typename T, int D, int KB, int NS, bool BULK>
 struct KvPipe {
   static constexpr int RP = BULK ? D + 8 : D;                   // row pitch (elements)
