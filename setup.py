@@ -15,7 +15,8 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Sources a ROCm build leaves out (NVIDIA-only instructions); keep in step with CUDA_ONLY_OPS in
 # gemma4rt/ops/_native.py and the USE_ROCM guards in csrc/torch_bindings.cpp.
-CUDA_ONLY_SOURCES = ("csrc/attention/paged_attention.cu", "csrc/moe/moe_experts.cu", "csrc/sampling/sample.cu")
+CUDA_ONLY_SOURCES = ("csrc/attention/paged_attention.cu", "csrc/attention/decode8_attention.cu", "csrc/moe/moe_experts.cu",
+                     "csrc/sampling/sample.cu")
 
 
 def _ext_modules():
