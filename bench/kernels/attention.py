@@ -43,7 +43,7 @@ def run(ceil, quick=False):
                 q = torch.randn(B, H, D, device="cuda", dtype=dt) / D ** 0.5
                 cu = torch.arange(B + 1, device="cuda", dtype=torch.int32)
                 sl = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-                plan = attention.plan_attention(B, B, H, KVH, table.shape[1] * S, W)
+                plan = attention.plan_attention(B, B, H, KVH, table.shape[1] * S, W, head_dim=D)
                 out = torch.empty_like(q)
                 ws_o, ws_lse = attention.attention_workspace(plan, B, H, D, q.device)
                 fn = lambda: attention.paged_attention_planned(q, kc, vc, table, cu, sl, W, None, 1.0, plan,  # noqa
@@ -70,7 +70,7 @@ def run(ceil, quick=False):
         q = torch.randn(T, H, D, device="cuda", dtype=dt) / D ** 0.5
         cu = torch.tensor([0, T], device="cuda", dtype=torch.int32)
         sl = torch.tensor([T], device="cuda", dtype=torch.int32)
-        plan = attention.plan_attention(T, 1, H, KVH, table.shape[1] * S, W)
+        plan = attention.plan_attention(T, 1, H, KVH, table.shape[1] * S, W, head_dim=D)
         out = torch.empty_like(q)
         ws_o, ws_lse = attention.attention_workspace(plan, T, H, D, q.device)
         t = time_us(lambda: attention.paged_attention_planned(q, kc, vc, table, cu, sl, W, None, 1.0, plan, out,

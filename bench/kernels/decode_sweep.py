@@ -76,7 +76,7 @@ def sweep(ctx: int, batches, ceil, layouts=("nhd",), variants=("16", "8:16x2"), 
                 nrow = var.partition(":")[0]
                 if nrow == "8" and H // KVH > 8:
                     continue
-                base = attention.plan_attention(B, B, H, KVH, pages * S, W, decode_rows=int(nrow))
+                base = attention.plan_attention(B, B, H, KVH, pages * S, W, head_dim=D, decode_rows=int(nrow))
                 plans[(var, "plan")] = base
                 if B > 1:
                     for ss in (32, 64, 128, 256, 512):
