@@ -247,7 +247,8 @@ void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_ca
 void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& page_table,
                         const Tensor& cu_seqlens_q, const Tensor& seq_lens, const optional<Tensor>& block_ids,
                         int64_t sliding_window, double scale, int64_t num_splits, int64_t split_size,
-                        int64_t max_tiles, int64_t warps_m, Tensor& out, Tensor& ws_o, Tensor& ws_lse) {
+                        int64_t max_tiles, int64_t warps_m, Tensor& out, Tensor& ws_o, Tensor& ws_lse,
+                        int64_t q_sel, const optional<Tensor>& counters) {
   G4_CHECK_CUDA(q); G4_CHECK_LAST(q); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache); G4_CHECK_LAST(out);
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && out.sizes() == q.sizes(),
               "paged_attention: q [T, H, D], caches [P, S, KVH, D]");
@@ -263,7 +264,8 @@ void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_
               seq_lens.is_contiguous() && cu_seqlens_q.numel() == seq_lens.numel() + 1 &&
               page_table.size(0) >= seq_lens.numel(), "cu_seqlens_q [B+1], seq_lens [B]: int32");
   if (block_ids) TORCH_CHECK(block_ids->scalar_type() == at::kInt && block_ids->is_contiguous() && block_ids->numel() == T, "block_ids: [T] int32");
-  TORCH_CHECK(num_splits >= 1 && (warps_m == 0 || warps_m == 1 || warps_m == 4), "paged_attention: plan");
+  TORCH_CHECK(num_splits >= 1 && (warps_m == 0 || warps_m == 1 || warps_m == 4) && q_sel >= 0 && q_sel <= 2,
+              "paged_attention: plan");
   if (num_splits > 1) {
     TORCH_CHECK(ws_o.scalar_type() == at::kFloat && ws_o.is_contiguous() && ws_o.numel() >= num_splits * T * H * D &&
                 ws_lse.scalar_type() == at::kFloat && ws_lse.is_contiguous() && ws_lse.numel() >= num_splits * T * H,
@@ -283,6 +285,12 @@ void paged_attention_op(const Tensor& q, const Tensor& k_cache, const Tensor& v_
   p.T = (int)T; p.H = (int)H; p.KVH = (int)KVH; p.D = (int)D; p.B = (int)seq_lens.numel();
   p.page_size = (int)k_cache.size(1); p.window = (int)sliding_window; p.scale = (float)scale;
   p.num_splits = (int)num_splits; p.split_size = (int)split_size; p.max_tiles = (int)max_tiles; p.warps_m = (int)warps_m;
+  p.q_sel = (int)q_sel;
+  if (counters && num_splits > 1) {
+    TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() && counters->device() == q.device() &&
+                counters->numel() >= max_tiles * KVH, "paged_attention: counters [>= max_tiles * KVH] int32");
+    p.counters = counters->data_ptr<int32_t>();
+  }
   c10::cuda::CUDAGuard g(q.device());
   check_launch(launch_paged_attention(dtype_code(q), p, stream_of(q)), "paged_attention");
 }
@@ -383,7 +391,7 @@ TORCH_LIBRARY(gemma4rt, m) {
 #ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
         "Tensor seq_lens, Tensor? block_ids, int sliding_window, float scale, int num_splits, int split_size, "
-        "int max_tiles, int warps_m, Tensor(a!) out, Tensor(b!) ws_o, Tensor(c!) ws_lse) -> ()");
+        "int max_tiles, int warps_m, Tensor(a!) out, Tensor(b!) ws_o, Tensor(c!) ws_lse, int q_sel=0, Tensor(d!)? counters=None) -> ()");
 #endif
   m.def("moe_route(Tensor logits, int top_k, Tensor? per_expert_scale, Tensor(a!) weights, Tensor(b!) ids) -> ()");
   m.def("moe_align(Tensor ids, int num_experts, int block_m, Tensor(a!) sorted, Tensor(b!) tile_expert, "

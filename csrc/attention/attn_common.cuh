@@ -17,7 +17,8 @@ namespace attn {
 
 constexpr int kSplitKeys = 32;  // split sizes are multiples of this (KEYS_PER_STAGE in ops/attention.py)
 
-// Which request and row tile of M rows a CTA owns (blockIdx.x runs over every request's tiles), and the
+// Which request and row tile of M rows a CTA owns (blockIdx.x runs over the tiles of every request that
+// p.q_sel selects), and the
 // key range [ks, ke) of its split. A warp-wide scan over cu_seqlens, 32 requests a round (a serial walk
 // costs a dependent load per request, microseconds for a CTA of batch-100 decode). b < 0: no tile.
 struct TileKeys {
@@ -35,7 +36,8 @@ __device__ __forceinline__ TileKeys tile_keys(const AttnParams& p, int group, in
     if (i < p.B) {
       a0 = p.cu_seqlens_q[i];
       n = p.cu_seqlens_q[i + 1] - a0;
-      nt = (n * group + M - 1) / M;
+      // q_sel (a mixed step's two launches): a request outside this launch's selection owns no tile
+      if (p.q_sel == 0 || (p.q_sel == 1) == (n == 1)) nt = (n * group + M - 1) / M;
     }
     int incl = nt;
 #pragma unroll
@@ -209,14 +211,60 @@ struct KvPipe {
   }
 };
 
+// A split CTA has written its rows' partials (ws_o, ws_lse). With p.counters, the last of the tile's split
+// CTAs to get here (counted per (row tile, KV head), the count reset by that CTA for the next launch)
+// combines every split's partials of the tile's rows into out: no merge launch, whose latency-bound blocks
+// (one a row and head) cost ~35 µs a layer at batch 100 on an H200. Each thread walks the splits serially,
+// so the host sends counters only for a few splits (ops/attention.py). Every thread of the CTA calls this.
+template <typename T, int NT>
+__device__ __forceinline__ void merge_tile_if_last(const AttnParams& p, int q0, int row0, int nrows, int group,
+                                                   int kvh) {
+  if (p.num_splits == 1 || p.counters == nullptr) return;
+  __shared__ int s_last;
+  __threadfence();   // this thread's partials, before the count says they are there
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* cnt = p.counters + (int64_t)blockIdx.x * p.KVH + kvh;
+    s_last = atomicAdd(cnt, 1) == p.num_splits - 1;
+    if (s_last) *cnt = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int D = p.D, cols = D / 4, S = p.num_splits;
+  const int64_t stride = (int64_t)p.T * p.H;
+  for (int id = threadIdx.x; id < nrows * cols; id += NT) {
+    const int rr = row0 + id / cols, c = (id % cols) * 4;
+    const int tok = q0 + rr / group, head = kvh * group + rr % group;
+    const int64_t th = (int64_t)tok * p.H + head;
+    float mx = -INFINITY;
+#pragma unroll 4
+    for (int s = 0; s < S; ++s) mx = fmaxf(mx, __ldcg(p.ws_lse + s * stride + th));
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, den = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < S; ++s) {
+      const float l = __ldcg(p.ws_lse + s * stride + th);
+      if (l == -INFINITY) continue;
+      const float w = exp2f(l - mx);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws_o + (s * stride + th) * D + c));
+      den += w;
+      a0 += w * v.x; a1 += w * v.y; a2 += w * v.z; a3 += w * v.w;
+    }
+    const float inv = den > 0.f ? 1.f / den : 0.f;
+    T* orow = static_cast<T*>(p.out) + (int64_t)tok * p.so_t + (int64_t)head * p.so_h + c;
+    orow[0] = from_f<T>(a0 * inv); orow[1] = from_f<T>(a1 * inv);
+    orow[2] = from_f<T>(a2 * inv); orow[3] = from_f<T>(a3 * inv);
+  }
+}
+
 // An attention kernel over (row tiles, KV heads, splits) with nt threads and smem bytes of dynamic shared
-// memory, then the merge of its splits.
+// memory, then the merge of its splits (unless the kernel merged them, p.counters).
 template <typename T, typename K>
 cudaError_t launch_tiles(K kern, int nt, int smem, const AttnParams& p, cudaStream_t st) {
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   e = launch(kern, dim3(p.max_tiles, p.KVH, p.num_splits), nt, smem, st, p);
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess || p.counters != nullptr) return e;
   return attn_merge<T>(p, st);
 }
 

@@ -194,6 +194,7 @@ attn_decode8_kernel(const AttnParams p) {
       *reinterpret_cast<float4*>(p.ws_o + (((int64_t)split * p.T + tok) * p.H + head) * D + c) = v;
     }
   }
+  merge_tile_if_last<T, NT>(p, q0, row0, nrows, group, kvh);
 }
 
 template <typename T, int D, int KB, int NS, bool BULK>

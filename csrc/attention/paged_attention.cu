@@ -3,9 +3,10 @@
 // KV head and one split of the key range. K/V pages stream through a multi-stage pipeline into shared memory
 // (KvPipe: cp.async chunks, or on sm_90 one bulk copy per K/V row counted on an mbarrier); QKᵀ and PV run on
 // tensor cores (mma.sync m16n8k16, fp32 accumulate), softmax online in fp32. Three tilings: 64 query rows
-// (prefill), 16 rows (decode, speculative rows, prompt chunks beside decode rows) and, for pure decode with
-// at most 8 query heads per KV head, 8 rows with the keys on the MMA's M side (decode8_attention.cu). Splits
-// (decode over long contexts) write normalised partials + log-sum-exp, combined by merge_kernel.
+// (prefill), 16 rows (decode, speculative rows) and, for decode with at most 8 query heads per KV head, 8 rows
+// with the keys on the MMA's M side (decode8_attention.cu). A mixed step runs two launches, each over the
+// requests its q_sel selects. Splits (decode over long contexts) write normalised partials + log-sum-exp,
+// combined by the last split CTA of each tile (merge_tile_if_last) or, without counters, by merge_kernel.
 #include "attention/attn_common.cuh"
 
 namespace g4 {
@@ -161,36 +162,37 @@ attn_kernel(const AttnParams p) {
     }
   }
   cp_async_wait<0>();
-  if (!computes) return;
-  // ---- finalize ----
+  if (computes) {     // ---- finalize (the loader warps only join the merge below) ----
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 1);
-    lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 2);
-  }
-  T* out = static_cast<T*>(p.out);
+    for (int h = 0; h < 2; ++h) {
+      lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 1);
+      lrow[h] += __shfl_xor_sync(0xffffffffu, lrow[h], 2);
+    }
+    T* out = static_cast<T*>(p.out);
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (!rvalid[h]) continue;
-    const int r = row0 + wm * 16 + g + h * 8;
-    const int tok = q0 + r / group, head = kvh * group + r % group;
-    const float inv = lrow[h] > 0.f ? 1.f / lrow[h] : 0.f;
-    if (p.num_splits == 1) {
-      T* orow = out + (int64_t)tok * p.so_t + (int64_t)head * p.so_h + wd * DW;
+    for (int h = 0; h < 2; ++h) {
+      if (!rvalid[h]) continue;
+      const int r = row0 + wm * 16 + g + h * 8;
+      const int tok = q0 + r / group, head = kvh * group + r % group;
+      const float inv = lrow[h] > 0.f ? 1.f / lrow[h] : 0.f;
+      if (p.num_splits == 1) {
+        T* orow = out + (int64_t)tok * p.so_t + (int64_t)head * p.so_h + wd * DW;
 #pragma unroll
-      for (int nt = 0; nt < DW / 8; ++nt) {
-        orow[nt * 8 + 2 * t4] = from_f<T>(o[nt][2 * h] * inv);
-        orow[nt * 8 + 2 * t4 + 1] = from_f<T>(o[nt][2 * h + 1] * inv);
+        for (int nt = 0; nt < DW / 8; ++nt) {
+          orow[nt * 8 + 2 * t4] = from_f<T>(o[nt][2 * h] * inv);
+          orow[nt * 8 + 2 * t4 + 1] = from_f<T>(o[nt][2 * h + 1] * inv);
+        }
+      } else {
+        const int64_t base = ((int64_t)split * p.T + tok) * p.H + head;
+        float* orow = p.ws_o + base * D + wd * DW;
+#pragma unroll
+        for (int nt = 0; nt < DW / 8; ++nt)
+          *reinterpret_cast<float2*>(orow + nt * 8 + 2 * t4) = make_float2(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
+        if (wd == 0 && t4 == 0) p.ws_lse[base] = lrow[h] > 0.f ? mrow[h] + log2f(lrow[h]) : -INFINITY;
       }
-    } else {
-      const int64_t base = ((int64_t)split * p.T + tok) * p.H + head;
-      float* orow = p.ws_o + base * D + wd * DW;
-#pragma unroll
-      for (int nt = 0; nt < DW / 8; ++nt)
-        *reinterpret_cast<float2*>(orow + nt * 8 + 2 * t4) = make_float2(o[nt][2 * h] * inv, o[nt][2 * h + 1] * inv);
-      if (wd == 0 && t4 == 0) p.ws_lse[base] = lrow[h] > 0.f ? mrow[h] + log2f(lrow[h]) : -INFINITY;
     }
   }
+  merge_tile_if_last<T, NT>(p, q0, row0, nrows, group, kvh);
 }
 
 // out[t, h] = Σ_s 2^(lse_s − max) O_s / Σ_s 2^(lse_s − max). One block per (token, head): the split
@@ -218,6 +220,15 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttnParams p
       for (int i = 0; i < 4; ++i) orow[i] = from_f<T>(0.f);
     }
     return;
+  }
+  if (p.q_sel != 0) {
+    // one launch of a mixed step: rows of the requests the other launch covers are not this merge's
+    int lo = 0, hi = p.B - 1;     // the request owning tok: the last b with cu[b] <= tok
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.cu_seqlens_q[mid] <= tok) lo = mid; else hi = mid - 1;
+    }
+    if ((p.q_sel == 1) != (p.cu_seqlens_q[lo + 1] - p.cu_seqlens_q[lo] == 1)) return;
   }
   float* wsh = msh;                 // [S] split weights
   float* part = msh + S;            // [groups][D] partial sums

@@ -93,6 +93,8 @@ struct AttnParams {
   int max_tiles;                              // grid bound on row tiles
   int warps_m;                                // 0: 8-row decode tiles, 1: 16-row decode tiles, 4: 64-row prefill
   int probe;                                  // set by the launcher from GEMMA4RT_ATTN_PROBE (benchmarks)
+  int q_sel;                                  // requests covered: 0 all, 1 those of one query token, 2 the others
+  int* counters;                              // [max_tiles * KVH] zeros: splits merged in the kernel; or null
 };
 cudaError_t launch_paged_attention(int dtype, const AttnParams& p, cudaStream_t st);
 

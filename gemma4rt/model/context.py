@@ -45,6 +45,8 @@ class ForwardContext:
     allow_shared_layer_skip: bool = True
     # rows owned by no request (a mixed CUDA graph's padding) get a zero attention output
     zero_attn_out: bool = False
+    # one-token requests beside prompt chunks: attention runs as two launches (ops.attention.mixed_step)
+    mixed_attn: bool = False
     extras: dict = field(default_factory=dict)
 
     @property

@@ -102,7 +102,8 @@ class Attention(nn.Module):
             q = ops.qkv_norm_rope_store(q, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, eps, cos, sin,
                                         k_cache, v_cache, ctx.slot_mappings[pool_name])
         o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
-                                ctx.seq_lens, sliding_window, block_ids, 1.0, zero_out=ctx.zero_attn_out)
+                                ctx.seq_lens, sliding_window, block_ids, 1.0, zero_out=ctx.zero_attn_out,
+                                mixed=ctx.mixed_attn)
         return self.tp.all_reduce(self.o_proj(o.reshape(T, -1)))
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gemma4rt.model.context import ForwardContext
+from gemma4rt.ops.attention import MIXED_ATTN
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ class StepGraphs:
             ple_token_rows=None if self.ple_rows is None else self.ple_rows[:t],
             # mixed / verify: the rows of padded tokens are no request's (zeroed attention output), and every
             # layer runs every row (no KV-shared-layer row skipping, whose shapes follow the data)
-            allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind != DECODE)
+            allow_shared_layer_skip=kind == DECODE, zero_attn_out=kind != DECODE,
+            mixed_attn=kind == MIXED and MIXED_ATTN)
 
     def _capture_inputs(self, kind: str, n: int) -> None:
         """Valid static inputs to capture graph (kind, n, ·) with: every request of one token on the scratch
@@ -228,6 +230,8 @@ class StepGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        from gemma4rt.ops.attention import merge_counters
+        merge_counters(self.device)            # outside any graph's memory pool
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

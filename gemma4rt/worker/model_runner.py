@@ -24,6 +24,7 @@ from gemma4rt.model.context import ForwardContext
 from gemma4rt.model.gemma4 import Gemma4Model
 from gemma4rt.model.loader import init_dummy_weights, load_weights, resolve_model_path
 from gemma4rt.model.parallel import NO_TP, TP, check_tp
+from gemma4rt.ops.attention import mixed_step
 from gemma4rt.model_config import ModelConfig, load_model_config, parse_model_config
 from gemma4rt.protocol import NewRequestData, SampledTokens, ScheduledRequest, StepPlan, StepResult
 from gemma4rt.worker.constrained import GrammarSlots
@@ -456,7 +457,7 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
             input_ids=t(arr.input_ids), positions=t(arr.positions), cu_seqlens_q=t(arr.cu_seqlens),
             seq_lens=t(arr.seq_lens), page_tables={k: t(v) for k, v in arr.page_tables.items()},
             slot_mappings={k: t(v) for k, v in arr.slot_mappings.items()}, kv=self.kv,
-            logits_indices=t(arr.logits_indices))
+            logits_indices=t(arr.logits_indices), mixed_attn=mixed_step(np.diff(arr.cu_seqlens).tolist()))
         if self.ple_host_table is not None:
             ctx.ple_token_rows = self.ple_rows_from_host(arr.input_ids).to(dev, non_blocking=True)
         if any(self.seqs[sr.rid].mm_items for sr in scheduled):

@@ -128,6 +128,58 @@ def test_mixed_step(dtype, D, H, KVH):
         check(q, kc, vc, table, cu, sl, window, blocks, dtype, forced_splits=4)
 
 
+@pytest.mark.parametrize("fused_merge", [True, False])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D,H,KVH", [(256, 16, 8), (512, 16, 2), (256, 8, 1), (512, 16, 1)])
+def test_mixed_step_two_launches(dtype, D, H, KVH, fused_merge, monkeypatch):
+    """A mixed step as two launches (the one-token requests with the decode kernels, the others with 64-row
+    tiles; q_sel): decode rows, a speculative row, a request without tokens, prompt chunks (one with an image
+    block) and padded rows owned by no request. Each launch writes only its own requests' rows, also through its
+    split merge (forced splits on both launches, partials poisoned with NaN; merged in the kernel or by the merge
+    launch); padded rows come out zero; the in-kernel merge leaves its counters at zero."""
+    from dataclasses import replace
+    monkeypatch.setattr(attention, "FUSED_MERGE", fused_merge)
+    torch.manual_seed(D + H + KVH + 3)
+    q_lens = [1] * 30 + [3] + [1] * 9 + [300, 0, 77, 1]
+    seq = [int(x) for x in torch.randint(1, 1500, (40,))] + [300, 5, 277, 900]
+    seq = [max(s, n) for s, n in zip(seq, q_lens)]
+    q, kc, vc, table, cu, sl, _ = make_batch(q_lens, seq, H, KVH, D, dtype)
+    q = q / D ** 0.5
+    T = q.shape[0]
+    bids = torch.full((T,), -1, dtype=torch.int32, device=DEV)
+    bids[T - 240:T - 200] = 1          # inside the 300-token chunk
+    B, span = len(q_lens), table.shape[1] * kc.shape[1]
+    qp = torch.cat([q, torch.randn(6, H, D, device=DEV, dtype=dtype)])      # 6 padded rows
+    for window, blocks in [(None, None), (512, None), (128, bids)]:
+        exp = ref.paged_attention(q, kc, vc, table, cu, sl, window, blocks, 1.0)
+        bp = None if blocks is None else torch.cat([blocks, torch.full((6,), -1, dtype=torch.int32, device=DEV)])
+        got = attention.paged_attention(qp, kc, vc, table, cu, sl, window, bp, 1.0, zero_out=True, mixed=True)
+        assert_close(got[:T], exp, dtype, f"mixed window={window}", rel=2e-2 if dtype == torch.bfloat16 else 5e-3)
+        assert torch.count_nonzero(got[T:]) == 0
+        plans = [attention.plan_attention(T, B, H, KVH, span, window, head_dim=D, q_sel=s) for s in (1, 2)]
+        assert plans[0].warps_m == (0 if H // KVH <= 8 and attention.DECODE8 else 1) and plans[1].warps_m == 4
+        for splits in (None, 3):
+            ss = -(-span // (splits or 1) // 32) * 32
+            run = plans if splits is None else [replace(p, num_splits=-(-span // ss), split_size=ss) for p in plans]
+            out = poison(T, H, D, dtype=dtype)
+            ws_o, ws_lse = attention.attention_workspace(run, T, H, D, q.device)
+            if ws_o.numel():
+                ws_o.fill_(float("nan"))
+                ws_lse.fill_(float("nan"))
+            one = poison(T, H, D, dtype=dtype)
+            attention.paged_attention_planned(q, kc, vc, table, cu, sl, window, blocks, 1.0, run[0], one, ws_o,
+                                              ws_lse)
+            single = torch.tensor([n == 1 for n in q_lens for _ in range(n)], device=DEV)
+            # the decode launch alone leaves every other row as it was (poisoned)
+            assert torch.isnan(one[~single]).all() and torch.isfinite(one[single]).all()
+            for p in run:
+                attention.paged_attention_planned(q, kc, vc, table, cu, sl, window, blocks, 1.0, p, out, ws_o, ws_lse)
+            assert_close(out, exp, dtype, f"mixed window={window} plans={run}",
+                         rel=2e-2 if dtype == torch.bfloat16 else 5e-3)
+    if fused_merge:
+        assert torch.count_nonzero(attention.merge_counters(q.device)) == 0
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("D,H,KVH", [(256, 8, 1), (512, 8, 1), (256, 16, 8)])
 def test_decode_tiles_with_prompt_rows(dtype, D, H, KVH):

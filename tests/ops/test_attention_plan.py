@@ -18,10 +18,12 @@ def test_batch1_decode_splits_the_keys_finely(span, window):
 def test_enough_ctas_still_splits_decode_into_short_ranges_and_prefill_is_not_split_finely():
     full = plan_attention(64, 64, 32, 16, 4096, 1024, decode_rows=16)    # 1024 CTAs already
     assert full.num_splits == -(-(1024 + 64) // DECODE_SPLIT_KEYS) and full.split_size <= DECODE_SPLIT_KEYS
-    # the 8-row kernel is split only to fill the GPU: 4 CTAs an SM at head dim 256, 1 at 512
-    assert plan_attention(64, 64, 32, 16, 4096, 1024, decode_rows=8).num_splits == 1
-    assert plan_attention(100, 100, 16, 2, 2048, None, head_dim=512, decode_rows=8).num_splits == 1
-    assert plan_attention(100, 100, 8, 1, 2048, None, head_dim=512, decode_rows=8).num_splits == 2
+    # the 8-row kernel: into DECODE_SPLIT_KEYS pieces, and finer only to fill the GPU to 4 CTAs an SM at head
+    # dim 256, 1 at 512
+    assert plan_attention(64, 64, 32, 16, 4096, 1024, decode_rows=8).num_splits == full.num_splits
+    assert plan_attention(100, 100, 16, 2, DECODE_SPLIT_KEYS, None, head_dim=512, decode_rows=8).num_splits == 1
+    assert plan_attention(100, 100, 16, 2, 2048, None, head_dim=512, decode_rows=8).num_splits == 2048 // DECODE_SPLIT_KEYS
+    assert plan_attention(100, 100, 8, 1, DECODE_SPLIT_KEYS, None, head_dim=512, decode_rows=8).num_splits == 2
     assert plan_attention(100, 100, 8, 1, 4096, 512, decode_rows=8).num_splits == -(-(512 + 100) // 128)
     for rows in (8, 16):                                                 # long context: the split count is capped
         long = plan_attention(100, 100, 16, 2, 65536, None, decode_rows=rows)
@@ -99,3 +101,28 @@ def test_decode_kernel_choice():
     forced = plan_attention(400, 100, 16, 8, 2048, 1024, decode_rows=8)
     assert forced.warps_m == 0 and forced.max_tiles == -(-400 * 2 // 8) + 100
     assert plan_attention(5000, 2, 16, 8, 8192, 1024, decode_rows=8).warps_m == 4     # prefill stays prefill
+
+
+@pytest.mark.parametrize("H,KVH,D,window", [(16, 8, 256, 1024), (16, 2, 512, None), (16, 1, 512, None),
+                                            (8, 1, 256, 512), (32, 16, 256, 1024)])
+def test_mixed_step_plans(H, KVH, D, window):
+    """A mixed step's two launches: the one-token requests as a pure decode step of that many requests (the
+    8-row kernel where a pure decode step would take it) whose split partials are indexed by every token; the
+    prompt rows in 64-row tiles, split while their grid is under two CTAs an SM."""
+    from gemma4rt.ops.attention import WORKSPACE_CAP_BYTES, mixed_step
+    T, B, span = 700, 101, 4096
+    dec = plan_attention(T, B, H, KVH, span, window, head_dim=D, q_sel=1)
+    pure = plan_attention(B, B, H, KVH, span, window, head_dim=D)
+    assert dec.q_sel == 1 and dec.warps_m == pure.warps_m and dec.max_tiles == pure.max_tiles
+    assert dec.num_splits * T * H * D * 4 <= WORKSPACE_CAP_BYTES
+    keys = min(span, window + B) if window else span
+    assert dec.num_splits * dec.split_size >= keys
+    pre = plan_attention(T, B, H, KVH, span, window, head_dim=D, q_sel=2)
+    assert pre.q_sel == 2 and pre.warps_m == 4 and pre.max_tiles >= -(-T * (H // KVH) // 64)
+    assert pre.num_splits * pre.split_size >= (min(span, window + T) if window else span)
+    if -(-T * (H // KVH) // 64) * KVH >= 2 * 132:
+        assert pre.num_splits == 1
+    # a short chunk over a long context is split
+    assert plan_attention(B + 40, B, H, KVH, 65536, None, head_dim=D, q_sel=2).num_splits > 1
+    assert mixed_step([1, 1, 600]) and mixed_step([600, 1])
+    assert not mixed_step([1, 1, 1]) and not mixed_step([600, 300]) and not mixed_step([4, 1, 8])
