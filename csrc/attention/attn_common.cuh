@@ -18,9 +18,9 @@ namespace attn {
 constexpr int kSplitKeys = 32;  // split sizes are multiples of this (KEYS_PER_STAGE in ops/attention.py)
 
 // Which request and row tile of M rows a CTA owns (blockIdx.x runs over the tiles of every request that
-// p.q_sel selects), and the
-// key range [ks, ke) of its split. A warp-wide scan over cu_seqlens, 32 requests a round (a serial walk
-// costs a dependent load per request, microseconds for a CTA of batch-100 decode). b < 0: no tile.
+// p.q_sel selects), and the key range [ks, ke) of its split. A warp-wide scan over cu_seqlens, 32 requests a
+// round (a serial walk costs a dependent load per request, microseconds for a CTA of batch-100 decode).
+// b < 0: no tile.
 struct TileKeys {
   int b, n_q, q0, first_q, row0, nrows, ks, ke;
 };
