@@ -25,7 +25,8 @@
 #              SWEEP_CONTEXTS=uniform,spread adds uneven contexts (uniform on [1, 2 ctx - 1], as in serving)
 #     serving  the cookbook-style throughput run for $SERVING_MODELS (default E2B) against a server
 #              started here ($SERVING_PROMPTS prompts, default 300; $SERVER_ARGS: extra server flags), and
-#              again with $SERVER_COMPARE_ARGS added when set (e.g. "--disable-overlap-schedule")
+#              again with $SERVER_COMPARE_ARGS added when set (e.g. "--disable-overlap-schedule");
+#              SERVING_PROFILE=START:COUNT: a kernel profile of those engine steps in each run (profile_server.txt)
 #     images   the cookbook image workload (2 x 720p images, 128 text tokens in, 1024 out) at concurrency
 #              1 and 100 for $IMAGE_MODELS (default: E4B and 26B-A4B, dummy weights)
 #     tp       on a machine of 2+ GPUs (kind nvidia-h200-x2): tests/gpu/test_tensor_parallel.py (only those matching
@@ -191,16 +192,22 @@ fi
 
 if has serving && [ "$(left)" -gt 90 ]; then
   echo "== serving throughput (${SERVING_MODELS:-E2B}, dummy weights)"
-  timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
+  PROF=""; [ -n "${SERVING_PROFILE:-}" ] && PROF="GEMMA4RT_PROFILE_STEPS=$SERVING_PROFILE:$OUT/profile_server.txt"
+  env $PROF timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
     --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" \
     "--server-args=${SERVER_ARGS:-}" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
+  grep -h "steps in" "$OUT"/server_*.log 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
+  [ -f "$OUT/profile_server.txt" ] && head -${PROFILE_LINES:-24} "$OUT/profile_server.txt" | cut -c1-160
   if [ -n "${SERVER_COMPARE_ARGS:-}" ] && [ "$(left)" -gt 90 ]; then     # the same run with other server flags
     mkdir -p "$OUT/cmp"
-    timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
+    PROF=""; [ -n "${SERVING_PROFILE:-}" ] && PROF="GEMMA4RT_PROFILE_STEPS=$SERVING_PROFILE:$OUT/cmp/profile_server.txt"
+    env $PROF timeout $(( $(left) - 20 )) $PY -m bench.run_targets --models ${SERVING_MODELS:-E2B} --skip-latency \
       --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT/cmp" \
       "--server-args=${SERVER_ARGS:-} $SERVER_COMPARE_ARGS" >"$OUT/serving_cmp.log" 2>&1
     echo "== serving with $SERVER_COMPARE_ARGS"; tail -4 "$OUT/serving_cmp.log"
+    grep -h "steps in" "$OUT"/cmp/server_*.log 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
+    [ -f "$OUT/cmp/profile_server.txt" ] && head -${PROFILE_LINES:-24} "$OUT/cmp/profile_server.txt" | cut -c1-160
   fi
 fi
 

@@ -337,22 +337,14 @@ def profile_decode(engine, timer: StepTimer, bs: int, input_len: int, path: str,
         engine.step()
     n = max(1, len(profiled))
     wall_ms = 1e3 * sum(r[3] for r in profiled) / n
-    kernels: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA and ev.device_time_total > 0:
-            kernels.setdefault(ev.name, []).append(ev.device_time_total)
-    gpu_ms = sum(sum(v) for v in kernels.values()) / 1e3 / n
-    launches = sum(len(v) for v in kernels.values()) / n
-    top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+    from gemma4rt.worker.profiling import kernel_table
+    table, gpu_ms, launches = kernel_table(prof, n)
     what = (f"steps with one {prompt_len}-token prompt beside {bs} decode rows" if prompt_len else
             f"decode at batch {bs}")
     tokens = statistics.fmean(r[1] for r in profiled) if profiled else 0.0
     lines = [f"{what}, {n} steps ({tokens:.0f} tokens/step): wall {wall_ms:.3f} ms/step, GPU kernel time "
              f"{gpu_ms:.3f} ms/step ({100 * gpu_ms / wall_ms:.0f}% busy), {launches:.0f} kernels/step"
-             + (f" [{n_other} other steps in the window]" if n_other else ""),
-             f"{'us/step':>9} {'calls/step':>10} {'us/call':>8}  kernel"]
-    for name, v in top:
-        lines.append(f"{sum(v) / n:>9.1f} {len(v) / n:>10.1f} {sum(v) / len(v):>8.1f}  {name[:110]}")
+             + (f" [{n_other} other steps in the window]" if n_other else "")] + table
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[:20]))

@@ -51,6 +51,9 @@ class Engine:
             self.overlap = False
         self.scheduler.overlap = self.overlap
         self._in_flight = None          # overlap: (plan, launched step) whose result is not processed yet
+        from gemma4rt.worker.profiling import StepProfiler
+        self.profiler = StepProfiler.from_env()     # GEMMA4RT_PROFILE_STEPS: a kernel profile of some steps
+        self._last_plan = None
 
     @property
     def tokenizer_path(self) -> str:
@@ -75,9 +78,20 @@ class Engine:
         return s
 
     def step(self) -> TokenOutputs:
+        if self.profiler is None:
+            return self._step()
+        n = self.num_steps
+        self.profiler.before(n)
+        out = self._step()
+        if self.num_steps > n:
+            self.profiler.after(n, self._last_plan)
+        return out
+
+    def _step(self) -> TokenOutputs:
         if self.overlap:
             return self._step_overlapped()
         plan = self.scheduler.schedule()
+        self._last_plan = plan
         if plan is None:
             return self.scheduler.pop_outputs()
         t0 = time.perf_counter()
@@ -87,7 +101,7 @@ class Engine:
             log.exception("step %d failed", plan.step_id)
             result = StepResult(step_id=plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
         self.num_steps += 1
-        self.step_log.record(plan, time.perf_counter() - t0)
+        self.step_log.record(plan, time.perf_counter() - t0, getattr(self.runner, "last_step_gpu_ms", None))
         return self.scheduler.process_result(result)
 
 
@@ -97,6 +111,7 @@ class Engine:
         made (placeholders for the sampled tokens, which the next step reads on the device)."""
         t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        self._last_plan = plan
         launched = None
         if plan is not None:
             try:
@@ -116,14 +131,17 @@ class Engine:
             except Exception as e:
                 log.exception("step %d failed", p_plan.step_id)
                 result = StepResult(step_id=p_plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
-        self.step_log.record(p_plan, time.perf_counter() - t0)
+        self.step_log.record(p_plan, time.perf_counter() - t0, getattr(self.runner, "last_step_gpu_ms", None))
         return self.scheduler.process_result(result)
 
 
 class StepLog:
     """Every `interval` seconds with steps in it, one INFO line (as SGLang's batch logs): steps and
     seconds spent in steps with prompt tokens and in pure decode steps, prompt tokens and media
-    requests prefilled, decode rows per step, generated tokens per second, running and waiting."""
+    requests prefilled, decode rows per step, generated tokens per second, running and waiting. Where the
+    runner times its steps on the device (`last_step_gpu_ms`, CUDA events from a step's first launch to its
+    sampled tokens' copy), the decode and prompt steps' mean device time too: a step period well above it
+    is host time or an idle device."""
 
     def __init__(self, scheduler, runner=None, interval: float = 5.0):
         self.scheduler, self.runner, self.interval = scheduler, runner, interval
@@ -134,8 +152,10 @@ class StepLog:
         self.t0 = now
         self.p_steps = self.p_tokens = self.d_steps = self.d_rows = self.media = 0
         self.p_s = self.d_s = 0.0
+        self.p_gpu = [0.0, 0]           # device ms summed, steps timed
+        self.d_gpu = [0.0, 0]
 
-    def record(self, plan, seconds: float) -> None:
+    def record(self, plan, seconds: float, gpu_ms: Optional[float] = None) -> None:
         if not log.isEnabledFor(logging.INFO):
             return                  # nothing to show: no per-row work on the step path
         prompt = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
@@ -144,19 +164,26 @@ class StepLog:
             self.p_tokens += prompt
             self.p_s += seconds
             self.media += sum(1 for n in plan.new_requests if n.mm_items)
+            acc = self.p_gpu
         else:
             self.d_steps += 1
             self.d_rows += len(plan.scheduled)
             self.d_s += seconds
+            acc = self.d_gpu
+        if gpu_ms is not None:
+            acc[0] += gpu_ms
+            acc[1] += 1
         now = time.perf_counter()
         if now - self.t0 >= self.interval:
             span = now - self.t0
             sc = self.scheduler
+            gpu = "".join(f", {name} {acc[0] / acc[1]:.2f} ms/step on the device" for name, acc in
+                          (("prefill", self.p_gpu), ("decode", self.d_gpu)) if acc[1])
             log.info("steps in %.1f s: prefill %d (%d prompt tokens, %d with media, %.2f s), decode %d "
-                     "(%.1f rows/step, %.2f ms/step), gen %.0f tok/s; running %d, waiting %d",
+                     "(%.1f rows/step, %.2f ms/step), gen %.0f tok/s; running %d, waiting %d%s",
                      span, self.p_steps, self.p_tokens, self.media, self.p_s, self.d_steps,
                      self.d_rows / max(1, self.d_steps), 1e3 * self.d_s / max(1, self.d_steps),
-                     self.d_rows / span, len(sc.running), len(sc.waiting))
+                     self.d_rows / span, len(sc.running), len(sc.waiting), gpu)
             r = self.runner
             if getattr(r, "drafter", None) is not None:
                 cur = (r.spec_verify_rows, r.spec_drafted, r.spec_accepted)

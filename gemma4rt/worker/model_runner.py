@@ -286,6 +286,7 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
                 raise RuntimeError(f"tensor-parallel rank process {dead[0].name} exited (code {dead[0].exitcode}); "
                                    "restart the server")
             _broadcast(plan, self.tp)               # the other ranks run the same step (follow())
+        t_start = self._timing_event()
         scheduled, errors, logits, rows = self._forward(plan)
         if logits is None:
             return StepResult(step_id=plan.step_id, sampled=errors)
@@ -295,6 +296,10 @@ class ModelRunner(OverlapMixin, SpeculativeMixin):
             if self.tp.size > 1:        # the other ranks wait for this step's tokens: none
                 _broadcast([[] for _ in scheduled], self.tp, _TOKENS_DECODER)
             raise
+        if t_start is not None:         # sampling has waited for the device: the end event is cheap
+            t_end = self._timing_event()
+            t_end.synchronize()
+            self.last_step_gpu_ms = t_start.elapsed_time(t_end)
         if self.tp.size > 1:
             _broadcast([s.token_ids for s in sampled], self.tp, _TOKENS_DECODER)
         return StepResult(step_id=plan.step_id, sampled=sampled + errors)

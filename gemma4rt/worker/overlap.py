@@ -16,23 +16,35 @@ class _Launched:
     """A step launched by ModelRunner.launch(): its finished StepResult, or what collect() needs."""
 
     def __init__(self, result: Optional[StepResult] = None, step_id: int = 0, scheduled=(), errors=(), idx=(),
-                 states=(), seqs=(), host=None, has_lp: bool = False):
+                 states=(), seqs=(), host=None, has_lp: bool = False, t_start=None):
         self.result, self.step_id, self.scheduled, self.errors = result, step_id, scheduled, list(errors)
         self.idx, self.states, self.seqs, self.host, self.has_lp = idx, states, seqs, host, has_lp
+        self.t_start = t_start          # a timing event recorded before the step's first launch (CUDA)
 
 
 def _to_host(tensors: tuple) -> tuple[tuple, Optional[torch.cuda.Event]]:
-    """Copies of device tensors in pinned host memory, started without waiting, and an event to wait on."""
+    """Copies of device tensors in pinned host memory, started without waiting, and an event to wait on
+    (a timing event: it also ends the step's device time)."""
     if tensors[0].device.type != "cuda":
         return tuple(t.cpu() for t in tensors), None
     out = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
-    ev = torch.cuda.Event()
+    ev = torch.cuda.Event(enable_timing=True)
     ev.record()
     return out, ev
 
 
 class OverlapMixin:
     """ModelRunner's overlap-scheduling methods (they use its seqs, sampler, _forward and _sample)."""
+
+    last_step_gpu_ms = None     # the device time of the last step collected (the engine's step log shows it)
+
+    def _timing_event(self) -> Optional[torch.cuda.Event]:
+        """A timing event recorded now on the current stream (None off CUDA): the start of a step's device time."""
+        if getattr(self, "device", None) is None or self.device.type != "cuda":
+            return None
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
 
     def _missing_tokens(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """(rows of this step's input ids, their tokens) for the inputs sampled by the step in flight."""
@@ -50,6 +62,7 @@ class OverlapMixin:
         needs the host (grammar masks, repetition penalties, prompt logprobs) run to the end here."""
         if self.tp.size > 1:
             raise RuntimeError("overlap scheduling needs --tp 1")
+        t_start = self._timing_event()
         scheduled, errors, logits, rows = self._forward(plan)
         missing = {rid for _, rid in self._step_missing}
         self._last_sampled = None
@@ -73,7 +86,8 @@ class OverlapMixin:
             device_out = (chosen,) + (tuple(lps) if lps is not None else ())
         h = _Launched(step_id=plan.step_id, scheduled=scheduled, errors=errors, idx=idx, states=states,
                       seqs=[self.seqs[scheduled[i].rid] for i in idx],
-                      host=_to_host(device_out) if device_out else None, has_lp=idx != [] and lps is not None)
+                      host=_to_host(device_out) if device_out else None, has_lp=idx != [] and lps is not None,
+                      t_start=t_start)
         self._open = h
         return h
 
@@ -88,6 +102,8 @@ class OverlapMixin:
             tensors, event = h.host
             if event is not None:
                 event.synchronize()
+                if h.t_start is not None:
+                    self.last_step_gpu_ms = h.t_start.elapsed_time(event)
             sampled = (tensors[0], tuple(tensors[1:]) if h.has_lp else None)
             for i, seq, r in zip(h.idx, h.seqs, Sampler.results(sampled, h.states)):
                 st = out[i]

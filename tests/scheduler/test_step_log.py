@@ -29,3 +29,36 @@ def test_step_log_idle_without_info(caplog):
     eng.add_request(req("a", range(10, 30), max_new=3))
     run_all(eng)
     assert eng.step_log.p_steps == eng.step_log.d_steps == 0
+
+
+def test_step_log_shows_device_time_when_the_runner_measures_it(caplog):
+    caplog.set_level(logging.INFO, logger="gemma4rt.engine")
+    eng = make_engine()
+    eng.step_log.interval = 1e9
+    eng.runner.last_step_gpu_ms = 2.5         # as a CUDA runner sets it after each step
+    eng.add_request(req("a", range(10, 30), max_new=4))
+    run_all(eng)
+    assert eng.step_log.d_gpu == [2.5 * 3, 3] and eng.step_log.p_gpu[1] == eng.step_log.p_steps
+    eng.step_log.interval = 0.0
+    eng.add_request(req("b", range(5, 9), max_new=2))
+    run_all(eng)
+    lines = [r.getMessage() for r in caplog.records if "steps in" in r.getMessage()]
+    assert lines and "decode 2.50 ms/step on the device" in lines[0]
+
+
+def test_profile_window_writes_the_kernel_table(tmp_path, monkeypatch):
+    import pytest
+
+    from gemma4rt.worker.profiling import parse_window
+    path = tmp_path / "prof.txt"
+    monkeypatch.setenv("GEMMA4RT_PROFILE_STEPS", f"1:3:{path}")
+    eng = make_engine()
+    eng.add_request(req("a", range(10, 30), max_new=8))
+    run_all(eng)
+    head = path.read_text().splitlines()[0]
+    assert head.startswith("engine steps 1-3: 0 with prompt tokens (0 tokens), 3 pure decode (1.0 rows/step)")
+    assert "us/step" in path.read_text().splitlines()[1]
+    assert parse_window("") is None and parse_window("5:2:/x:y") == (5, 2, "/x:y")
+    for bad in ("5:2", "a:2:/x", "5:0:/x", "5:2:"):
+        with pytest.raises(ValueError, match="START:COUNT:PATH"):
+            parse_window(bad)
