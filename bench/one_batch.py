@@ -99,7 +99,7 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
                  output_len: int, page_size: int = 16, seed: int = 0, disable_cuda_graph: bool = False,
                  mem_fraction_static: float = 0.85, extra_prompt_len: int = 0, tp: int = 1,
                  cuda_graph_max_tokens: int = 0, draft_model_path: Optional[str] = None, spec_steps: int = 3,
-                 overlap: bool = False):
+                 overlap: bool = False, context_length: Optional[int] = None):
     """extra_prompt_len > 0: room for one more request of that many tokens beside a full batch (the
     prompt-step profile). draft_model_path: speculative decoding with that assistant drafter."""
     from gemma4rt.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
@@ -117,7 +117,7 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
     max_running = max(max_bs, -(-need_pages // win_pages)) + (1 if extra_prompt_len else 0)
     cfg = EngineConfig(
         model_path=model_path, dtype=dtype, device=device, load_format=load_format, seed=seed,
-        context_length=max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
+        context_length=context_length or max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, disable_radix_cache=True,
                           mem_fraction_static=mem_fraction_static),
         # synchronous steps unless asked (StepTimer then times the launch period)
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--context-length", type=int, default=None,
+                   help="the engine's context length (default: just what the batch needs; a server's default is "
+                        "the model's, which sets the attention plan's key span in the CUDA graphs)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--cuda-graph-max-tokens", type=int, default=1024,
@@ -368,7 +371,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                           extra_prompt_len=a.profile_prompt_len if a.profile_prompt else 0, tp=a.tp,
                           cuda_graph_max_tokens=a.cuda_graph_max_tokens,
                           draft_model_path=a.speculative_draft_model_path, spec_steps=a.speculative_num_steps,
-                          overlap=a.enable_overlap_schedule)
+                          overlap=a.enable_overlap_schedule, context_length=a.context_length)
     runner = engine.runner
     dev, dt = runner.device, runner.dtype
     load_s = time.perf_counter() - t0

@@ -39,6 +39,9 @@ CTAS_PER_SM = 4         # split decode attention until about this many CTAs per 
 # sliding one (407 vs 434).
 DECODE_SPLIT_KEYS = 512
 MAX_FINE_SPLITS = 16
+# GEMMA4RT_DECODE_FILL_SPLITS=N (an experiment switch, default off): split a decode launch at most N ways to fill
+# the GPU (batch-1 decode otherwise takes ~35 one-stage splits a 1k context, merged by a merge launch).
+FILL_MAX_SPLITS = int(os.environ.get("GEMMA4RT_DECODE_FILL_SPLITS", "0") or 0)
 NATIVE_HEAD_DIMS = (256, 512)
 WORKSPACE_CAP_BYTES = 256 << 20    # split partials of one attention call
 # Split partials are merged inside the attention kernel by the last split CTA of each (row tile, KV head),
@@ -115,6 +118,8 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
         target = (CTAS_PER_SM if warps_m == 1 or head_dim <= 256 else 1) * num_sms
         if est < target:
             splits = min(-(-target // est), -(-span // KEYS_PER_STAGE))
+            if FILL_MAX_SPLITS > 0:
+                splits = min(splits, FILL_MAX_SPLITS)
         splits = max(splits, min(-(-span // DECODE_SPLIT_KEYS), MAX_FINE_SPLITS))
     elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
