@@ -21,17 +21,14 @@ using namespace attn;
 constexpr int kDecodeLoaders = 2;
 
 // KB keys per pipeline stage, NS stages in flight (NS - 1 tiles load while one is computed); BULK: the K/V
-// rows arrive by bulk copies from the loader warps (KvPipe below), which needs LD >= 2. DWO > 0: each computing
-// warp owns DWO output columns (else 256, or D below that): more warps a tile, each also computing the tile's
-// whole Q·Kᵀ, with fewer accumulator registers (two CTAs an SM asked of the compiler).
-template <typename T, int D, int WM, int LD = 1, int KB_ = 32, int NS_ = 2, bool BULK_ = false, int DWO = 0>
+// rows arrive by bulk copies from the loader warps (KvPipe below), which needs LD >= 2.
+template <typename T, int D, int WM, int LD = 1, int KB_ = 32, int NS_ = 2, bool BULK_ = false>
 struct Cfg {
   static constexpr int KB = KB_, NS = NS_;
   static constexpr bool BULK = BULK_;
   static_assert(kSplitKeys % KB == 0 && KB % 16 == 0 && NS >= 2, "bad attention tile");
   static_assert(!BULK || LD >= 2, "bulk copies are issued by loader warps");
-  static constexpr int DW = DWO > 0 ? DWO : D > 256 ? 256 : D;      // output columns per warp
-  static constexpr int MIN_CTAS = DWO > 0 && 32 * WM * (D / DW) * LD <= 256 ? 2 : 1;
+  static constexpr int DW = D > 256 ? 256 : D;      // output columns per warp
   static constexpr int DS = D / DW;                 // warps along D
   static constexpr int M = 16 * WM;                 // query rows per CTA
   static constexpr int CW = WM * DS;                // warps that compute
@@ -39,13 +36,12 @@ struct Cfg {
   static constexpr int QB = M * D * 2;              // bytes: the Q tile
 };
 
-template <typename T, int D, int WM, int LD, int KB_, int NS_, bool BULK_, int DWO>
-__global__ void __launch_bounds__(Cfg<T, D, WM, LD, KB_, NS_, BULK_, DWO>::NT,
-                                  Cfg<T, D, WM, LD, KB_, NS_, BULK_, DWO>::MIN_CTAS)
+template <typename T, int D, int WM, int LD, int KB_, int NS_, bool BULK_>
+__global__ void __launch_bounds__(Cfg<T, D, WM, LD, KB_, NS_, BULK_>::NT)
 attn_kernel(const AttnParams p) {
   pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
   pdl_trigger();
-  using C = Cfg<T, D, WM, LD, KB_, NS_, BULK_, DWO>;
+  using C = Cfg<T, D, WM, LD, KB_, NS_, BULK_>;
   using Pipe = KvPipe<T, D, KB_, NS_, BULK_>;
   constexpr int M = C::M, DW = C::DW, NT = C::NT, KB = C::KB, NS = C::NS, RP = Pipe::RP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -274,11 +270,11 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const AttnParams p
   }
 }
 
-template <typename T, int D, int WM, int LD, int KB = 32, int NS = 2, bool BULK = false, int DWO = 0>
+template <typename T, int D, int WM, int LD, int KB = 32, int NS = 2, bool BULK = false>
 cudaError_t run(const AttnParams& p, cudaStream_t st) {
-  using C = Cfg<T, D, WM, LD, KB, NS, BULK, DWO>;
+  using C = Cfg<T, D, WM, LD, KB, NS, BULK>;
   using Pipe = KvPipe<T, D, KB, NS, BULK>;
-  return launch_tiles<T>(attn_kernel<T, D, WM, LD, KB, NS, BULK, DWO>, C::NT,
+  return launch_tiles<T>(attn_kernel<T, D, WM, LD, KB, NS, BULK>, C::NT,
                          C::QB + Pipe::STAGE_BYTES + Pipe::EXTRA_BYTES, p, st);
 }
 
@@ -298,15 +294,6 @@ cudaError_t run_decode(const AttnParams& p, cudaStream_t st) {
       if (p.num_splits > 1 && p.split_size <= 32) return run<T, D, 1, kDecodeLoaders, 32, 2>(p, st);
       return run<T, D, 1, kDecodeLoaders, 16, 3>(p, st);
   }
-}
-
-// 64-row (prefill) tiles: GEMMA4RT_PREFILL_TILE=dw128 gives each computing warp 128 output columns (8 warps a
-// CTA at head dim 256, 16 at 512) instead of 256 (4 and 8): an experiment switch, read at each launch.
-template <typename T, int D>
-cudaError_t run_prefill(const AttnParams& p, cudaStream_t st) {
-  const char* e = std::getenv("GEMMA4RT_PREFILL_TILE");
-  if (e && std::strcmp(e, "dw128") == 0) return run<T, D, 4, 1, 32, 2, false, 128>(p, st);
-  return run<T, D, 4, 1>(p, st);
 }
 
 }  // namespace
@@ -331,8 +318,8 @@ cudaError_t launch_paged_attention(int dtype, const AttnParams& params, cudaStre
   if (p.num_splits > 1 && (p.split_size % attn::kSplitKeys) != 0) return cudaErrorInvalidValue;
   if (p.warps_m == 0) return launch_attn_decode8(dtype, p, st);
 #define G4_ATTN(T)                                                                            \
-  if (p.D == 256) return p.warps_m == 1 ? run_decode<T, 256>(p, st) : run_prefill<T, 256>(p, st); \
-  if (p.D == 512) return p.warps_m == 1 ? run_decode<T, 512>(p, st) : run_prefill<T, 512>(p, st); \
+  if (p.D == 256) return p.warps_m == 1 ? run_decode<T, 256>(p, st) : run<T, 256, 4, 1>(p, st); \
+  if (p.D == 512) return p.warps_m == 1 ? run_decode<T, 512>(p, st) : run<T, 512, 4, 1>(p, st); \
   return cudaErrorInvalidValue;
   if (dtype == kBF16) { G4_ATTN(__nv_bfloat16) }
   if (dtype == kF16) { G4_ATTN(__half) }
