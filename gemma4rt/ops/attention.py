@@ -29,7 +29,11 @@ MIXED_ATTN = os.environ.get("GEMMA4RT_MIXED_ATTN", "1") != "0"
 # (16 KV heads) 17.5 vs 22.5.
 DECODE8 = os.environ.get("GEMMA4RT_DECODE8", "1") != "0"
 DECODE8_MIN_CTAS = 16
-CTAS_PER_SM = 4         # split decode attention until about this many CTAs per SM
+# Split decode attention until about CTAS_PER_SM CTAs per SM, down to one-stage (32-key) splits. Fewer, longer
+# splits that the kernel could merge itself do not pay: H200, batch-1 TPOT at a 1k context with at most 8 / 4
+# splits against this plan (~35 splits and a merge launch), same call: E2B 4.04-4.38 / 4.02-4.33 vs 3.22-3.29 ms,
+# E4B 5.45 / 5.38 vs 4.67, 26B-A4B 5.23 / 5.44 vs 4.22.
+CTAS_PER_SM = 4
 # Decode key ranges are also cut to about this many keys (at most MAX_FINE_SPLITS pieces) even when the
 # (request x KV head) grid already fills the GPU: short CTAs balance uneven contexts and leave no long last
 # wave. H200, batch 100, contexts uniform on [1, 2199] as in serving (decode_sweep --contexts spread, µs per
@@ -39,9 +43,6 @@ CTAS_PER_SM = 4         # split decode attention until about this many CTAs per 
 # sliding one (407 vs 434).
 DECODE_SPLIT_KEYS = 512
 MAX_FINE_SPLITS = 16
-# GEMMA4RT_DECODE_FILL_SPLITS=N (an experiment switch, default off): split a decode launch at most N ways to fill
-# the GPU (batch-1 decode otherwise takes ~35 one-stage splits a 1k context, merged by a merge launch).
-FILL_MAX_SPLITS = int(os.environ.get("GEMMA4RT_DECODE_FILL_SPLITS", "0") or 0)
 NATIVE_HEAD_DIMS = (256, 512)
 WORKSPACE_CAP_BYTES = 256 << 20    # split partials of one attention call
 # Split partials are merged inside the attention kernel by the last split CTA of each (row tile, KV head),
@@ -118,8 +119,6 @@ def plan_attention(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads:
         target = (CTAS_PER_SM if warps_m == 1 or head_dim <= 256 else 1) * num_sms
         if est < target:
             splits = min(-(-target // est), -(-span // KEYS_PER_STAGE))
-            if FILL_MAX_SPLITS > 0:
-                splits = min(splits, FILL_MAX_SPLITS)
         splits = max(splits, min(-(-span // DECODE_SPLIT_KEYS), MAX_FINE_SPLITS))
     elif est < 2 * num_sms:
         splits = max(1, min(-(-2 * num_sms // est), span // 256))
