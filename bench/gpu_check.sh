@@ -197,7 +197,7 @@ if has serving && [ "$(left)" -gt 90 ]; then
     --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT" \
     "--server-args=${SERVER_ARGS:-}" >"$OUT/serving.log" 2>&1
   tail -25 "$OUT/serving.log"
-  grep -h "steps in" "$OUT"/server_*.log 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
+  grep -h "steps in" "$OUT"/server_logs.txt 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
   [ -f "$OUT/profile_server.txt" ] && head -${PROFILE_LINES:-24} "$OUT/profile_server.txt" | cut -c1-160
   if [ -n "${SERVER_COMPARE_ARGS:-}" ] && [ "$(left)" -gt 90 ]; then     # the same run with other server flags
     mkdir -p "$OUT/cmp"
@@ -206,7 +206,7 @@ if has serving && [ "$(left)" -gt 90 ]; then
       --num-prompts ${SERVING_PROMPTS:-300} --max-duration $(( $(left) - 60 )) --out-dir "$OUT/cmp" \
       "--server-args=${SERVER_ARGS:-} $SERVER_COMPARE_ARGS" >"$OUT/serving_cmp.log" 2>&1
     echo "== serving with $SERVER_COMPARE_ARGS"; tail -4 "$OUT/serving_cmp.log"
-    grep -h "steps in" "$OUT"/cmp/server_*.log 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
+    grep -h "steps in" "$OUT"/cmp/server_logs.txt 2>/dev/null | tail -${STEP_LOG_LINES:-8} | cut -c1-300
     [ -f "$OUT/cmp/profile_server.txt" ] && head -${PROFILE_LINES:-24} "$OUT/cmp/profile_server.txt" | cut -c1-160
   fi
 fi
