@@ -38,7 +38,21 @@ class IncrementalDetokenizer:
                     self._stream.step(self._backend, t)
 
     def add(self, new_ids: list[int]) -> str:
-        if self._stream is not None:
+        stream = self._stream
+        if stream is not None and len(new_ids) == 1:
+            # one token a step (every decode step): the loop below without its list and join
+            t = new_ids[0]
+            ids = self.ids
+            ids.append(t)
+            piece = stream.step(self._backend, t)
+            if piece is None:
+                if len(ids) - self.read_offset <= MAX_HELD:
+                    return ""
+                piece = self.tok.decode(ids[self.read_offset:], skip_special_tokens=self.skip)
+                self._stream = _DecodeStream(skip_special_tokens=self.skip)
+            self.read_offset = len(ids)
+            return piece
+        if stream is not None:
             base = len(self.ids)
             self.ids.extend(new_ids)
             out = []
@@ -85,6 +99,8 @@ class StopStrings:
         self.buf = ""                 # text received but not released yet
         self.matched: Optional[str] = None
         self._firsts = frozenset(s[0] for s in self.stops)
+        # the usual single stop string (or several with one first character): one `in` test per feed
+        self._first = next(iter(self._firsts)) if len(self._firsts) == 1 else None
 
     def feed(self, text: str, final: bool = False) -> str:
         """Returns text safe to emit. After a match, `matched` is set and the rest is dropped."""
@@ -92,8 +108,13 @@ class StopStrings:
             return ""
         if not self.stops:
             return text
-        if not self.buf and not any(c in text for c in self._firsts):
-            return text                # nothing here can start a stop string
+        if not self.buf:
+            c = self._first
+            if c is not None:
+                if c not in text:
+                    return text        # nothing here can start a stop string
+            elif not any(c in text for c in self._firsts):
+                return text
         self.buf += text
         best = None
         for s in self.stops:

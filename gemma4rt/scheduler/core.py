@@ -208,20 +208,23 @@ class Scheduler(PageOps):
         i = 0
         sliding = bool(self.sliding_pools)
         held = 0
+        add_chosen = chosen.append
+        add_scheduled = scheduled.add
         while i < len(running):
             r = running[i]
+            i += 1
             if r.hold:                                # waits for its token of the step in flight
                 held += 1
-                i += 1
                 continue
             start = r.num_computed
             if start < len(r.token_ids) - 1:          # still in prefill
-                i += 1
                 continue
             if sliding and start >= r.slide_check:
                 self._release_window(r)
-            end = start + 1 + len(r.draft_token_ids) if r.draft_token_ids else start + 1
+            drafts = r.draft_token_ids
+            end = start + 1 + len(drafts) if drafts else start + 1
             if end > r.cap and not self._alloc_to(r, end):
+                i -= 1                                # r stays at i, or leaves the list below
                 v = self._victim(scheduled)
                 if v is r and len(running) == 1 and r.pending:
                     r.hold = True                     # overlap: its token in flight first, then the end below
@@ -236,10 +239,9 @@ class Scheduler(PageOps):
                     continue
                 self._preempt(v)
                 continue
-            chosen.append((r, start, 1, True))         # drafts ride along in draft_token_ids
-            scheduled.add(r.rid)
+            add_chosen((r, start, 1, True))            # drafts ride along in draft_token_ids
+            add_scheduled(r.rid)
             budget -= end - start
-            i += 1
         if (not self.waiting or not admit) and len(chosen) + held == len(running):      # pure decode step
             return self._finish_plan(chosen, [])
         # 2) running requests in the middle of a chunked prefill
@@ -304,12 +306,15 @@ class Scheduler(PageOps):
         inflight: list = []
         self.inflight.append(inflight)
         SR = ScheduledRequest
+        add_sched = sched.append
+        add_inflight = inflight.append
         for (r, start, n, sample) in chosen:
-            if r.known_to_worker and not r.pages_dirty:
+            if r.known_to_worker and not r.pages_dirty:     # the common decode step: nothing new to send
+                drafts = r.draft_token_ids
                 sr = SR(rid=r.rid, start=start, num_tokens=n, new_pages={}, sample=sample,
-                        draft_token_ids=list(r.draft_token_ids) if sample and r.draft_token_ids else [])
-                sched.append(sr)
-                inflight.append((r, sr))
+                        draft_token_ids=list(drafts) if sample and drafts else [])
+                add_sched(sr)
+                add_inflight((r, sr))
                 continue
             new_pages = {}
             if not r.known_to_worker:
@@ -418,15 +423,18 @@ class Scheduler(PageOps):
                     outputs.append(self._output(r, []))
             return TokenOutputs(outputs=outputs)
         sampled = result.sampled
+        num_sampled = len(sampled)
         by_rid = None
         ctx = self.context_length
         ps = self.page_size
         prefix = self.prefix_enabled
         RUNNING = Status.RUNNING
+        add_output = outputs.append
+        RO = RequestOutput
         for k, (r, sr) in enumerate(inflight):
             if r.status is not RUNNING:
                 continue
-            if k < len(sampled) and sampled[k].rid == r.rid:
+            if k < num_sampled and sampled[k].rid == r.rid:     # the worker keeps the plan's order
                 s = sampled[k]
             else:
                 if by_rid is None:
@@ -456,9 +464,13 @@ class Scheduler(PageOps):
             toks = r.token_ids
             got = s.token_ids
             if len(got) == 1:                            # the common case, no loop
-                toks.append(got[0])
+                t = got[0]
+                toks.append(t)
                 new = got
-                self._ends(r, got[0], len(toks) - 1 - r.num_prompt_tokens, len(toks))
+                n = len(toks)
+                # _ends, whose answer is no unless t is a stop id or the length is reached
+                if t in r.stop_ids or n - r.num_prompt_tokens >= sp.max_new_tokens or n >= ctx:
+                    self._ends(r, t, n - 1 - r.num_prompt_tokens, n)
             else:
                 new = []
                 for t in got:
@@ -480,9 +492,8 @@ class Scheduler(PageOps):
             if fin is not None:
                 self._finish(r, fin)
             if s.logprobs is None and s.prompt_logprobs is None:
-                outputs.append(RequestOutput(rid=r.rid, new_token_ids=new, finish_reason=fin,
-                                             matched_stop=r.matched_stop, num_prompt_tokens=r.num_prompt_tokens,
-                                             num_cached_tokens=r.num_cached_tokens))
+                add_output(RO(rid=r.rid, new_token_ids=new, finish_reason=fin, matched_stop=r.matched_stop,
+                              num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens))
             else:
                 outputs.append(self._output(r, new, s, len(new)))
         return TokenOutputs(outputs=outputs)
