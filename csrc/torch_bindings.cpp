@@ -222,6 +222,26 @@ void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t k
 void gemv_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
   gemv_run(x, w, out, false, kernel, "gemv");
 }
+// out = gelu_tanh(x·wᵀ) · aux ([M, N], aux's rows strided): E2B/E4B's per-layer-input gate and its product
+// with the layer's per-layer input in one launch.
+void gemv_gelu_aux_op(const Tensor& x, const Tensor& w, const Tensor& aux, Tensor& out, int64_t kernel) {
+  G4_CHECK_LAST(aux);
+  TORCH_CHECK(aux.dim() == 2 && aux.size(0) == x.size(0) && aux.size(1) == w.size(0) &&
+              aux.scalar_type() == x.scalar_type() && aux.device() == x.device(),
+              "gemv_gelu_aux: aux [M, N] of x's dtype and device");
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
+              out.size(1) == w.size(0), "gemv_gelu_aux: x [M, K], w [N, K] -> out [M, N]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv_gelu_aux: 1 to 8 rows");
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gemv_gelu_aux: kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
+              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), "gemv_gelu_aux: bf16 or fp16, one dtype");
+  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv_gelu_aux: one device");
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
+                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), false, (int)kernel,
+                           stream_of(x), aux.data_ptr(), aux.stride(0)), "gemv_gelu_aux");
+}
 void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
   gemv_run(x, w, out, true, kernel, "gemv_gelu_mul");
 }
@@ -387,6 +407,7 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("gelu_tanh_mul(Tensor gate, Tensor up, Tensor(a!) out) -> ()");
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
+  m.def("gemv_gelu_aux(Tensor x, Tensor w, Tensor aux, Tensor(a!) out, int kernel=0) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 #ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
@@ -417,6 +438,7 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("gelu_tanh_mul", &g4::gelu_tanh_mul_op);
   m.impl("gemv", &g4::gemv_op);
   m.impl("gemv_gelu_mul", &g4::gemv_gelu_mul_op);
+  m.impl("gemv_gelu_aux", &g4::gemv_gelu_aux_op);
   m.impl("store_kv", &g4::store_kv_op);
 #ifndef USE_ROCM
   m.impl("paged_attention", &g4::paged_attention_op);

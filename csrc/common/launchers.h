@@ -67,8 +67,10 @@ cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const 
 // y[m, n] = Σ_k x[m, k] w[n, k] for M in 1..8 (half types); K, sx, sw multiples of 8, x and w 16-byte aligned.
 // glu: w holds 2N rows [gate; up] and y[m, n] = gelu_tanh(x·w[n]) · (x·w[N + n]) (the MLP's gate/up + gelu-mul).
 // kernel: 0 the default choice (gemv.cu, gemv_use_mma), 1 the CUDA-core kernel, 2 the tensor-core kernel.
+// aux (not with glu): y[m, n] = gelu_tanh(x·w[n]) · aux[m·saux + n] (E2B/E4B's per-layer-input gate).
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
-                        int N, int K, bool glu, int kernel, cudaStream_t st);
+                        int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux = nullptr,
+                        int64_t saux = 0);
 
 // ---- attention (csrc/attention) --------------------------------------------------------------------
 cudaError_t launch_store_kv(int dtype, const void* k, int64_t skt, int64_t skh, const void* v,

@@ -1,5 +1,7 @@
 // Skinny GEMM for decode: y[m, n] = Σ_k x[m, k] · W[n, k] for 1–8 rows of x (W in the checkpoint's
-// [out, in] layout), optionally with the MLP's gelu_tanh(gate) * up fused (W = [gate; up]). Two kernels:
+// [out, in] layout), optionally with the MLP's gelu_tanh(gate) * up fused (W = [gate; up]), or with
+// gelu_tanh(y) * aux for a given aux [m, n] (the per-layer-input gate of E2B/E4B times its per-layer input).
+// Both epilogues round y (gate, up) to T first, as the unfused ops do, so the bits are theirs. Two kernels:
 // gemv_kernel (CUDA cores): one warp per output column, lanes stream W's row in 16-byte vectors and reuse
 // each for every row of x, a warp reduction at the end; gemv_mma_kernel (tensor cores, CUDA only): below.
 // Both accumulate in fp32; gemv_use_mma() picks one.
@@ -17,10 +19,16 @@ namespace {
 
 constexpr int kWarpsPerCta = 8;
 
+// the aux epilogue: y rounded to T, then gelu_tanh(y) * aux in fp32, rounded once (as gelu_tanh_mul)
+template <typename T>
+__device__ __forceinline__ T gelu_aux(float y, T a) {
+  return from_f<T>(gelu_tanh(to_f(from_f<T>(y))) * to_f(a));
+}
+
 template <typename T, int MR, bool GLU>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
-            int64_t sy, int N, int K) {
+            int64_t sy, int N, int K, const T* __restrict__ aux, int64_t saux) {
   pdl_wait();     // see common.cuh
   pdl_trigger();
   const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp;
@@ -78,7 +86,7 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
         const float g = to_f(from_f<T>(s[0])), u = to_f(from_f<T>(s[1]));
         y[m * sy + n] = from_f<T>(gelu_tanh(g) * u);
       } else {
-        y[m * sy + n] = from_f<T>(s[0]);
+        y[m * sy + n] = aux ? gelu_aux<T>(s[0], aux[m * saux + n]) : from_f<T>(s[0]);
       }
     }
   }
@@ -116,7 +124,7 @@ __device__ __forceinline__ uint4 ldg_cached(const void* p) {
 template <typename T, bool GLU, int KS>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
-                int64_t sy, int M, int N, int K) {
+                int64_t sy, int M, int N, int K, const T* __restrict__ aux, int64_t saux) {
   constexpr int CG = kWarpsPerCta / KS;       // column groups (8 columns each) per CTA
   constexpr int NR = GLU ? 2 : 1;
   __shared__ float red[KS > 1 ? kWarpsPerCta : 1][kWarp][2 * NR];
@@ -221,7 +229,7 @@ gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, in
       const float gt = to_f(from_f<T>(acc[0][j])), up = to_f(from_f<T>(acc[1][j]));
       y[g * sy + n] = from_f<T>(gelu_tanh(gt) * up);
     } else {
-      y[g * sy + n] = from_f<T>(acc[0][j]);
+      y[g * sy + n] = aux ? gelu_aux<T>(acc[0][j], aux[g * saux + n]) : from_f<T>(acc[0][j]);
     }
   }
 }
@@ -238,13 +246,13 @@ inline int mma_ks(int N, int K) {
 
 template <typename T, bool GLU>
 cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                    int K, cudaStream_t st) {
+                    int K, const void* aux, int64_t saux, cudaStream_t st) {
   const int ks = mma_ks(N, K);
   const int64_t warps = (int64_t)((N + 7) / 8) * ks;
   const unsigned blocks = (unsigned)((warps + kWarpsPerCta - 1) / kWarpsPerCta);
   auto kern = ks == 1 ? gemv_mma_kernel<T, GLU, 1> : ks == 2 ? gemv_mma_kernel<T, GLU, 2>
             : ks == 4 ? gemv_mma_kernel<T, GLU, 4> : gemv_mma_kernel<T, GLU, 8>;
-  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K);
+  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K, aux, saux);
 }
 
 // Which kernel: the caller's choice (kernel 1: CUDA cores, 2: tensor cores; the GPU tests force each), else
@@ -272,30 +280,31 @@ inline bool gemv_use_mma(int M, int kernel) {
 
 template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
-                cudaStream_t st) {
+                const void* aux, int64_t saux, cudaStream_t st) {
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
   return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
-                sx, w, sw, y, sy, N, K);
+                sx, w, sw, y, sy, N, K, static_cast<const T*>(aux), saux);
 }
 
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                     int K, bool glu, int kernel, cudaStream_t st) {
+                     int K, bool glu, int kernel, const void* aux, int64_t saux, cudaStream_t st) {
 #ifndef G4_ROCM
   if (M >= 1 && M <= 8 && gemv_use_mma(M, kernel))
-    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, st) : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, st);
+    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, nullptr, 0, st)
+               : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, aux, saux, st);
 #else
   (void)kernel;    // ROCm: the CUDA-core kernel only
 #endif
   switch (M) {
-    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, st);
-    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, st);
+    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -303,10 +312,11 @@ cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw
 }  // namespace
 
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
-                        int N, int K, bool glu, int kernel, cudaStream_t st) {
+                        int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux, int64_t saux) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 8 != 0 || sx % 8 != 0 || sw % 8 != 0 || !aligned16(x) || !aligned16(w)) return cudaErrorInvalidValue;
-  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, st));
+  if (glu && aux) return cudaErrorInvalidValue;       // one epilogue
+  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, aux, saux, st));
   return cudaSuccess;
 }
 

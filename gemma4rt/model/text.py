@@ -211,7 +211,7 @@ class DecoderLayer(nn.Module):
         if ple is None:
             return self._end(m, x, self.post_feedforward_layernorm.weight, next_norm)
         x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
-        g = ops.gelu_tanh_mul(self.per_layer_input_gate(x), ple.to(x.dtype))
+        g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))     # gelu(x·Wᵀ) · ple
         # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
         return self._end(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight, next_norm)
 

@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from gemma4rt.ops import _native
-from gemma4rt.ops.activation import gelu_tanh_and_mul
+from gemma4rt.ops.activation import gelu_tanh_and_mul, gelu_tanh_mul
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
+# E2B/E4B's per-layer-input gate: its GEMV multiplies gelu(gate) by the per-layer input in its epilogue
+# (linear_gelu_aux); =0 runs the GEMV and gelu_tanh_mul as two launches (an A/B switch: the same bits)
+FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "1") != "0"
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 
 
@@ -52,3 +55,16 @@ def linear_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     if GEMV_ENABLED and gemv_ok(x, w_gate_up) and w_gate_up.shape[0] % 2 == 0:
         return gemv_gelu_mul(x, w_gate_up)
     return gelu_tanh_and_mul(linear(x, w_gate_up))
+
+
+def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x · wᵀ) · aux (aux [rows, out], e.g. a strided view): E2B/E4B's per-layer-input gate times the
+    layer's per-layer input. One native launch for 1–8 rows, with the bits of the unfused ops (the GEMV's output
+    rounded, then gelu_tanh_mul); else the GEMM then gelu_tanh_mul."""
+    if (GEMV_ENABLED and FUSED_PLE_GATE and gemv_ok(x, w) and _native.has_op("gemv_gelu_aux") and aux.dim() == 2 and
+            aux.shape == (x.shape[0], w.shape[0]) and aux.dtype == x.dtype and aux.device == x.device and
+            aux.stride(-1) == 1):
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux, out, 0)
+        return out
+    return gelu_tanh_mul(linear(x, w), aux)

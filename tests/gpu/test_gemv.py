@@ -147,3 +147,39 @@ def test_gemv_rows_are_independent(one_kernel, dtype, N, K):
     x4 = x[:4]
     out = graph_replay(lambda: lin.gemv(x4, w), None, lambda: x4.copy_(torch.randn_like(x4)))
     assert torch.equal(out, torch.cat([lin.gemv(x4[i:i + 1], w) for i in range(4)]))
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(256, 1536), (37, 264), (1, 8), (256, 2560)])
+def test_gemv_gelu_aux_equals_the_unfused_ops(kernel, M, N, K):
+    """gelu_tanh(x·Wᵀ) · aux in one launch (E2B/E4B's per-layer-input gate): the bits of the GEMV then
+    gelu_tanh_mul, for each kernel, with strided x and aux rows (aux as the [T, L, P] per-layer inputs' slice)."""
+    from gemma4rt import ops
+    d = torch.bfloat16
+    x = torch.randn(M, K + 8, device=DEV, dtype=d)[:, :K]
+    w = torch.randn(N, K, device=DEV, dtype=d) / K ** 0.5
+    aux = torch.randn(M, 3, N, device=DEV, dtype=d)[:, 1]              # row stride 3N
+    out = poison(M, N, dtype=d)
+    torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux, out)
+    assert torch.equal(out, ops.gelu_tanh_mul(lin.gemv(x, w), aux))
+    ref = torch.nn.functional.gelu(_ref(x, w).to(d).float(), approximate="tanh") * aux.float()
+    assert ((out.float() - ref).abs() <= 2e-2 * ref.abs() + 2e-2).all()
+    assert torch.equal(lin.linear_gelu_aux(x, w, aux), out)
+    with pytest.raises(RuntimeError):                          # aux must be [M, N]
+        torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux[:, :-1], out)
+
+
+def test_gemv_gelu_aux_opcheck_graph_and_fallback(monkeypatch):
+    from gemma4rt import ops
+    d = torch.bfloat16
+    x = torch.randn(2, 512, device=DEV, dtype=d)
+    w = torch.randn(300, 512, device=DEV, dtype=d) / 512 ** 0.5
+    aux = torch.randn(2, 300, device=DEV, dtype=d)
+    torch.library.opcheck(torch.ops.gemma4rt.gemv_gelu_aux.default, (x, w, aux, torch.empty(2, 300, device=DEV, dtype=d)))
+    out = graph_replay(lambda: lin.linear_gelu_aux(x, w, aux), None, lambda: x.copy_(torch.randn_like(x)))
+    assert torch.equal(out, ops.gelu_tanh_mul(lin.gemv(x, w), aux))
+    monkeypatch.setattr(lin, "GEMV_ENABLED", False)            # cuBLAS, then the separate gelu-mul
+    assert torch.equal(lin.linear_gelu_aux(x, w, aux), ops.gelu_tanh_mul(torch.nn.functional.linear(x, w), aux))
+    x9 = torch.randn(9, 512, device=DEV, dtype=d)              # more rows than the skinny GEMM takes
+    aux9 = torch.randn(9, 300, device=DEV, dtype=d)
+    assert torch.equal(lin.linear_gelu_aux(x9, w, aux9), ops.gelu_tanh_mul(torch.nn.functional.linear(x9, w), aux9))
