@@ -246,6 +246,54 @@ void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t ker
   gemv_run(x, w, out, true, kernel, "gemv_gelu_mul");
 }
 
+// y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2:
+// a projection and the norms after it in one launch (the bits of gemv then norm_add_scale[_norm]). counter: a
+// zero int32 on x's device that no concurrent launch uses; the launch leaves it zero.
+void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, const Tensor& w1,
+                  const c10::optional<Tensor>& scale, const c10::optional<Tensor>& w2, double eps, Tensor& y, Tensor& h,
+                  const c10::optional<Tensor>& normed, Tensor& counter, int64_t kernel) {
+  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(y); G4_CHECK_LAST(residual); G4_CHECK_LAST(h);
+  const int64_t M = x.size(0), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && y.dim() == 2 && y.size(0) == M &&
+              y.size(1) == N && residual.sizes() == y.sizes() && h.sizes() == y.sizes(),
+              "gemv_norm: x [M, K], w [N, K]; y, residual, h [M, N]");
+  TORCH_CHECK(M >= 1 && M <= 8, "gemv_norm: 1 to 8 rows");
+  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gemv_norm: kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kHalf) && w.scalar_type() == dt && y.scalar_type() == dt &&
+              residual.scalar_type() == dt && h.scalar_type() == dt && w1.scalar_type() == dt,
+              "gemv_norm: bf16 or fp16, one dtype");
+  TORCH_CHECK(w1.dim() == 1 && w1.size(0) == N && w1.is_contiguous(), "gemv_norm: w1 [N]");
+  TORCH_CHECK(w.device() == x.device() && y.device() == x.device() && residual.device() == x.device() &&
+              h.device() == x.device() && w1.device() == x.device() && counter.device() == x.device(),
+              "gemv_norm: one device");
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous(),
+              "gemv_norm: counter, int32");
+  GemvNorm ep;
+  ep.res = residual.data_ptr(); ep.sres = residual.stride(0);
+  ep.w1 = w1.data_ptr();
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->numel() >= 1 && scale->device() == x.device(),
+                "gemv_norm: scale, fp32 [1]");
+    ep.scale = scale->data_ptr<float>();
+  }
+  TORCH_CHECK(w2.has_value() == normed.has_value(), "gemv_norm: w2 and normed together");
+  if (w2.has_value()) {
+    TORCH_CHECK(w2->dim() == 1 && w2->size(0) == N && w2->is_contiguous() && w2->scalar_type() == dt &&
+                w2->device() == x.device() && normed->sizes() == y.sizes() && normed->scalar_type() == dt &&
+                normed->stride(-1) == 1 && normed->device() == x.device(), "gemv_norm: w2 [N], normed [M, N]");
+    ep.w2 = w2->data_ptr(); ep.normed = normed->data_ptr(); ep.sn = normed->stride(0);
+  }
+  ep.h = h.data_ptr(); ep.sh = h.stride(0);
+  ep.eps = (float)eps;
+  ep.nt = norm_threads((int)N, true, 8);
+  ep.counter = counter.data_ptr<int>();
+  c10::cuda::CUDAGuard g(x.device());
+  check_launch(launch_gemv(dtype_code(x), (int)M, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(),
+                           y.stride(0), (int)N, (int)x.size(1), false, (int)kernel, stream_of(x), nullptr, 0, ep),
+               "gemv_norm");
+}
+
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
   G4_CHECK_CUDA(k); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(k_cache); G4_CHECK_LAST(v_cache);
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() &&
@@ -408,6 +456,8 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("gemv_gelu_aux(Tensor x, Tensor w, Tensor aux, Tensor(a!) out, int kernel=0) -> ()");
+  m.def("gemv_norm(Tensor x, Tensor w, Tensor residual, Tensor w1, Tensor? scale, Tensor? w2, float eps, "
+        "Tensor(a!) y, Tensor(b!) h, Tensor(c!)? normed, Tensor(d!) counter, int kernel=0) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 #ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "
@@ -439,6 +489,7 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("gemv", &g4::gemv_op);
   m.impl("gemv_gelu_mul", &g4::gemv_gelu_mul_op);
   m.impl("gemv_gelu_aux", &g4::gemv_gelu_aux_op);
+  m.impl("gemv_norm", &g4::gemv_norm_op);
   m.impl("store_kv", &g4::store_kv_op);
 #ifndef USE_ROCM
   m.impl("paged_attention", &g4::paged_attention_op);

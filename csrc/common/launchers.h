@@ -68,9 +68,32 @@ cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const 
 // glu: w holds 2N rows [gate; up] and y[m, n] = gelu_tanh(x·w[n]) · (x·w[N + n]) (the MLP's gate/up + gelu-mul).
 // kernel: 0 the default choice (gemv.cu, gemv_use_mma), 1 the CUDA-core kernel, 2 the tensor-core kernel.
 // aux (not with glu): y[m, n] = gelu_tanh(x·w[n]) · aux[m·saux + n] (E2B/E4B's per-layer-input gate).
+// norm (not with glu or aux; counter non-null): after y is written, the launch's last CTA (counted in *counter,
+// a zero int32 it leaves zero) computes h = (res + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2 for each
+// row, as launch_norm_add_scale_norm (mode 2 without w2) would with nt threads a row: the same bits.
+struct GemvNorm {
+  const void* res = nullptr;
+  int64_t sres = 0;
+  const void* w1 = nullptr;
+  const float* scale = nullptr;   // fp32 [1] or null
+  const void* w2 = nullptr;       // null: no second norm
+  void* h = nullptr;
+  int64_t sh = 0;
+  void* normed = nullptr;
+  int64_t sn = 0;
+  float eps = 0.f;
+  int nt = 0;                     // the norm kernel's threads a row for N (norm_threads): its summation order
+  int* counter = nullptr;         // null: no norm
+};
+// threads a row of the norm kernels (norm.cu): 64 to 1024, about two V-element vectors a thread
+inline int norm_threads(int n, bool vec, int V) {
+  int threads = 64;
+  while (threads < 1024 && threads * (vec ? V : 1) * 2 <= n) threads *= 2;
+  return threads;
+}
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
                         int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux = nullptr,
-                        int64_t saux = 0);
+                        int64_t saux = 0, const GemvNorm& norm = GemvNorm());
 
 // ---- attention (csrc/attention) --------------------------------------------------------------------
 cudaError_t launch_store_kv(int dtype, const void* k, int64_t skt, int64_t skh, const void* v,

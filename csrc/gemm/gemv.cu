@@ -25,15 +25,123 @@ __device__ __forceinline__ T gelu_aux(float y, T a) {
   return from_f<T>(gelu_tanh(to_f(from_f<T>(y))) * to_f(a));
 }
 
+// 16 bytes written by another CTA of this launch, read after a fence: through L2 on CUDA (its L1 is not
+// coherent); on ROCm the acquiring fence has already invalidated the L1
+template <typename T>
+__device__ __forceinline__ Vec16<T> ld16_l2(const T* p) {
+#ifdef G4_ROCM
+  return ld16(p);
+#else
+  Vec16<T> v;
+  *reinterpret_cast<uint4*>(&v) = __ldcg(reinterpret_cast<const uint4*>(p));
+  return v;
+#endif
+}
+
+// The norm epilogue (GemvNorm, launchers.h): every CTA has written its y columns; the last one to count itself
+// normalises each row as norm_kernel (norm.cu, VEC = 16 bytes, ep.nt threads a row, modes 2 and 3) would: each
+// real thread stands in for the virtual threads t, t + blockDim, ... of that kernel, whose per-thread sums,
+// warp trees and in-order sum over warps it repeats, so the bits are the same. y is read through L2 (other
+// CTAs wrote it). Every thread of the CTA calls this.
+template <typename T>
+__device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M, int N) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int RMAX = 1024 / (kWarpsPerCta * kWarp);     // virtual threads a real one: nt <= 1024
+  __shared__ int s_last;
+  __shared__ float sh[1024 / kWarp];
+  __threadfence();            // this thread's y, before the count says it is there
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(ep.counter, 1) == (int)gridDim.x - 1;
+    if (s_last) *ep.counter = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int NT = ep.nt, nb = blockDim.x, lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int R = (NT + nb - 1) / nb, nw = NT / kWarp;
+  // the sum over the virtual block of per-virtual-thread values v[r] (as block_sum in the norm kernel)
+  auto vsum = [&](const float (&v)[RMAX]) {
+    __syncthreads();          // sh is reused
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      if (r >= R) break;
+      const float t = warp_sum(v[r]);
+      const int vw = warp + r * (nb / kWarp);
+      if (lane == 0 && vw < nw) sh[vw] = t;
+    }
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; ++i) t += sh[i];
+    return t;
+  };
+  const T* w1 = static_cast<const T*>(ep.w1);
+  const T* w2 = static_cast<const T*>(ep.w2);
+  const float sc = ep.scale ? ep.scale[0] : 1.f;
+  for (int m = 0; m < M; ++m) {
+    const T* yr = y + m * sy;
+    const T* rr = static_cast<const T*>(ep.res) + m * ep.sres;
+    T* hr = static_cast<T*>(ep.h) + m * ep.sh;
+    float ss[RMAX], ss2[RMAX];
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) ss[r] = ss2[r] = 0.f;
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      const int vt = threadIdx.x + r * nb;
+      if (r >= R || vt >= NT) break;
+      for (int i = vt * V; i < N; i += NT * V) {
+        Vec16<T> v;
+        v = ld16_l2(yr + i);
+#pragma unroll
+        for (int j = 0; j < V; ++j) { const float f = to_f(v.v[j]); ss[r] += f * f; }
+      }
+    }
+    const float inv = rsqrtf(vsum(ss) / N + ep.eps);
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      const int vt = threadIdx.x + r * nb;
+      if (r >= R || vt >= NT) break;
+      for (int i = vt * V; i < N; i += NT * V) {
+        Vec16<T> v, rv, o;
+        v = ld16_l2(yr + i);
+        rv = ld16(rr + i);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          float f = to_f(v.v[j]) * inv;
+          if (w1) f *= to_f(w1[i + j]);
+          T t = from_f<T>(f);
+          t = from_f<T>(to_f(rv.v[j]) + to_f(t));
+          if (ep.scale) t = from_f<T>(to_f(t) * sc);
+          const float g = to_f(t);
+          ss2[r] += g * g;
+          o.v[j] = t;
+        }
+        st16(hr + i, o);
+      }
+    }
+    if (ep.w2 == nullptr) continue;
+    const float inv2 = rsqrtf(vsum(ss2) / N + ep.eps);
+    T* nr = static_cast<T*>(ep.normed) + m * ep.sn;
+#pragma unroll
+    for (int r = 0; r < RMAX; ++r) {
+      const int vt = threadIdx.x + r * nb;
+      if (r >= R || vt >= NT) break;
+      for (int i = vt * V; i < N; i += NT * V) {     // this thread's own h elements
+        const Vec16<T> hv = ld16(hr + i);
+        Vec16<T> o;
+#pragma unroll
+        for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(hv.v[j]) * inv2 * to_f(w2[i + j]));
+        st16(nr + i, o);
+      }
+    }
+  }
+}
+
+// one warp's output column n of gemv_kernel
 template <typename T, int MR, bool GLU>
-__global__ void __launch_bounds__(kWarpsPerCta * kWarp)
-gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
-            int64_t sy, int N, int K, const T* __restrict__ aux, int64_t saux) {
-  pdl_wait();     // see common.cuh
-  pdl_trigger();
-  const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (n >= N) return;
+__device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx, const T* __restrict__ w,
+                                             int64_t sw, T* __restrict__ y, int64_t sy, int N, int K,
+                                             const T* __restrict__ aux, int64_t saux, int n, int lane) {
   constexpr int NR = GLU ? 2 : 1;      // weight rows per warp: n, and with GLU the up row n + N
   const T* wr[NR];
 #pragma unroll
@@ -92,6 +200,18 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
   }
 }
 
+template <typename T, int MR, bool GLU>
+__global__ void __launch_bounds__(kWarpsPerCta * kWarp)
+gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
+            int64_t sy, int N, int K, const T* __restrict__ aux, int64_t saux, const GemvNorm ep) {
+  pdl_wait();     // see common.cuh
+  pdl_trigger();
+  const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  if (n < N) gemv_columns<T, MR, GLU>(x, sx, w, sw, y, sy, N, K, aux, saux, n, lane);
+  if (ep.counter) gemv_norm_tail<T>(ep, y, sy, MR, N);
+}
+
 #ifndef G4_ROCM
 // Tensor-core skinny GEMM for 1-8 rows (CUDA, sm_80+). One mma.sync m16n8k16 computes 8 output columns
 // for up to 8 rows of x: A = x (16 rows, the 8 past the real ones zero), B = Wᵀ (one weight row per
@@ -124,7 +244,7 @@ __device__ __forceinline__ uint4 ldg_cached(const void* p) {
 template <typename T, bool GLU, int KS>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
-                int64_t sy, int M, int N, int K, const T* __restrict__ aux, int64_t saux) {
+                int64_t sy, int M, int N, int K, const T* __restrict__ aux, int64_t saux, const GemvNorm ep) {
   constexpr int CG = kWarpsPerCta / KS;       // column groups (8 columns each) per CTA
   constexpr int NR = GLU ? 2 : 1;
   __shared__ float red[KS > 1 ? kWarpsPerCta : 1][kWarp][2 * NR];
@@ -209,29 +329,32 @@ gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, in
       red[warp][lane][2 * r + 1] = acc[r][1];
     }
     __syncthreads();
-    if (ks != 0) return;
+    if (ks == 0) {
 #pragma unroll
-    for (int r = 0; r < NR; ++r)
+      for (int r = 0; r < NR; ++r)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float s = red[warp][lane][2 * r + j];
+        for (int j = 0; j < 2; ++j) {
+          float s = red[warp][lane][2 * r + j];
 #pragma unroll
-        for (int q = 1; q < KS; ++q) s += red[warp + q][lane][2 * r + j];
-        acc[r][j] = s;
-      }
-  }
-  if (!group_live || !xrow) return;
-#pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int n = n0 + 2 * c + j;
-    if (n >= N) continue;
-    if constexpr (GLU) {
-      const float gt = to_f(from_f<T>(acc[0][j])), up = to_f(from_f<T>(acc[1][j]));
-      y[g * sy + n] = from_f<T>(gelu_tanh(gt) * up);
-    } else {
-      y[g * sy + n] = aux ? gelu_aux<T>(acc[0][j], aux[g * saux + n]) : from_f<T>(acc[0][j]);
+          for (int q = 1; q < KS; ++q) s += red[warp + q][lane][2 * r + j];
+          acc[r][j] = s;
+        }
     }
   }
+  if (group_live && xrow && (KS == 1 || ks == 0)) {     // (no early return: the norm tail needs every thread)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int n = n0 + 2 * c + j;
+      if (n >= N) continue;
+      if constexpr (GLU) {
+        const float gt = to_f(from_f<T>(acc[0][j])), up = to_f(from_f<T>(acc[1][j]));
+        y[g * sy + n] = from_f<T>(gelu_tanh(gt) * up);
+      } else {
+        y[g * sy + n] = aux ? gelu_aux<T>(acc[0][j], aux[g * saux + n]) : from_f<T>(acc[0][j]);
+      }
+    }
+  }
+  if (ep.counter) gemv_norm_tail<T>(ep, y, sy, M, N);
 }
 
 // K split: the fewest warps per column group that give ~4096 warps in all (enough 2 KB streams in flight
@@ -246,13 +369,14 @@ inline int mma_ks(int N, int K) {
 
 template <typename T, bool GLU>
 cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                    int K, const void* aux, int64_t saux, cudaStream_t st) {
+                    int K, const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
   const int ks = mma_ks(N, K);
   const int64_t warps = (int64_t)((N + 7) / 8) * ks;
   const unsigned blocks = (unsigned)((warps + kWarpsPerCta - 1) / kWarpsPerCta);
   auto kern = ks == 1 ? gemv_mma_kernel<T, GLU, 1> : ks == 2 ? gemv_mma_kernel<T, GLU, 2>
             : ks == 4 ? gemv_mma_kernel<T, GLU, 4> : gemv_mma_kernel<T, GLU, 8>;
-  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K, aux, saux);
+  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K, static_cast<const T*>(aux),
+                saux, ep);
 }
 
 // Which kernel: the caller's choice (kernel 1: CUDA cores, 2: tensor cores; the GPU tests force each), else
@@ -280,31 +404,32 @@ inline bool gemv_use_mma(int M, int kernel) {
 
 template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
-                const void* aux, int64_t saux, cudaStream_t st) {
+                const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
   return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
-                sx, w, sw, y, sy, N, K, static_cast<const T*>(aux), saux);
+                sx, w, sw, y, sy, N, K, static_cast<const T*>(aux), saux, ep);
 }
 
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                     int K, bool glu, int kernel, const void* aux, int64_t saux, cudaStream_t st) {
+                     int K, bool glu, int kernel, const void* aux, int64_t saux, const GemvNorm& ep,
+                     cudaStream_t st) {
 #ifndef G4_ROCM
   if (M >= 1 && M <= 8 && gemv_use_mma(M, kernel))
-    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, nullptr, 0, st)
-               : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, aux, saux, st);
+    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, nullptr, 0, ep, st)
+               : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, aux, saux, ep, st);
 #else
   (void)kernel;    // ROCm: the CUDA-core kernel only
 #endif
   switch (M) {
-    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
-    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, st);
+    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -312,11 +437,18 @@ cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw
 }  // namespace
 
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
-                        int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux, int64_t saux) {
+                        int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux, int64_t saux,
+                        const GemvNorm& norm) {
   if (M == 0 || N == 0) return cudaSuccess;
   if (K % 8 != 0 || sx % 8 != 0 || sw % 8 != 0 || !aligned16(x) || !aligned16(w)) return cudaErrorInvalidValue;
-  if (glu && aux) return cudaErrorInvalidValue;       // one epilogue
-  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, aux, saux, st));
+  if ((glu && aux) || (norm.counter && (glu || aux))) return cudaErrorInvalidValue;       // one epilogue
+  // the norm tail reads y, res and writes h, normed in 16-byte vectors, as the norm kernel's vector path
+  if (norm.counter && (N % 8 != 0 || sy % 8 != 0 || norm.sres % 8 != 0 || norm.sh % 8 != 0 ||
+                       (norm.w2 && norm.sn % 8 != 0) || !aligned16(y) || !aligned16(norm.res) ||
+                       !aligned16(norm.h) || (norm.w2 && !aligned16(norm.normed)) || norm.nt < 32 || norm.nt > 1024 ||
+                       norm.nt != norm_threads(N, true, 8)))
+    return cudaErrorInvalidValue;
+  G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, aux, saux, norm, st));
   return cudaSuccess;
 }
 

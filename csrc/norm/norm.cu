@@ -191,12 +191,6 @@ __global__ void moe_end_kernel(const T* __restrict__ m, int64_t sm, const T* __r
   }
 }
 
-int norm_threads(int n, bool vec, int V) {
-  int threads = 64;
-  while (threads < 1024 && threads * (vec ? V : 1) * 2 <= n) threads *= 2;
-  return threads;
-}
-
 template <typename T, typename S>
 cudaError_t run_norm(int mode, const void* x, int64_t sx, const void* res, int64_t sres, const void* w,
                      const void* scale, void* y, int64_t sy, void* res_out, int64_t sro, int64_t rows,

@@ -76,7 +76,9 @@ class Attention(nn.Module):
             del self.v_proj
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, cos: torch.Tensor, sin: torch.Tensor,
-                eps: float, sliding_window: Optional[int], block_ids: Optional[torch.Tensor]) -> torch.Tensor:
+                eps: float, sliding_window: Optional[int], block_ids: Optional[torch.Tensor],
+                project: bool = True) -> torch.Tensor:
+        """project=False (one rank): the attention output before o_proj, [T, H·D]."""
         spec = self.spec
         T = x.shape[0]
         D, KVH = spec.head_dim, self.num_kv_heads
@@ -104,6 +106,8 @@ class Attention(nn.Module):
         o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
                                 ctx.seq_lens, sliding_window, block_ids, 1.0, zero_out=ctx.zero_attn_out,
                                 mixed=ctx.mixed_attn)
+        if not project:
+            return o.reshape(T, -1)
         return self.tp.all_reduce(self.o_proj(o.reshape(T, -1)))
 
 
@@ -125,11 +129,13 @@ class MLP(nn.Module):
                                                 requires_grad=False)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """project=False (one rank): the activations before down_proj."""
         if hasattr(self, "gate_up_proj"):
-            return self.tp.all_reduce(self.down_proj(ops.linear_gelu_mul(x, self.gate_up_proj.weight)))
-        gate_up = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        return self.tp.all_reduce(self.down_proj(ops.gelu_tanh_and_mul(gate_up)))
+            act = ops.linear_gelu_mul(x, self.gate_up_proj.weight)
+        else:
+            act = ops.gelu_tanh_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1))
+        return act if not project else self.tp.all_reduce(self.down_proj(act))
 
 
 class Router(nn.Module):
@@ -183,17 +189,28 @@ class DecoderLayer(nn.Module):
         window = cfg.sliding_window if self.spec.is_sliding else None
         if a is None:
             a = ops.rms_norm(x, self.input_layernorm.weight, eps)
-        a = self.self_attn(a, ctx, cos, sin, eps, window, block_ids if self.spec.is_sliding else None)
         fused = cfg.enable_moe_block and FUSED_MOE_NORMS
+        # one rank: a projection and the norms after it go through ops.linear_norm_add_scale (one launch where
+        # the native skinny GEMM takes it); with --tp the projection's all-reduce sits between them
+        one = self.tp.size == 1
+        sw_ids = block_ids if self.spec.is_sliding else None
+        if one and not fused:
+            o = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids, project=False)
+            x, u = ops.linear_norm_add_scale(o, self.self_attn.o_proj.weight, x, self.post_attention_layernorm.weight,
+                                             None, self.pre_feedforward_layernorm.weight, eps)
+        else:
+            a = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids)
         if fused:
             # the MoE block's three opening norms of the new residual stream in the same launch: the shared
             # MLP's, the router's (weightless norm × scale × d^-½, as one weighted norm) and the experts'
             x, u, z, v = ops.norm_add_scale_norm3(a, x, self.post_attention_layernorm.weight, None,
                                                   self.pre_feedforward_layernorm.weight, self._router_norm_weight(),
                                                   self.pre_feedforward_layernorm_2.weight, eps)
-        else:
+        elif not one:
             x, u = ops.norm_add_scale_norm(a, x, self.post_attention_layernorm.weight, None,
                                            self.pre_feedforward_layernorm.weight, eps)
+        if one and not cfg.enable_moe_block:
+            return self._dense_end(self.mlp(u, project=False), x, ple, next_norm)
         m = self.mlp(u)
         if cfg.enable_moe_block:
             if not fused:
@@ -214,6 +231,19 @@ class DecoderLayer(nn.Module):
         g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))     # gelu(x·Wᵀ) · ple
         # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
         return self._end(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight, next_norm)
+
+    def _dense_end(self, act, x, ple, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A dense layer's end on one rank from the MLP's activations: down_proj and the post-FFN norm (then the
+        per-layer-input block), each projection with the norms after it through ops.linear_norm_add_scale."""
+        eps = self.cfg.rms_norm_eps
+        if ple is None:
+            return ops.linear_norm_add_scale(act, self.mlp.down_proj.weight, x, self.post_feedforward_layernorm.weight,
+                                             self._scalar(), next_norm, eps)
+        x, _ = ops.linear_norm_add_scale(act, self.mlp.down_proj.weight, x, self.post_feedforward_layernorm.weight,
+                                         None, None, eps)
+        g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))     # gelu(x·Wᵀ) · ple
+        return ops.linear_norm_add_scale(g, self.per_layer_projection.weight, x,
+                                         self.post_per_layer_input_norm.weight, self._scalar(), next_norm, eps)
 
     def _end(self, y, x, weight, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(x + norm(y)·weight) · layer_scalar, and its next norm when asked for."""

@@ -8,12 +8,14 @@ was removed: a kernel timed alone is not the kernel in the step's chain."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from gemma4rt.ops import _native
 from gemma4rt.ops.activation import gelu_tanh_and_mul, gelu_tanh_mul
+from gemma4rt.ops.norm import norm_add_scale, norm_add_scale_norm
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
@@ -21,6 +23,11 @@ GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
 # input in its epilogue (linear_gelu_aux: one launch a layer less, the same bits). Off by default until it has
 # run on a GPU: it was written when the session had no device time left (tests/gpu/test_gemv.py covers it).
 FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "0") == "1"
+# GEMMA4RT_FUSED_GEMV_NORM=1: a 1-8-row projection followed by norm_add_scale[_norm] (o_proj, down_proj, the
+# per-layer projection) runs as one launch whose last CTA does the norms (linear_norm_add_scale). Off by default
+# until it has run on a GPU, for the same reason as FUSED_PLE_GATE.
+FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "0") == "1"
+_NORM_COUNTERS: dict = {}
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 
 
@@ -69,3 +76,45 @@ def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor) -> torc
         torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux, out, 0)
         return out
     return gelu_tanh_mul(linear(x, w), aux)
+
+
+def gemv_norm_counter(device) -> Optional[torch.Tensor]:
+    """The device's counter for gemv_norm launches (one int32 that each launch leaves zero; the launches of a
+    stream run one after another). Made on first use outside CUDA-graph capture (call before capturing);
+    None when first asked for during a capture (the caller then runs the unfused ops)."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    buf = _NORM_COUNTERS.get(device)
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _NORM_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
+    return buf
+
+
+def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          scale: Optional[torch.Tensor], weight2: Optional[torch.Tensor],
+                          eps: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(h, rms_norm(h, weight2) or None) with h = norm_add_scale(x · wᵀ, residual, weight, scale): a projection
+    and the norms after it. One native launch for 1–8 rows with FUSED_GEMV_NORM (the bits of the unfused ops),
+    else linear then norm_add_scale[_norm]."""
+    N = w.shape[0]
+    if (GEMV_ENABLED and FUSED_GEMV_NORM and gemv_ok(x, w) and _native.has_op("gemv_norm") and N % 8 == 0 and
+            residual.dim() == 2 and residual.shape == (x.shape[0], N) and residual.dtype == x.dtype and
+            residual.device == x.device and residual.stride(-1) == 1 and residual.stride(0) % 8 == 0 and
+            residual.data_ptr() % 16 == 0 and weight is not None):
+        counter = gemv_norm_counter(x.device)
+        if counter is not None:
+            y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+            h = torch.empty_like(y)
+            normed = None if weight2 is None else torch.empty_like(y)
+            sc = None if scale is None else scale.reshape(-1)[:1].float().contiguous()
+            torch.ops.gemma4rt.gemv_norm(x, w, residual, weight.to(x.dtype).contiguous(), sc,
+                                         None if weight2 is None else weight2.to(x.dtype).contiguous(), float(eps),
+                                         y, h, normed, counter, 0)
+            return h, normed
+    y = linear(x, w)
+    if weight2 is None:
+        return norm_add_scale(y, residual, weight, scale, eps), None
+    return norm_add_scale_norm(y, residual, weight, scale, weight2, eps)

@@ -231,7 +231,9 @@ class StepGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         from gemma4rt.ops.attention import merge_counters
+        from gemma4rt.ops.linear import gemv_norm_counter
         merge_counters(self.device)            # outside any graph's memory pool
+        gemv_norm_counter(self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

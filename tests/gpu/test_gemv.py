@@ -183,3 +183,66 @@ def test_gemv_gelu_aux_opcheck_graph_and_fallback(monkeypatch):
     x9 = torch.randn(9, 512, device=DEV, dtype=d)              # more rows than the skinny GEMM takes
     aux9 = torch.randn(9, 300, device=DEV, dtype=d)
     assert torch.equal(lin.linear_gelu_aux(x9, w, aux9), ops.gelu_tanh_mul(torch.nn.functional.linear(x9, w), aux9))
+
+
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+@pytest.mark.parametrize("N,K", [(1536, 2048), (2560, 264), (3840, 4096), (5376, 1536), (8, 8)])
+@pytest.mark.parametrize("scale,second", [(True, True), (False, False), (True, False)])
+def test_gemv_norm_equals_the_unfused_ops(kernel, M, N, K, scale, second):
+    """A projection and the norms after it in one launch (the last CTA normalises): y, h and the next norm are
+    bit for bit those of gemv then norm_add_scale[_norm], for each kernel and the norm kernel's thread counts
+    (N = 1536: 128 threads a row, 2560 / 3840: 256, 5376: 512); strided x and residual rows; the counter is
+    left zero, so back-to-back launches work."""
+    from gemma4rt import ops
+    d = torch.bfloat16
+    x = torch.randn(M, K + 8, device=DEV, dtype=d)[:, :K]
+    w = torch.randn(N, K, device=DEV, dtype=d) / K ** 0.5
+    res = torch.randn(M, N + 16, device=DEV, dtype=d)[:, 8:8 + N]
+    w1 = torch.randn(N, device=DEV, dtype=d)
+    w2 = torch.randn(N, device=DEV, dtype=d) if second else None
+    sc = torch.tensor([0.7], device=DEV) if scale else None
+    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    for _ in range(2):
+        y, h = poison(M, N, dtype=d), poison(M, N, dtype=d)
+        normed = poison(M, N, dtype=d) if second else None
+        torch.ops.gemma4rt.gemv_norm(x, w, res, w1, sc, w2, 1e-6, y, h, normed, counter)
+        assert int(counter.item()) == 0
+        want_y = lin.gemv(x, w)
+        assert torch.equal(y, want_y)
+        if second:
+            want_h, want_n = ops.norm_add_scale_norm(want_y, res, w1, sc, w2, 1e-6)
+            assert torch.equal(normed, want_n)
+        else:
+            want_h = ops.norm_add_scale(want_y, res, w1, sc, 1e-6)
+        assert torch.equal(h, want_h)
+
+
+def test_gemv_norm_opcheck_graph_wrapper_and_errors(monkeypatch):
+    from gemma4rt import ops
+    d = torch.bfloat16
+    x = torch.randn(2, 512, device=DEV, dtype=d)
+    w = torch.randn(1536, 512, device=DEV, dtype=d) / 512 ** 0.5
+    res = torch.randn(2, 1536, device=DEV, dtype=d)
+    w1, w2 = torch.randn(1536, device=DEV, dtype=d), torch.randn(1536, device=DEV, dtype=d)
+    sc = torch.tensor([1.3], device=DEV)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    args = (x, w, res, w1, sc, w2, 1e-6, torch.empty_like(res), torch.empty_like(res), torch.empty_like(res), counter)
+    torch.library.opcheck(torch.ops.gemma4rt.gemv_norm.default, args)
+    monkeypatch.setattr(lin, "FUSED_GEMV_NORM", True)
+    lin.gemv_norm_counter(x.device)                    # made before the capture, as the CUDA graphs do
+    h, n = graph_replay(lambda: lin.linear_norm_add_scale(x, w, res, w1, sc, w2, 1e-6), None,
+                        lambda: x.copy_(torch.randn_like(x)))
+    want_h, want_n = ops.norm_add_scale_norm(lin.gemv(x, w), res, w1, sc, w2, 1e-6)
+    assert torch.equal(h, want_h) and torch.equal(n, want_n)
+    h1, none = lin.linear_norm_add_scale(x, w, res, w1, None, None, 1e-6)
+    assert none is None and torch.equal(h1, ops.norm_add_scale(lin.gemv(x, w), res, w1, None, 1e-6))
+    x9 = torch.randn(9, 512, device=DEV, dtype=d)     # more rows than the skinny GEMM takes: the unfused ops
+    r9 = torch.randn(9, 1536, device=DEV, dtype=d)
+    got = lin.linear_norm_add_scale(x9, w, r9, w1, sc, w2, 1e-6)
+    want = ops.norm_add_scale_norm(torch.nn.functional.linear(x9, w), r9, w1, sc, w2, 1e-6)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError):                  # N not a multiple of 8: refused, not miscomputed
+        w7 = torch.randn(1535, 512, device=DEV, dtype=d)
+        r7 = torch.randn(2, 1535, device=DEV, dtype=d)
+        torch.ops.gemma4rt.gemv_norm(x, w7, r7, w1[:-1], None, None, 1e-6, torch.empty_like(r7),
+                                     torch.empty_like(r7), None, counter)

@@ -128,3 +128,33 @@ def test_ple_table_in_host_memory_gives_the_same_logits():
         _free()
     assert torch.equal(res[True][0], res[False][0])
     assert res[True][1] == res[False][1]
+
+
+def test_fused_projection_norms_give_the_same_logits(monkeypatch):
+    """E2B geometry (bf16, dummy weights): decode with each projection's norms inside its skinny GEMM
+    (GEMMA4RT_FUSED_GEMV_NORM) and the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE)
+    gives the unfused path's logits bit for bit, through the CUDA graphs and with batched requests."""
+    if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
+        pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
+    import importlib
+    from gemma4rt.config import CacheConfig, SchedulerConfig
+    lin = importlib.import_module("gemma4rt.ops.linear")
+    g = torch.Generator().manual_seed(2)
+    prompts = [[2] + torch.randint(1000, 100000, (n,), generator=g).tolist() for n in (300, 17, 4)]
+    logits, tokens = {}, None
+    for fused in (False, True):
+        monkeypatch.setattr(lin, "FUSED_GEMV_NORM", fused)
+        monkeypatch.setattr(lin, "FUSED_PLE_GATE", fused)
+        _free()
+        r = ModelRunner(EngineConfig(model_path="gemma-4-E2B-it", load_format="dummy", device="cuda",
+                                     dtype="bfloat16", cuda_graph_max_bs=8, cuda_graph_max_tokens=0,
+                                     cache=CacheConfig(max_total_tokens=1 << 14),
+                                     scheduler=SchedulerConfig(max_running_requests=8)))
+        assert r.graphs is not None
+        logits[fused], out = _forced_decode(r, prompts, 12, tokens)
+        tokens = tokens or out
+        del r
+    _free()
+    assert len(logits[True]) == len(logits[False]) > 0
+    for a, b in zip(logits[True], logits[False]):
+        assert torch.equal(a, b)

@@ -58,3 +58,23 @@ def test_moe_norms_are_the_separate_norms():
     assert not torch.equal(f, ops.norm_add_scale(m, ops.rms_norm(e, w1, 1e-6), w2, None, 1e-6))  # order matters
     hh2, y2 = ops.norm_add_scale_norm(f, x, w3, sc, w4, 1e-6)
     assert torch.equal(hh, hh2) and torch.equal(y, y2)
+
+
+def test_linear_norm_add_scale_is_gemm_then_the_norms():
+    torch.manual_seed(0)
+    x, w, res = torch.randn(3, 64), torch.randn(48, 64), torch.randn(3, 48)
+    w1, w2, sc = torch.randn(48), torch.randn(48), torch.tensor([0.5])
+    y = x @ w.t()
+    h, n = ops.linear_norm_add_scale(x, w, res, w1, sc, w2, 1e-6)
+    want_h = ref.norm_add_scale(y, res, w1, sc, 1e-6)
+    assert torch.allclose(h, want_h, atol=1e-5) and torch.allclose(n, ref.rms_norm(want_h, w2, 1e-6), atol=1e-5)
+    h1, none = ops.linear_norm_add_scale(x, w, res, w1, None, None, 1e-6)
+    assert none is None and torch.allclose(h1, ref.norm_add_scale(y, res, w1, None, 1e-6), atol=1e-5)
+
+
+def test_linear_gelu_aux_is_gemm_then_gelu_mul():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 64), torch.randn(40, 64)
+    aux = torch.randn(3, 2, 40)[:, 1]                       # a strided slice, as the per-layer inputs
+    want = torch.nn.functional.gelu(x @ w.t(), approximate="tanh") * aux
+    assert torch.allclose(ops.linear_gelu_aux(x, w, aux), want, atol=1e-5)
