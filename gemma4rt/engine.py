@@ -101,7 +101,7 @@ class Engine:
             log.exception("step %d failed", plan.step_id)
             result = StepResult(step_id=plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
         self.num_steps += 1
-        self.step_log.record(plan, time.perf_counter() - t0, getattr(self.runner, "last_step_gpu_ms", None))
+        self.step_log.record(plan, time.perf_counter() - t0, self._take_gpu_ms())
         return self.scheduler.process_result(result)
 
 
@@ -131,8 +131,16 @@ class Engine:
             except Exception as e:
                 log.exception("step %d failed", p_plan.step_id)
                 result = StepResult(step_id=p_plan.step_id, sampled=[], error=f"{type(e).__name__}: {e}")
-        self.step_log.record(p_plan, time.perf_counter() - t0, getattr(self.runner, "last_step_gpu_ms", None))
+        self.step_log.record(p_plan, time.perf_counter() - t0, self._take_gpu_ms())
         return self.scheduler.process_result(result)
+
+
+    def _take_gpu_ms(self) -> Optional[float]:
+        """The device time of the step the runner has just finished (None when it did not time one)."""
+        ms = getattr(self.runner, "last_step_gpu_ms", None)
+        if ms is not None:
+            self.runner.last_step_gpu_ms = None
+        return ms
 
 
 class StepLog:
