@@ -184,7 +184,7 @@ class FrontDoor(Actor):
                 matched = o.matched_stop
                 if stop.matched is not None:
                     fin, matched = "stop", stop.matched
-                now = time.monotonic()
+                now = time.monotonic() if m is not None else 0.0      # only the metrics read the clock
                 if new and m is not None:
                     if t_last is None:
                         m.ttft.observe(now - t0)
