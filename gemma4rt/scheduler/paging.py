@@ -26,24 +26,22 @@ class PageOps:
 
     def _release_window(self, r: Request) -> None:
         """Hand back sliding pages entirely before the window of the next query."""
-        for pool in self.sliding_pools:
-            table = r.pages.get(pool.name)
-            if not table:
-                continue
-            first = max(0, r.num_computed - pool.window + 1) // pool.page_size
-            if self.prefix_enabled:       # not before the prefix cache has it (overlap registers a step late)
-                first = min(first, r.num_registered)
-            lo = r.slide_lo.get(pool.name, 0)
-            if first > lo:
-                for j in range(lo, min(first, len(table))):
-                    p = table[j]
-                    if p >= 0:
-                        pool.decref(p)
-                        table[j] = -1
-                r.slide_lo[pool.name] = lo = first
         check = INF
         for pool in self.sliding_pools:
             lo = r.slide_lo.get(pool.name, 0)
+            table = r.pages.get(pool.name)
+            if table:
+                first = max(0, r.num_computed - pool.window + 1) // pool.page_size
+                if self.prefix_enabled:   # not before the prefix cache has it (overlap registers a step late)
+                    first = min(first, r.num_registered)
+                if first > lo:
+                    for j in range(lo, min(first, len(table))):
+                        p = table[j]
+                        if p >= 0:
+                            pool.decref(p)
+                            table[j] = -1
+                    r.slide_lo[pool.name] = lo = first
+            # the next num_computed at which this pool's lowest held page can leave the window
             check = min(check, (lo + 1) * pool.page_size + pool.window - 1)
         r.slide_check = check
 
@@ -57,19 +55,23 @@ class PageOps:
 
     def _alloc_to(self, r: Request, end: int) -> bool:
         """Grow every page table to cover tokens [0, end). All or nothing."""
-        need = {}
+        need = []
+        pages = r.pages
+        cap = INF
         for name, pool in self.pools.items():
-            have = len(r.pages.get(name, ()))
-            k = _cdiv(end, pool.page_size) - have
-            if k > 0:
-                if k > pool.num_available():
+            have = len(pages.get(name, ()))
+            want = -(-end // pool.page_size)
+            if want > have:
+                if want - have > pool.num_available():
                     return False
-                need[name] = k
-        for name, k in need.items():
-            r.pages.setdefault(name, []).extend(self.pools[name].alloc(k))
+                need.append((name, pool, want - have))
+                have = want
+            cap = min(cap, have * pool.page_size)     # what the tables cover once grown
+        for name, pool, k in need:
+            pages.setdefault(name, []).extend(pool.alloc(k))
         if need:
             r.pages_dirty = True
-        r.cap = min(len(r.pages.get(n, ())) * p.page_size for n, p in self.pools.items())
+        r.cap = cap
         return True
 
     def _register(self, r: Request) -> None:
