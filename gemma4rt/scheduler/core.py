@@ -510,11 +510,20 @@ class Scheduler(PageOps):
                     self._finish(r, "error")
                     outputs.append(self._output(r, []))
             return TokenOutputs(outputs=outputs)
-        by_rid = {x.rid: x for x in result.sampled}
-        for r, sr in inflight:
+        sampled = result.sampled
+        num_sampled = len(sampled)
+        by_rid = None
+        ctx = self.context_length
+        add_output = outputs.append
+        for k, (r, sr) in enumerate(inflight):
             if r.status is not RUNNING:
                 continue
-            s = by_rid.get(r.rid)
+            if k < num_sampled and sampled[k].rid == r.rid:     # the worker keeps the plan's order
+                s = sampled[k]
+            else:
+                if by_rid is None:
+                    by_rid = {x.rid: x for x in sampled}
+                s = by_rid.get(r.rid)
             if s is not None and s.error is not None:
                 self._fail(r, s.error)
                 outputs.append(self.pending.pop())
@@ -543,7 +552,9 @@ class Scheduler(PageOps):
             t = s.token_ids[0]
             r.token_ids[pos] = t
             r.grammar_ready = True
-            self._ends(r, t, pos - r.num_prompt_tokens, pos + 1)
+            # _ends, whose answer is no unless t is a stop id or the length is reached
+            if t in r.stop_ids or pos + 1 - r.num_prompt_tokens >= r.sampling.max_new_tokens or pos + 1 >= ctx:
+                self._ends(r, t, pos - r.num_prompt_tokens, pos + 1)
             if not r.pending:
                 r.hold = False
             if self.prefix_enabled and min(r.num_computed, pos + 1) // self.page_size > r.num_registered:
@@ -551,7 +562,12 @@ class Scheduler(PageOps):
             fin = r.finish_reason
             if fin is not None:
                 self._finish(r, fin)
-            outputs.append(self._output(r, [t], s, 1))
+            if s.logprobs is None and s.top_logprobs is None and s.prompt_logprobs is None:
+                add_output(RequestOutput(rid=r.rid, new_token_ids=[t], finish_reason=fin, matched_stop=r.matched_stop,
+                                         num_prompt_tokens=r.num_prompt_tokens, num_cached_tokens=r.num_cached_tokens,
+                                         error=r.error))
+            else:
+                add_output(self._output(r, [t], s, 1))
         return TokenOutputs(outputs=outputs)
 
     def _register_known(self, r: Request, known: int) -> None:
