@@ -422,24 +422,12 @@ class Scheduler(PageOps):
                     self._finish(r, "error")
                     outputs.append(self._output(r, []))
             return TokenOutputs(outputs=outputs)
-        sampled = result.sampled
-        num_sampled = len(sampled)
-        by_rid = None
         ctx = self.context_length
         ps = self.page_size
         prefix = self.prefix_enabled
-        RUNNING = Status.RUNNING
         add_output = outputs.append
         RO = RequestOutput
-        for k, (r, sr) in enumerate(inflight):
-            if r.status is not RUNNING:
-                continue
-            if k < num_sampled and sampled[k].rid == r.rid:     # the worker keeps the plan's order
-                s = sampled[k]
-            else:
-                if by_rid is None:
-                    by_rid = {x.rid: x for x in sampled}
-                s = by_rid.get(r.rid)
+        for r, sr, s in _with_samples(inflight, result.sampled):
             if s is not None and s.error is not None:      # this request failed in the worker
                 self._fail(r, s.error)
                 outputs.append(self.pending.pop())
@@ -510,20 +498,9 @@ class Scheduler(PageOps):
                     self._finish(r, "error")
                     outputs.append(self._output(r, []))
             return TokenOutputs(outputs=outputs)
-        sampled = result.sampled
-        num_sampled = len(sampled)
-        by_rid = None
         ctx = self.context_length
         add_output = outputs.append
-        for k, (r, sr) in enumerate(inflight):
-            if r.status is not RUNNING:
-                continue
-            if k < num_sampled and sampled[k].rid == r.rid:     # the worker keeps the plan's order
-                s = sampled[k]
-            else:
-                if by_rid is None:
-                    by_rid = {x.rid: x for x in sampled}
-                s = by_rid.get(r.rid)
+        for r, sr, s in _with_samples(inflight, result.sampled):
             if s is not None and s.error is not None:
                 self._fail(r, s.error)
                 outputs.append(self.pending.pop())
@@ -578,3 +555,21 @@ class Scheduler(PageOps):
             self._register(r)
         finally:
             r.num_computed = n
+
+
+def _with_samples(inflight, sampled):
+    """(request, its scheduled entry, its SampledTokens or None) for each request of a step still running when
+    reached: the worker keeps the plan's order, so the k-th sample is normally the k-th request's; else (a
+    request dropped by the worker) a lookup by id."""
+    n = len(sampled)
+    by_rid = None
+    for k, (r, sr) in enumerate(inflight):
+        if r.status is not Status.RUNNING:
+            continue
+        if k < n and sampled[k].rid == r.rid:
+            s = sampled[k]
+        else:
+            if by_rid is None:
+                by_rid = {x.rid: x for x in sampled}
+            s = by_rid.get(r.rid)
+        yield r, sr, s
