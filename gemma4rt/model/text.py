@@ -227,23 +227,26 @@ class DecoderLayer(nn.Module):
             m = ops.norm_add_scale(e, m1, self.post_feedforward_layernorm_2.weight, None, eps)   # m1 + norm(e)
         if ple is None:
             return self._end(m, x, self.post_feedforward_layernorm.weight, next_norm)
-        x = ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps)
-        g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))     # gelu(x·Wᵀ) · ple
-        # (x + norm(per_layer_projection(g))) · layer_scalar in one fused op
-        return self._end(self.per_layer_projection(g), x, self.post_per_layer_input_norm.weight, next_norm)
+        return self._ple_end(ops.norm_add_scale(m, x, self.post_feedforward_layernorm.weight, None, eps), ple,
+                             next_norm)
 
     def _dense_end(self, act, x, ple, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """A dense layer's end on one rank from the MLP's activations: down_proj and the post-FFN norm (then the
-        per-layer-input block), each projection with the norms after it through ops.linear_norm_add_scale."""
+        """A dense layer's end on one rank from the MLP's activations: down_proj with the post-FFN norm after it
+        through ops.linear_norm_add_scale (then the per-layer-input block)."""
         eps = self.cfg.rms_norm_eps
         if ple is None:
             return ops.linear_norm_add_scale(act, self.mlp.down_proj.weight, x, self.post_feedforward_layernorm.weight,
                                              self._scalar(), next_norm, eps)
         x, _ = ops.linear_norm_add_scale(act, self.mlp.down_proj.weight, x, self.post_feedforward_layernorm.weight,
                                          None, None, eps)
-        g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))     # gelu(x·Wᵀ) · ple
-        return ops.linear_norm_add_scale(g, self.per_layer_projection.weight, x,
-                                         self.post_per_layer_input_norm.weight, self._scalar(), next_norm, eps)
+        return self._ple_end(x, ple, next_norm)
+
+    def _ple_end(self, x, ple, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """E2B/E4B's per-layer-input block (replicated weights under --tp: no all-reduce): g = gelu(x·Wgᵀ)·ple, then
+        (x + norm(g·Wpᵀ)) · layer_scalar and the next norm."""
+        g = ops.linear_gelu_aux(x, self.per_layer_input_gate.weight, ple.to(x.dtype))
+        return ops.linear_norm_add_scale(g, self.per_layer_projection.weight, x, self.post_per_layer_input_norm.weight,
+                                         self._scalar(), next_norm, self.cfg.rms_norm_eps)
 
     def _end(self, y, x, weight, next_norm) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(x + norm(y)·weight) · layer_scalar, and its next norm when asked for."""
