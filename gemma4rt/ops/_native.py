@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -50,3 +51,22 @@ def rows2d(x: torch.Tensor) -> torch.Tensor:
     """[..., n] -> a [rows, n] view (copying only when no such view exists) with unit last stride."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+_COUNTERS: dict = {}
+
+
+def zero_counters(name: str, n: int, device) -> Optional[torch.Tensor]:
+    """A per-device int32 buffer of n zeros for the kernels that count their CTAs in it (each count resets
+    itself, so the buffer stays zero between launches), one per name. Made on first use; None when first asked
+    for during CUDA-graph capture (made then, it would live in the graph's memory pool): callers fall back to
+    a path without it, and graph capture makes the buffers first."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    buf = _COUNTERS.get((name, device))
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[(name, device)] = torch.zeros(n, dtype=torch.int32, device=device)
+    return buf

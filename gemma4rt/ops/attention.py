@@ -54,7 +54,6 @@ WORKSPACE_CAP_BYTES = 256 << 20    # split partials of one attention call
 FUSED_MERGE = os.environ.get("GEMMA4RT_FUSED_MERGE", "1") != "0"
 FUSED_MERGE_MAX_SPLITS = 8
 MERGE_COUNTER_SLOTS = 1 << 18
-_MERGE_COUNTERS: dict = {}
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -152,23 +151,15 @@ def attention_workspace(plan, num_tokens: int, num_heads: int, head_dim: int,
             torch.empty(n, num_tokens, num_heads, dtype=torch.float32, device=device))
 
 
-def merge_counters(device: torch.device) -> torch.Tensor:
+def merge_counters(device: torch.device) -> Optional[torch.Tensor]:
     """The device's split-merge counters (made on first use; call before capturing CUDA graphs)."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    buf = _MERGE_COUNTERS.get(device)
-    if buf is None:
-        buf = _MERGE_COUNTERS[device] = torch.zeros(MERGE_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return buf
+    return _native.zero_counters("attn_merge", MERGE_COUNTER_SLOTS, device)
 
 
 def _counters_for(plan: AttentionPlan, num_kv_heads: int, device) -> Optional[torch.Tensor]:
     if (not FUSED_MERGE or not 1 < plan.num_splits <= FUSED_MERGE_MAX_SPLITS
             or plan.max_tiles * num_kv_heads > MERGE_COUNTER_SLOTS):
         return None
-    if torch.device(device) not in _MERGE_COUNTERS and torch.cuda.is_current_stream_capturing():
-        return None      # made now it would live in the graph's memory pool
     return merge_counters(device)
 
 

@@ -27,7 +27,6 @@ FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "0") == "1"
 # per-layer projection) runs as one launch whose last CTA does the norms (linear_norm_add_scale). Off by default
 # until it has run on a GPU, for the same reason as FUSED_PLE_GATE.
 FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "0") == "1"
-_NORM_COUNTERS: dict = {}
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 
 
@@ -79,18 +78,9 @@ def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor) -> torc
 
 
 def gemv_norm_counter(device) -> Optional[torch.Tensor]:
-    """The device's counter for gemv_norm launches (one int32 that each launch leaves zero; the launches of a
-    stream run one after another). Made on first use outside CUDA-graph capture (call before capturing);
-    None when first asked for during a capture (the caller then runs the unfused ops)."""
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    buf = _NORM_COUNTERS.get(device)
-    if buf is None:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _NORM_COUNTERS[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return buf
+    """The device's counter for gemv_norm launches (one int32; the launches of a stream run one after another).
+    Call before capturing CUDA graphs; None when first asked for during a capture (the unfused ops run then)."""
+    return _native.zero_counters("gemv_norm", 1, device)
 
 
 def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
