@@ -201,9 +201,11 @@ void gelu_tanh_mul_op(const Tensor& gate, const Tensor& up, Tensor& out) {
                "gelu_tanh_mul");
 }
 
-// glu = false: out = x·wᵀ (w [N, K]). glu = true: w = [gate; up] ([2I, K]) and
-// out = gelu_tanh(x·gateᵀ) · (x·upᵀ) [M, I]: the MLP's projection and activation in one launch.
-void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t kernel, const char* name) {
+// The skinny GEMM ops. glu = false: out = x·wᵀ (w [N, K]). glu = true: w = [gate; up] ([2I, K]) and
+// out = gelu_tanh(x·gateᵀ) · (x·upᵀ) [M, I]: the MLP's projection and activation in one launch. aux / norm: the
+// epilogues of gemv_gelu_aux and gemv_norm (launchers.h), whose own tensors their ops check.
+void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t kernel, const char* name,
+              const void* aux = nullptr, int64_t saux = 0, const GemvNorm& norm = GemvNorm()) {
   G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
               w.size(0) == (glu ? 2 : 1) * out.size(1), name,
@@ -216,11 +218,14 @@ void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t k
   c10::cuda::CUDAGuard g(x.device());
   check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
                            out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), glu, (int)kernel,
-                           stream_of(x)), name);
+                           stream_of(x), aux, saux, norm), name);
 }
 
 void gemv_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
   gemv_run(x, w, out, false, kernel, "gemv");
+}
+void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
+  gemv_run(x, w, out, true, kernel, "gemv_gelu_mul");
 }
 // out = gelu_tanh(x·wᵀ) · aux ([M, N], aux's rows strided): E2B/E4B's per-layer-input gate and its product
 // with the layer's per-layer input in one launch.
@@ -229,21 +234,7 @@ void gemv_gelu_aux_op(const Tensor& x, const Tensor& w, const Tensor& aux, Tenso
   TORCH_CHECK(aux.dim() == 2 && aux.size(0) == x.size(0) && aux.size(1) == w.size(0) &&
               aux.scalar_type() == x.scalar_type() && aux.device() == x.device(),
               "gemv_gelu_aux: aux [M, N] of x's dtype and device");
-  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(out);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2 && x.size(1) == w.size(1) && out.size(0) == x.size(0) &&
-              out.size(1) == w.size(0), "gemv_gelu_aux: x [M, K], w [N, K] -> out [M, N]");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "gemv_gelu_aux: 1 to 8 rows");
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gemv_gelu_aux: kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
-  TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
-              (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), "gemv_gelu_aux: bf16 or fp16, one dtype");
-  TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), "gemv_gelu_aux: one device");
-  c10::cuda::CUDAGuard g(x.device());
-  check_launch(launch_gemv(dtype_code(x), (int)x.size(0), x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0),
-                           out.data_ptr(), out.stride(0), (int)out.size(1), (int)x.size(1), false, (int)kernel,
-                           stream_of(x), aux.data_ptr(), aux.stride(0)), "gemv_gelu_aux");
-}
-void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t kernel) {
-  gemv_run(x, w, out, true, kernel, "gemv_gelu_mul");
+  gemv_run(x, w, out, false, kernel, "gemv_gelu_aux", aux.data_ptr(), aux.stride(0));
 }
 
 // y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2:
@@ -252,23 +243,16 @@ void gemv_gelu_mul_op(const Tensor& x, const Tensor& w, Tensor& out, int64_t ker
 void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, const Tensor& w1,
                   const c10::optional<Tensor>& scale, const c10::optional<Tensor>& w2, double eps, Tensor& y, Tensor& h,
                   const c10::optional<Tensor>& normed, Tensor& counter, int64_t kernel) {
-  G4_CHECK_CUDA(x); G4_CHECK_LAST(x); G4_CHECK_LAST(w); G4_CHECK_LAST(y); G4_CHECK_LAST(residual); G4_CHECK_LAST(h);
-  const int64_t M = x.size(0), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && y.dim() == 2 && y.size(0) == M &&
-              y.size(1) == N && residual.sizes() == y.sizes() && h.sizes() == y.sizes(),
-              "gemv_norm: x [M, K], w [N, K]; y, residual, h [M, N]");
-  TORCH_CHECK(M >= 1 && M <= 8, "gemv_norm: 1 to 8 rows");
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, "gemv_norm: kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
+  G4_CHECK_LAST(residual); G4_CHECK_LAST(h);
+  const int64_t N = w.size(0);
   const auto dt = x.scalar_type();
-  TORCH_CHECK((dt == at::kBFloat16 || dt == at::kHalf) && w.scalar_type() == dt && y.scalar_type() == dt &&
-              residual.scalar_type() == dt && h.scalar_type() == dt && w1.scalar_type() == dt,
-              "gemv_norm: bf16 or fp16, one dtype");
-  TORCH_CHECK(w1.dim() == 1 && w1.size(0) == N && w1.is_contiguous(), "gemv_norm: w1 [N]");
-  TORCH_CHECK(w.device() == x.device() && y.device() == x.device() && residual.device() == x.device() &&
-              h.device() == x.device() && w1.device() == x.device() && counter.device() == x.device(),
-              "gemv_norm: one device");
-  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous(),
-              "gemv_norm: counter, int32");
+  TORCH_CHECK(residual.sizes() == y.sizes() && h.sizes() == y.sizes() && residual.scalar_type() == dt &&
+              h.scalar_type() == dt && residual.device() == x.device() && h.device() == x.device(),
+              "gemv_norm: residual and h [M, N] as y");
+  TORCH_CHECK(w1.dim() == 1 && w1.size(0) == N && w1.is_contiguous() && w1.scalar_type() == dt &&
+              w1.device() == x.device(), "gemv_norm: w1 [N]");
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
+              counter.device() == x.device(), "gemv_norm: counter, int32 on x's device");
   GemvNorm ep;
   ep.res = residual.data_ptr(); ep.sres = residual.stride(0);
   ep.w1 = w1.data_ptr();
@@ -288,10 +272,7 @@ void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, cons
   ep.eps = (float)eps;
   ep.nt = norm_threads((int)N, true, 8);
   ep.counter = counter.data_ptr<int>();
-  c10::cuda::CUDAGuard g(x.device());
-  check_launch(launch_gemv(dtype_code(x), (int)M, x.data_ptr(), x.stride(0), w.data_ptr(), w.stride(0), y.data_ptr(),
-                           y.stride(0), (int)N, (int)x.size(1), false, (int)kernel, stream_of(x), nullptr, 0, ep),
-               "gemv_norm");
+  gemv_run(x, w, y, false, kernel, "gemv_norm", nullptr, 0, ep);
 }
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
