@@ -5,9 +5,12 @@
 #   usage (repo root): bash bench/gpu_check.sh [STAGE ...]
 #   stages (default: build tests kernels targets):
 #     build    pip install --no-build-isolation --no-deps -e .   (nothing is downloaded)
-#     tests    pytest tests/gpu (kernel ops vs references, bf16 model vs our fp32 path; $GPU_TESTS: other paths)
+#     tests    pytest tests/gpu (kernel ops vs references, bf16 model vs our fp32 path; $GPU_TESTS: other paths;
+#              $PYTEST_EXTRA: more pytest flags, e.g. -rP to keep the printed figures of passed tests in the log)
 #     model    only tests/gpu/test_model_bf16.py
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit; $KERNELS_ONLY: e.g. gemm,moe)
+#     chain    bench/kernels/gemv_chain.py: a model's batch-1 projections as one CUDA graph, µs a layer with the
+#              defaults against $CHAIN_ENV (default GEMMA4RT_GEMV_PRELOAD=0) in one process ($CHAIN_MODELS)
 #     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0); OVERLAP=1 runs each
@@ -72,7 +75,7 @@ run_pytest() {   # $1 = name, rest = pytest args
   local name=$1; shift
   local t=$(( $(left) > 60 ? $(left) - 30 : 30 ))
   [ -n "${TESTS_MAX_S:-}" ] && [ "$TESTS_MAX_S" -lt "$t" ] && t=$TESTS_MAX_S
-  timeout $t $PY -m pytest "$@" -q -p no:cacheprovider -rs --tb=short \
+  timeout $t $PY -m pytest "$@" -q -p no:cacheprovider -rs ${PYTEST_EXTRA:-} --tb=short \
     2>&1 | tee "$OUT/pytest_$name.log" | grep -vE "^\s*$" | tail -40
   SUMMARY+=("tests[$name]: $(grep -E "passed|failed|error" "$OUT/pytest_$name.log" | tail -1)")
 }
@@ -85,6 +88,12 @@ if has kernels && [ "$(left)" -gt 120 ]; then
   timeout $(( $(left) - 60 )) $PY bench/kernels/run_all.py --out "$OUT" ${KERNELS_ONLY:+--only $KERNELS_ONLY} \
     >"$OUT/bench.log" 2>&1
   SUMMARY+=("kernels: see bench.md")
+fi
+
+if has chain && [ "$(left)" -gt 60 ]; then
+  echo "== batch-1 projection chain, A: defaults vs B: ${CHAIN_ENV:-GEMMA4RT_GEMV_PRELOAD=0}"
+  timeout $(( $(left) - 30 )) $PY -m bench.kernels.gemv_chain --env "${CHAIN_ENV:-GEMMA4RT_GEMV_PRELOAD=0}" \
+    ${CHAIN_MODELS:+--models $CHAIN_MODELS} 2>&1 | tee "$OUT/gemv_chain.log"
 fi
 
 if has targets && [ "$(left)" -gt 90 ]; then

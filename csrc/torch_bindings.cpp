@@ -211,7 +211,9 @@ void gemv_run(const Tensor& x, const Tensor& w, Tensor& out, bool glu, int64_t k
               w.size(0) == (glu ? 2 : 1) * out.size(1), name,
               glu ? ": x [M, K], w [2I, K] -> out [M, I]" : ": x [M, K], w [N, K] -> out [M, N]");
   TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, name, ": 1 to 8 rows");
-  TORCH_CHECK(kernel >= 0 && kernel <= 2, name, ": kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores)");
+  TORCH_CHECK((kernel & ~(int64_t)kGemvWStatic) >= 0 && (kernel & ~(int64_t)kGemvWStatic) <= 2, name,
+              ": kernel 0 (default), 1 (CUDA cores) or 2 (tensor cores), + 4 when w is a weight no kernel in flight "
+              "writes");
   TORCH_CHECK(w.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type() &&
               (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf), name, ": bf16 or fp16, one dtype");
   TORCH_CHECK(w.device() == x.device() && out.device() == x.device(), name, ": one device");

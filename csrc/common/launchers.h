@@ -66,7 +66,8 @@ cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const 
 // ---- skinny GEMM (csrc/gemm) ------------------------------------------------------------------------
 // y[m, n] = Σ_k x[m, k] w[n, k] for M in 1..8 (half types); K, sx, sw multiples of 8, x and w 16-byte aligned.
 // glu: w holds 2N rows [gate; up] and y[m, n] = gelu_tanh(x·w[n]) · (x·w[N + n]) (the MLP's gate/up + gelu-mul).
-// kernel: 0 the default choice (gemv.cu, gemv_use_mma), 1 the CUDA-core kernel, 2 the tensor-core kernel.
+// kernel: 0 the default choice (gemv.cu, gemv_use_mma), 1 the CUDA-core kernel, 2 the tensor-core kernel,
+// optionally | kGemvWStatic (below).
 // aux (not with glu): y[m, n] = gelu_tanh(x·w[n]) · aux[m·saux + n] (E2B/E4B's per-layer-input gate).
 // norm (not with glu or aux; counter non-null): after y is written, the launch's last CTA (counted in *counter,
 // a zero int32 it leaves zero) computes h = (res + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2 for each
@@ -91,6 +92,9 @@ inline int norm_threads(int n, bool vec, int V) {
   while (threads < 1024 && threads * (vec ? V : 1) * 2 <= n) threads *= 2;
   return threads;
 }
+// kGemvWStatic: w is a weight that no kernel still in flight on the stream writes, so the launch may load it before
+// waiting on the previous kernel (PDL).
+constexpr int kGemvWStatic = 4;
 cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy,
                         int N, int K, bool glu, int kernel, cudaStream_t st, const void* aux = nullptr,
                         int64_t saux = 0, const GemvNorm& norm = GemvNorm());

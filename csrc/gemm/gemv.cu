@@ -137,11 +137,33 @@ __device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M
   }
 }
 
-// one warp's output column n of gemv_kernel
-template <typename T, int MR, bool GLU>
+constexpr int kVec = 8;                // elements per 16-byte vector
+constexpr int kWarpStep = kWarp * kVec;  // elements per warp-wide vector load
+
+// Weight vectors a lane of gemv_kernel loads before pdl_wait() (W_STATIC launches): the first PRE of each of its
+// weight rows, at k = lane * 8 + p * 256. The E2B/E4B projections' rows (K = 1536 / 2560) are then mostly in
+// registers when the previous kernel ends, so the DRAM latency of the first loads overlaps it.
+template <typename T, bool GLU, int PRE>
+struct GemvPre {
+  static constexpr int NR = GLU ? 2 : 1;
+  Vec16<T> v[PRE > 0 ? PRE : 1][NR];
+  __device__ __forceinline__ void load(const T* __restrict__ w, int64_t sw, int N, int K, int n, int lane) {
+#pragma unroll
+    for (int p = 0; p < PRE; ++p) {
+      const int k = lane * kVec + p * kWarpStep;
+#pragma unroll
+      for (int r = 0; r < NR; ++r)
+        if (k < K) v[p][r] = ld16(w + (int64_t)(n + r * N) * sw + k);
+    }
+  }
+};
+
+// one warp's output column n of gemv_kernel; pre: its first PRE weight vectors a row, already loaded
+template <typename T, int MR, bool GLU, int PRE>
 __device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx, const T* __restrict__ w,
                                              int64_t sw, T* __restrict__ y, int64_t sy, int N, int K,
-                                             const T* __restrict__ aux, int64_t saux, int n, int lane) {
+                                             const T* __restrict__ aux, int64_t saux, int n, int lane,
+                                             const GemvPre<T, GLU, PRE>& pre) {
   constexpr int NR = GLU ? 2 : 1;      // weight rows per warp: n, and with GLU the up row n + N
   const T* wr[NR];
 #pragma unroll
@@ -151,8 +173,8 @@ __device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx
   for (int r = 0; r < NR; ++r)
 #pragma unroll
     for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
-  constexpr int V = 8;                 // elements per 16-byte vector
-  constexpr int STEP = kWarp * V;      // elements per warp-wide vector load
+  constexpr int V = kVec;
+  constexpr int STEP = kWarpStep;
   auto fma_vec = [&](const Vec16<T> (&wv)[NR], int k) {
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
@@ -168,6 +190,13 @@ __device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx
     for (int r = 0; r < NR; ++r) wv[r] = ld16(wr[r] + k);
   };
   int k = lane * V;
+  // the preloaded vectors first, in the same k order as the loop below (so the same sums)
+#pragma unroll
+  for (int p = 0; p < PRE; ++p)
+    if (k < K) {
+      fma_vec(pre.v[p], k);
+      k += STEP;
+    }
   // Two weight vectors per row in flight per lane. Measured on an H200 against four in flight, an L2
   // prefetch of the row before pdl_wait(), and both: this simplest form was fastest (the 805 MB E2B LM
   // head in 178 µs = 4.5 TB/s vs 182 / 203 / 205 µs; E2B batch-1 decode 3.66 vs 3.88 / 4.08 / 3.97 ms).
@@ -200,16 +229,39 @@ __device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx
   }
 }
 
-template <typename T, int MR, bool GLU>
+template <typename T, int MR, bool GLU, int PRE>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
             int64_t sy, int N, int K, const T* __restrict__ aux, int64_t saux, const GemvNorm ep) {
-  pdl_wait();     // see common.cuh
-  pdl_trigger();
   const int n = blockIdx.x * kWarpsPerCta + threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  if (n < N) gemv_columns<T, MR, GLU>(x, sx, w, sw, y, sy, N, K, aux, saux, n, lane);
+  GemvPre<T, GLU, PRE> pre;
+  if (PRE > 0 && n < N) pre.load(w, sw, N, K, n, lane);     // W_STATIC: no kernel in flight writes w
+  pdl_wait();     // see common.cuh
+  pdl_trigger();
+  if (n < N) gemv_columns<T, MR, GLU, PRE>(x, sx, w, sw, y, sy, N, K, aux, saux, n, lane, pre);
   if (ep.counter) gemv_norm_tail<T>(ep, y, sy, MR, N);
+}
+
+// Whether a W_STATIC launch preloads its weights before pdl_wait(): not with GEMMA4RT_GEMV_PRELOAD=0 (read at each
+// launch, as GEMMA4RT_GEMV_MMA), and only for a grid that the GPU holds at once (fits_one_wave): the blocks of a
+// second wave start after the wait anyway, and the preload's registers lower the blocks an SM holds.
+inline bool preload_enabled(bool w_static) {
+  if (!w_static) return false;
+  const char* e = std::getenv("GEMMA4RT_GEMV_PRELOAD");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+template <auto Kern>
+bool fits_one_wave(unsigned blocks) {
+  static const int64_t resident = [] {     // per kernel; the devices of a server are alike
+    int dev = 0, sms = 0, per_sm = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kern, kWarpsPerCta * kWarp, 0) != cudaSuccess)
+      return (int64_t)0;
+    return (int64_t)sms * per_sm;
+  }();
+  return blocks <= resident;
 }
 
 #ifndef G4_ROCM
@@ -241,15 +293,14 @@ __device__ __forceinline__ uint4 ldg_cached(const void* p) {
   return r;
 }
 
-template <typename T, bool GLU, int KS>
+// PRE (W_STATIC launches): the first block's weight vectors are loaded before pdl_wait(), x's after it.
+template <typename T, bool GLU, int KS, bool PRE>
 __global__ void __launch_bounds__(kWarpsPerCta * kWarp)
 gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_t sw, T* __restrict__ y,
                 int64_t sy, int M, int N, int K, const T* __restrict__ aux, int64_t saux, const GemvNorm ep) {
   constexpr int CG = kWarpsPerCta / KS;       // column groups (8 columns each) per CTA
   constexpr int NR = GLU ? 2 : 1;
   __shared__ float red[KS > 1 ? kWarpsPerCta : 1][kWarp][2 * NR];
-  pdl_wait();
-  pdl_trigger();
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int cg = warp / KS, ks = warp % KS;
   const int n0 = (blockIdx.x * CG + cg) * 8;
@@ -278,26 +329,36 @@ gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, in
       Mma<T>::run(acc[r], a1, wv[r].z, wv[r].w);
     }
   };
+  // whole chunks, kMmaUnroll at a time, double-buffered: the next block's loads are in flight while this
+  // block's mmas run (a single buffer made each mma wait for the load just issued: ~2.4 TB/s)
+  struct Block {
+    uint4 w[kMmaUnroll][NR], x[kMmaUnroll];
+  };
+  auto load_w = [&](Block& b, int c0) {
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < NR; ++r) b.w[u][r] = ldg_stream(wr[r] + (c0 + u) * kMmaChunk + c * 8);
+  };
+  auto load_x = [&](Block& b, int c0) {
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) b.x[u] = ldg_cached(xr + (c0 + u) * kMmaChunk + c * 8);
+  };
+  auto load_block = [&](Block& b, int c0) {
+    load_w(b, c0);
+    load_x(b, c0);
+  };
+  const int c_full = min(c_end, K / kMmaChunk);
+  const bool first_block = group_live && c_begin + kMmaUnroll <= c_full;
+  Block cur;
+  if (PRE && first_block) load_w(cur, c_begin);       // W_STATIC: no kernel in flight writes w
+  pdl_wait();
+  pdl_trigger();
   if (group_live) {
-    // whole chunks, kMmaUnroll at a time, double-buffered: the next block's loads are in flight while this
-    // block's mmas run (a single buffer made each mma wait for the load just issued: ~2.4 TB/s)
-    struct Block {
-      uint4 w[kMmaUnroll][NR], x[kMmaUnroll];
-    };
-    auto load_block = [&](Block& b, int c0) {
-#pragma unroll
-      for (int u = 0; u < kMmaUnroll; ++u) {
-        const int k = (c0 + u) * kMmaChunk + c * 8;
-#pragma unroll
-        for (int r = 0; r < NR; ++r) b.w[u][r] = ldg_stream(wr[r] + k);
-        b.x[u] = ldg_cached(xr + k);
-      }
-    };
-    const int c_full = min(c_end, K / kMmaChunk);
     int ci = c_begin;
-    if (ci + kMmaUnroll <= c_full) {
-      Block cur;
-      load_block(cur, ci);
+    if (first_block) {
+      if (PRE) load_x(cur, ci);
+      else load_block(cur, ci);
       for (ci += kMmaUnroll; ci + kMmaUnroll <= c_full; ci += kMmaUnroll) {
         Block nxt;
         load_block(nxt, ci);
@@ -367,14 +428,20 @@ inline int mma_ks(int N, int K) {
   return ks;
 }
 
+template <typename T, bool GLU, int KS>
+auto mma_kernel(bool w_static, unsigned blocks) {
+  constexpr auto pre = gemv_mma_kernel<T, GLU, KS, true>;
+  return preload_enabled(w_static) && fits_one_wave<pre>(blocks) ? pre : gemv_mma_kernel<T, GLU, KS, false>;
+}
+
 template <typename T, bool GLU>
 cudaError_t run_mma(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
-                    int K, const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
+                    int K, bool w_static, const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
   const int ks = mma_ks(N, K);
   const int64_t warps = (int64_t)((N + 7) / 8) * ks;
   const unsigned blocks = (unsigned)((warps + kWarpsPerCta - 1) / kWarpsPerCta);
-  auto kern = ks == 1 ? gemv_mma_kernel<T, GLU, 1> : ks == 2 ? gemv_mma_kernel<T, GLU, 2>
-            : ks == 4 ? gemv_mma_kernel<T, GLU, 4> : gemv_mma_kernel<T, GLU, 8>;
+  auto kern = ks == 1 ? mma_kernel<T, GLU, 1>(w_static, blocks) : ks == 2 ? mma_kernel<T, GLU, 2>(w_static, blocks)
+            : ks == 4 ? mma_kernel<T, GLU, 4>(w_static, blocks) : mma_kernel<T, GLU, 8>(w_static, blocks);
   return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, M, N, K, static_cast<const T*>(aux),
                 saux, ep);
 }
@@ -402,34 +469,44 @@ inline bool gemv_use_mma(int M, int kernel) {
 }
 #endif
 
+// The preload (MR = 1: batch-1 decode) keeps 8 weight vectors a lane in registers, 4 a row with GLU.
 template <typename T, int MR>
 cudaError_t run(const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N, int K, bool glu,
-                const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
+                bool w_static, const void* aux, int64_t saux, const GemvNorm& ep, cudaStream_t st) {
   const unsigned blocks = (unsigned)((N + kWarpsPerCta - 1) / kWarpsPerCta);
-  return launch(glu ? gemv_kernel<T, MR, true> : gemv_kernel<T, MR, false>, blocks, kWarpsPerCta * kWarp, 0, st, x,
-                sx, w, sw, y, sy, N, K, static_cast<const T*>(aux), saux, ep);
+  auto kern = glu ? gemv_kernel<T, MR, true, 0> : gemv_kernel<T, MR, false, 0>;
+  if constexpr (MR == 1) {
+    if (preload_enabled(w_static)) {
+      if (glu && fits_one_wave<gemv_kernel<T, 1, true, 4>>(blocks)) kern = gemv_kernel<T, 1, true, 4>;
+      if (!glu && fits_one_wave<gemv_kernel<T, 1, false, 8>>(blocks)) kern = gemv_kernel<T, 1, false, 8>;
+    }
+  }
+  return launch(kern, blocks, kWarpsPerCta * kWarp, 0, st, x, sx, w, sw, y, sy, N, K, static_cast<const T*>(aux),
+                saux, ep);
 }
 
 template <typename T>
 cudaError_t dispatch(int M, const void* x, int64_t sx, const void* w, int64_t sw, void* y, int64_t sy, int N,
                      int K, bool glu, int kernel, const void* aux, int64_t saux, const GemvNorm& ep,
                      cudaStream_t st) {
+  const bool ws = (kernel & kGemvWStatic) != 0;
+  kernel &= 3;
 #ifndef G4_ROCM
   if (M >= 1 && M <= 8 && gemv_use_mma(M, kernel))
-    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, nullptr, 0, ep, st)
-               : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, aux, saux, ep, st);
+    return glu ? run_mma<T, true>(M, x, sx, w, sw, y, sy, N, K, ws, nullptr, 0, ep, st)
+               : run_mma<T, false>(M, x, sx, w, sw, y, sy, N, K, ws, aux, saux, ep, st);
 #else
   (void)kernel;    // ROCm: the CUDA-core kernel only
 #endif
   switch (M) {
-    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
-    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, aux, saux, ep, st);
+    case 1: return run<T, 1>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 2: return run<T, 2>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 3: return run<T, 3>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 4: return run<T, 4>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 5: return run<T, 5>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 6: return run<T, 6>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 7: return run<T, 7>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
+    case 8: return run<T, 8>(x, sx, w, sw, y, sy, N, K, glu, ws, aux, saux, ep, st);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -27,6 +27,10 @@ FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "1") != "0"
 # H200, batch-1 TPOT with both fusions on / off: E2B 3.36 / 3.78 ms, E4B 5.05 / 5.28, 12B 8.20 / 8.61.
 FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "1") != "0"
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
+# `kernel | W_STATIC`: w is a weight that no kernel still in flight writes, so the launch loads its first vectors
+# before waiting on the previous kernel (PDL), overlapping their DRAM latency with it; the same bits. The linear*
+# functions below take model weights and pass it. GEMMA4RT_GEMV_PRELOAD=0 turns the preload off.
+W_STATIC = 4
 
 
 def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -51,7 +55,7 @@ def gemv_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor, kernel: int = 0) -> 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if GEMV_ENABLED and gemv_ok(x, w):
-        return gemv(x, w)
+        return gemv(x, w, W_STATIC)
     return F.linear(x, w)
 
 
@@ -59,7 +63,7 @@ def linear_gelu_mul(x: torch.Tensor, w_gate_up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(x · gateᵀ) · (x · upᵀ) for w_gate_up = [gate; up] ([2I, in]): one native kernel for 1–8 rows
     (no [rows, 2I] intermediate, one launch less per MLP), else the GEMM then gelu-and-mul."""
     if GEMV_ENABLED and gemv_ok(x, w_gate_up) and w_gate_up.shape[0] % 2 == 0:
-        return gemv_gelu_mul(x, w_gate_up)
+        return gemv_gelu_mul(x, w_gate_up, W_STATIC)
     return gelu_tanh_and_mul(linear(x, w_gate_up))
 
 
@@ -71,7 +75,7 @@ def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor) -> torc
             aux.shape == (x.shape[0], w.shape[0]) and aux.dtype == x.dtype and aux.device == x.device and
             aux.stride(-1) == 1):
         out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux, out, 0)
+        torch.ops.gemma4rt.gemv_gelu_aux(x, w, aux, out, W_STATIC)
         return out
     return gelu_tanh_mul(linear(x, w), aux)
 
@@ -101,7 +105,7 @@ def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tens
             sc = None if scale is None else scale.reshape(-1)[:1].float().contiguous()
             torch.ops.gemma4rt.gemv_norm(x, w, residual, weight.to(x.dtype).contiguous(), sc,
                                          None if weight2 is None else weight2.to(x.dtype).contiguous(), float(eps),
-                                         y, h, normed, counter, 0)
+                                         y, h, normed, counter, W_STATIC)
             return h, normed
     y = linear(x, w)
     if weight2 is None:
