@@ -56,11 +56,18 @@ class LLM:
         self.engine = Engine(cfg)
         self._tokenizer = None
         self._ids = itertools.count()
+        self._closed = False
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks (tp_size > 1) and leave their process group; a no-op otherwise."""
-        from gemma4rt.worker.tp_worker import stop_tp_runner
+        """Stop the tensor-parallel ranks (tp_size > 1) and leave their process group, then give back this
+        process's device memory (CUDA graphs, KV pools, weights), as SGLang's Engine.shutdown() does. The LLM
+        cannot generate afterwards; a second close() does nothing."""
+        if self._closed:
+            return
+        from gemma4rt.worker.tp_worker import free_runner_memory, stop_tp_runner
+        self._closed = True
         stop_tp_runner(self.engine.runner)
+        free_runner_memory(self.engine.runner)
 
     @property
     def tokenizer(self):
@@ -98,6 +105,8 @@ class LLM:
                  sampling_params: Union[None, SamplingParams, Sequence[SamplingParams]] = None
                  ) -> list[GenerationOutput]:
         """Generate for one prompt or many (text or token-id lists); all run batched."""
+        if self._closed:
+            raise RuntimeError("this LLM was closed: its weights and KV cache are freed")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]                                   # a single prompt
         prompts = list(prompts)

@@ -56,6 +56,30 @@ def _follower_main(rank: int, size: int, init_method: str, cfg: EngineConfig, de
     os._exit(0)              # (not the interpreter's teardown, which could wait on a group left hanging)
 
 
+# the runner's attributes that hold device memory (or pinned host memory), dropped by free_runner_memory
+_HEAVY = ("kv", "model", "sampler", "drafter", "mm_cache", "ple_host_table", "_ple_pinned", "_last_sampled",
+          "_open", "_step_ctx", "_step_hidden")
+
+
+def free_runner_memory(runner) -> None:
+    """Give back what a (rank-0 or single) runner holds on its device: its CUDA graphs first (their pools),
+    then the KV pools, the weights, the sampler's buffers and the per-step state, and empty torch's cache.
+    The runner cannot step afterwards. Without this the memory stays until the garbage collector breaks the
+    runner's reference cycles, and a new runner sizing its KV pools from the free memory would find little."""
+    import gc
+    graphs = getattr(runner, "graphs", None)
+    if graphs is not None:
+        runner.graphs = None
+        graphs.release()
+    for name in _HEAVY:
+        if getattr(runner, name, None) is not None:
+            setattr(runner, name, None)
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def _leave(runner, timeout: float = 10.0) -> None:
     """Leave the process group. Over NCCL the communicators are aborted, not destroyed: with NCCL work
     captured in CUDA graphs, destroy_process_group hangs in ncclCommDestroy (pytorch/pytorch#115388; seen

@@ -67,3 +67,18 @@ def test_chat_uses_the_checkpoint_template(e_ckpt):
     assert text.startswith("<bos><|turn>user\nHi<turn|>\n<|turn>model\n")
     o = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(temperature=0.0, max_new_tokens=4))[0]
     assert len(o.token_ids) >= 1 and o.finish_reason in ("stop", "length")
+
+
+def test_close_frees_the_runner_and_refuses_to_generate(e_ckpt):
+    """close() drops the runner's weights and KV pools (on a GPU, their memory goes back at once; see
+    tests/gpu/test_model_bf16.py), a later generate() says the LLM is closed, and a second close() is harmless."""
+    import weakref
+    llm = LLM(e_ckpt, device="cpu", dtype="float32")
+    out = llm.generate([[2, 17, 33]], SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert len(out[0].token_ids) == 2
+    model = weakref.ref(llm.engine.runner.model)
+    llm.close()
+    assert model() is None and llm.engine.runner.kv is None
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate([[2, 17, 33]], SamplingParams(max_new_tokens=2))
+    llm.close()

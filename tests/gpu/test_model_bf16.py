@@ -158,3 +158,21 @@ def test_fused_projection_norms_give_the_same_logits(monkeypatch):
     assert len(logits[True]) == len(logits[False]) > 0
     for a, b in zip(logits[True], logits[False]):
         assert torch.equal(a, b)
+
+
+def test_llm_close_gives_the_device_memory_back():
+    """LLM.close() on a GPU: the weights, KV pools (sized from the free memory) and CUDA graphs go back at once,
+    without waiting for the garbage collector, so that a second LLM in the process finds the memory free."""
+    from gemma4rt import LLM, SamplingParams
+    _free()
+    base = torch.cuda.memory_reserved()
+    llm = LLM("gemma-4-E2B-it", load_format="dummy", device="cuda", dtype="bfloat16", context_length=2048,
+              max_running_requests=8)
+    out = llm.generate([[2, 17, 33, 40]], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    held = torch.cuda.memory_reserved()
+    llm.close()
+    freed = torch.cuda.memory_reserved()
+    print(f"[llm-close] reserved GB: before {base / 1e9:.2f}, open {held / 1e9:.2f}, after close {freed / 1e9:.2f}")
+    assert held - base > 5e9                       # the weights (~10 GB) and the KV pools
+    assert freed - base < 0.05 * (held - base)
