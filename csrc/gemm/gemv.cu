@@ -200,6 +200,7 @@ __device__ __forceinline__ void gemv_columns(const T* __restrict__ x, int64_t sx
   // Two weight vectors per row in flight per lane. Measured on an H200 against four in flight, an L2
   // prefetch of the row before pdl_wait(), and both: this simplest form was fastest (the 805 MB E2B LM
   // head in 178 µs = 4.5 TB/s vs 182 / 203 / 205 µs; E2B batch-1 decode 3.66 vs 3.88 / 4.08 / 3.97 ms).
+  // (The register preload of W_STATIC launches, GemvPre, is another thing: only for one-wave grids.)
   for (; k + STEP < K; k += 2 * STEP) {
     Vec16<T> w0[NR], w1[NR];
     load(w0, k);
