@@ -216,7 +216,7 @@ class DecoderLayer(nn.Module):
             if not fused:
                 z = ops.rms_norm(x, self._router_norm_weight(), eps)
                 v = ops.rms_norm(x, self.pre_feedforward_layernorm_2.weight, eps)
-            weights, ids = ops.moe_route(self.router.proj(z), cfg.top_k_experts, self.router.per_expert_scale)
+            weights, ids = ops.moe_route(self.router.proj(z), cfg.top_k_experts, self._expert_scale())
             e = self.tp.all_reduce(ops.moe_experts(v, self.experts.gate_up_proj, self.experts.down_proj, weights, ids))
             if fused and ple is None and next_norm is not None:
                 # norm(m) + norm(e), the post-FFN norm, residual add, layer scalar and the next norm: one launch
@@ -261,6 +261,16 @@ class DecoderLayer(nn.Module):
         if s is None or s.device != self.layer_scalar.device:
             s = self.layer_scalar.detach().reshape(1).float().contiguous()
             self._scalar_f32 = s
+        return s
+
+    def _expert_scale(self) -> torch.Tensor:
+        """The router's per-expert scale in fp32 (moe_route's operand), converted once: converting it at each
+        call put a torch copy kernel into every MoE layer of a decode step (26B-A4B: 30 a step, H200 profile)."""
+        p = self.router.per_expert_scale
+        s = getattr(self, "_expert_scale_f32", None)
+        if s is None or s.device != p.device:
+            s = p.detach().float().contiguous()
+            self._expert_scale_f32 = s
         return s
 
     def _router_norm_weight(self) -> torch.Tensor:
