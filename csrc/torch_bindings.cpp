@@ -145,7 +145,8 @@ void head_norm_rope_op(const Tensor& x, const optional<Tensor>& weight, double e
                "head_norm_rope");
 }
 
-void qkv_norm_rope_store_op(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& q_weight,
+// The checked launch parameters of qkv_norm_rope_store (also the q/k/v epilogue of gemv_qkv_norm_rope_store).
+QkvNormRopeStore qkv_params(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& q_weight,
                             const optional<Tensor>& k_weight, double eps, const Tensor& cos, const Tensor& sin,
                             Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Tensor& q_out) {
   G4_CHECK_CUDA(q); G4_CHECK_LAST(q); G4_CHECK_LAST(k); G4_CHECK_LAST(v); G4_CHECK_LAST(q_out);
@@ -177,6 +178,14 @@ void qkv_norm_rope_store_op(const Tensor& q, const Tensor& k, const Tensor& v, c
                      v_cache.data_ptr(), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
                      slot_mapping.data_ptr<int64_t>(), q.size(0), (int)q.size(1), (int)k.size(1), (int)D,
                      (int)k_cache.size(1), (float)eps};
+  return p;
+}
+
+void qkv_norm_rope_store_op(const Tensor& q, const Tensor& k, const Tensor& v, const optional<Tensor>& q_weight,
+                            const optional<Tensor>& k_weight, double eps, const Tensor& cos, const Tensor& sin,
+                            Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Tensor& q_out) {
+  const QkvNormRopeStore p = qkv_params(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping,
+                                        q_out);
   c10::cuda::CUDAGuard g(q.device());
   check_launch(launch_qkv_norm_rope_store(dtype_code(q), p, stream_of(q)), "qkv_norm_rope_store");
 }
@@ -275,6 +284,34 @@ void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, cons
   ep.nt = norm_threads((int)N, true, 8);
   ep.counter = counter.data_ptr<int>();
   gemv_run(x, w, y, false, kernel, "gemv_norm", nullptr, 0, ep);
+}
+
+// y = x·wᵀ for w = [q; k; v] (or [q; k] when V is K: w has (H + KVH)·D rows), then in the launch's last CTA
+// qkv_norm_rope_store on y's q / k / v heads (q_out [M, H, D]; the caches' KVH and D): the projection and the
+// q/k norms, RoPE and KV store in one launch, with the bits of gemv then qkv_norm_rope_store. Head dims 256 and
+// 512. counter: as gemv_norm's.
+void gemv_qkv_norm_rope_store_op(const Tensor& x, const Tensor& w, const optional<Tensor>& q_weight,
+                                 const optional<Tensor>& k_weight, double eps, const Tensor& cos, const Tensor& sin,
+                                 Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Tensor& y,
+                                 Tensor& q_out, Tensor& counter, int64_t kernel) {
+  TORCH_CHECK(q_out.dim() == 3 && k_cache.dim() == 4 && y.dim() == 2 && x.dim() == 2 && y.size(0) == x.size(0) &&
+              q_out.size(0) == x.size(0), "gemv_qkv_norm_rope_store: x [M, K], y [M, N], q_out [M, H, D]");
+  const int64_t H = q_out.size(1), D = q_out.size(2), KVH = k_cache.size(2);
+  TORCH_CHECK(D == 256 || D == 512, "gemv_qkv_norm_rope_store: head dim 256 or 512");
+  const bool k_eq_v = w.size(0) == (H + KVH) * D;
+  TORCH_CHECK(k_eq_v || w.size(0) == (H + 2 * KVH) * D,
+              "gemv_qkv_norm_rope_store: w [(H + KVH)·D or (H + 2·KVH)·D, K]");
+  TORCH_CHECK(y.size(1) == w.size(0) && y.stride(1) == 1, "gemv_qkv_norm_rope_store: y [M, N], unit column stride");
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
+              counter.device() == x.device(), "gemv_qkv_norm_rope_store: counter, int32 on x's device");
+  const Tensor q = y.narrow(1, 0, H * D).unflatten(1, {H, D});
+  const Tensor k = y.narrow(1, H * D, KVH * D).unflatten(1, {KVH, D});
+  const Tensor v = k_eq_v ? k : y.narrow(1, (H + KVH) * D, KVH * D).unflatten(1, {KVH, D});
+  GemvNorm ep;
+  ep.qkv = qkv_params(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping, q_out);
+  ep.has_qkv = true;
+  ep.counter = counter.data_ptr<int>();
+  gemv_run(x, w, y, false, kernel, "gemv_qkv_norm_rope_store", nullptr, 0, ep);
 }
 
 void store_kv_op(const Tensor& k, const Tensor& v, Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping) {
@@ -439,6 +476,9 @@ TORCH_LIBRARY(gemma4rt, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("gemv_gelu_mul(Tensor x, Tensor w, Tensor(a!) out, int kernel=0) -> ()");
   m.def("gemv_gelu_aux(Tensor x, Tensor w, Tensor aux, Tensor(a!) out, int kernel=0) -> ()");
+  m.def("gemv_qkv_norm_rope_store(Tensor x, Tensor w, Tensor? q_weight, Tensor? k_weight, float eps, Tensor cos, "
+        "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!) y, Tensor(d!) q_out, "
+        "Tensor(e!) counter, int kernel=0) -> ()");
   m.def("gemv_norm(Tensor x, Tensor w, Tensor residual, Tensor w1, Tensor? scale, Tensor? w2, float eps, "
         "Tensor(a!) y, Tensor(b!) h, Tensor(c!)? normed, Tensor(d!) counter, int kernel=0) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
@@ -473,6 +513,7 @@ TORCH_LIBRARY_IMPL(gemma4rt, CUDA, m) {
   m.impl("gemv_gelu_mul", &g4::gemv_gelu_mul_op);
   m.impl("gemv_gelu_aux", &g4::gemv_gelu_aux_op);
   m.impl("gemv_norm", &g4::gemv_norm_op);
+  m.impl("gemv_qkv_norm_rope_store", &g4::gemv_qkv_norm_rope_store_op);
   m.impl("store_kv", &g4::store_kv_op);
 #ifndef USE_ROCM
   m.impl("paged_attention", &g4::paged_attention_op);

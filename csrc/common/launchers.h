@@ -84,7 +84,11 @@ struct GemvNorm {
   int64_t sn = 0;
   float eps = 0.f;
   int nt = 0;                     // the norm kernel's threads a row for N (norm_threads): its summation order
-  int* counter = nullptr;         // null: no norm
+  int* counter = nullptr;         // null: no norm (and no qkv)
+  // has_qkv (counter non-null, instead of the norms): y = [q | k | v] rows and qkv's q / k / v point into y; the
+  // last CTA runs launch_qkv_norm_rope_store's work on them (q_out, the k / v cache slots): the same bits.
+  bool has_qkv = false;
+  QkvNormRopeStore qkv{};
 };
 // threads a row of the norm kernels (norm.cu): 64 to 1024, about two V-element vectors a thread
 inline int norm_threads(int n, bool vec, int V) {

@@ -10,6 +10,7 @@
 
 #include "common/common.cuh"
 #include "common/launchers.h"
+#include "rope/norm_rope.cuh"
 #ifndef G4_ROCM
 #include "common/mma.cuh"
 #endif
@@ -43,21 +44,43 @@ __device__ __forceinline__ Vec16<T> ld16_l2(const T* p) {
 // real thread stands in for the virtual threads t, t + blockDim, ... of that kernel, whose per-thread sums,
 // warp trees and in-order sum over warps it repeats, so the bits are the same. y is read through L2 (other
 // CTAs wrote it). Every thread of the CTA calls this.
+// Whether this CTA is the launch's last to finish its y columns (counted in *counter, which the last one resets).
+// Every thread of the CTA calls this; the answer is the CTA's. After a true answer y is read through L2.
+__device__ __forceinline__ bool last_cta(int* counter) {
+  __shared__ int s_last;
+  __threadfence();            // this thread's y, before the count says it is there
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence();
+  return true;
+}
+
+// The q/k/v epilogue (GemvNorm::has_qkv): the last CTA's warps take the (token, head) items of
+// qkv_norm_rope_store_kernel in turn, with the same per-item code (norm_rope.cuh), y read through L2.
+// Head dims 256 and 512 only (the wrapper checks).
+template <typename T>
+__device__ void gemv_qkv_tail(const GemvNorm& ep) {
+  if (!last_cta(ep.counter)) return;
+  const QkvNormRopeStore& p = ep.qkv;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t items = p.T * (p.H + 2 * p.KVH);
+  for (int64_t it = threadIdx.x / kWarp; it < items; it += blockDim.x / kWarp) {
+    if (p.D <= 256) rope::qkv_item<T, 4, true>(p, it, lane);
+    else rope::qkv_item<T, 8, true>(p, it, lane);
+  }
+}
+
 template <typename T>
 __device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M, int N) {
   constexpr int V = 16 / sizeof(T);
   constexpr int RMAX = 1024 / (kWarpsPerCta * kWarp);     // virtual threads a real one: nt <= 1024
-  __shared__ int s_last;
   __shared__ float sh[1024 / kWarp];
-  __threadfence();            // this thread's y, before the count says it is there
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s_last = atomicAdd(ep.counter, 1) == (int)gridDim.x - 1;
-    if (s_last) *ep.counter = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_cta(ep.counter)) return;
   const int NT = ep.nt, nb = blockDim.x, lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int R = (NT + nb - 1) / nb, nw = NT / kWarp;
   // the sum over the virtual block of per-virtual-thread values v[r] (as block_sum in the norm kernel)
@@ -241,7 +264,12 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
   pdl_wait();     // see common.cuh
   pdl_trigger();
   if (n < N) gemv_columns<T, MR, GLU, PRE>(x, sx, w, sw, y, sy, N, K, aux, saux, n, lane, pre);
-  if (ep.counter) gemv_norm_tail<T>(ep, y, sy, MR, N);
+  if constexpr (!GLU) {
+    if (ep.counter) {
+      if (ep.has_qkv) gemv_qkv_tail<T>(ep);
+      else gemv_norm_tail<T>(ep, y, sy, MR, N);
+    }
+  }
 }
 
 // Whether a W_STATIC launch preloads its weights before pdl_wait(): not with GEMMA4RT_GEMV_PRELOAD=0 (read at each
@@ -416,7 +444,12 @@ gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, in
       }
     }
   }
-  if (ep.counter) gemv_norm_tail<T>(ep, y, sy, M, N);
+  if constexpr (!GLU) {
+    if (ep.counter) {
+      if (ep.has_qkv) gemv_qkv_tail<T>(ep);
+      else gemv_norm_tail<T>(ep, y, sy, M, N);
+    }
+  }
 }
 
 // K split: the fewest warps per column group that give ~4096 warps in all (enough 2 KB streams in flight
@@ -521,7 +554,10 @@ cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void*
   if (K % 8 != 0 || sx % 8 != 0 || sw % 8 != 0 || !aligned16(x) || !aligned16(w)) return cudaErrorInvalidValue;
   if ((glu && aux) || (norm.counter && (glu || aux))) return cudaErrorInvalidValue;       // one epilogue
   // the norm tail reads y, res and writes h, normed in 16-byte vectors, as the norm kernel's vector path
-  if (norm.counter && (N % 8 != 0 || sy % 8 != 0 || norm.sres % 8 != 0 || norm.sh % 8 != 0 ||
+  if (norm.has_qkv && (!norm.counter || norm.qkv.D % 2 != 0 || norm.qkv.D > 512 || norm.qkv.D <= 128 ||
+                       norm.qkv.T != M))
+    return cudaErrorInvalidValue;
+  if (norm.counter && !norm.has_qkv && (N % 8 != 0 || sy % 8 != 0 || norm.sres % 8 != 0 || norm.sh % 8 != 0 ||
                        (norm.w2 && norm.sn % 8 != 0) || !aligned16(y) || !aligned16(norm.res) ||
                        !aligned16(norm.h) || (norm.w2 && !aligned16(norm.normed)) || norm.nt < 32 || norm.nt > 1024 ||
                        norm.nt != norm_threads(N, true, 8)))

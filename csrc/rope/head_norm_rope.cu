@@ -3,45 +3,12 @@
 // One warp per (token, head); the head (D ≤ 512) lives in registers.
 #include "common/common.cuh"
 #include "common/launchers.h"
+#include "rope/norm_rope.cuh"
 
 namespace g4 {
 namespace {
-
-// One head: y = rms(x)·w (w may be null), rounded to T, then rotate-half RoPE with cos/sin rows c/s
-// (null = none). Each lane owns PER elements of the first half and the matching PER of the second half.
-template <typename T, int PER>
-__device__ __forceinline__ void norm_rope_head(const T* __restrict__ xr, const T* __restrict__ w,
-                                               const float* __restrict__ c, const float* __restrict__ s,
-                                               T* __restrict__ yr, int D, float eps, int lane) {
-  const int half = D / 2;
-  float a[PER], b[PER];
-  float ss = 0.f;
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    int i = lane + j * kWarp;
-    a[j] = i < half ? to_f(xr[i]) : 0.f;
-    b[j] = i < half ? to_f(xr[i + half]) : 0.f;
-    ss += a[j] * a[j] + b[j] * b[j];
-  }
-  const float inv = rsqrtf(warp_sum(ss) / D + eps);
-#pragma unroll
-  for (int j = 0; j < PER; ++j) {
-    int i = lane + j * kWarp;
-    if (i >= half) continue;
-    float ya = a[j] * inv, yb = b[j] * inv;
-    if (w) { ya *= to_f(w[i]); yb *= to_f(w[i + half]); }
-    // reference rounds the normed value to the working dtype before RoPE
-    ya = to_f(from_f<T>(ya));
-    yb = to_f(from_f<T>(yb));
-    if (c) {
-      const float cc = c[i], sn = s[i];
-      const float oa = ya * cc - yb * sn, ob = yb * cc + ya * sn;
-      ya = oa; yb = ob;
-    }
-    yr[i] = from_f<T>(ya);
-    yr[i + half] = from_f<T>(yb);
-  }
-}
+using rope::norm_rope_head;
+using rope::qkv_item;
 
 template <typename T, int PER>
 __global__ void head_norm_rope_kernel(const T* __restrict__ x, int64_t sxt, int64_t sxh,
@@ -60,38 +27,14 @@ __global__ void head_norm_rope_kernel(const T* __restrict__ x, int64_t sxt, int6
                          y + t * syt + h * syh, D, eps, lane);
 }
 
-// One launch for a layer's new q, k and v: q heads normed + RoPE into q_out, k heads normed + RoPE and v
-// heads normed (no weight, no RoPE) straight into their KV-cache page slots (slot < 0: not stored).
-// One warp per (token, head) over the H + 2·KVH heads.
+// One launch for a layer's new q, k and v (qkv_item, norm_rope.cuh): one warp per (token, head).
 template <typename T, int PER>
 __global__ void qkv_norm_rope_store_kernel(const QkvNormRopeStore p) {
   pdl_wait();     // see common.cuh: before any read of an earlier kernel's output
   pdl_trigger();
-  const int lane = threadIdx.x % kWarp;
-  const int HH = p.H + 2 * p.KVH;
   const int64_t item = (int64_t)blockIdx.x * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (item >= p.T * HH) return;
-  const int64_t t = item / HH;
-  const int h = (int)(item % HH);
-  const float* c = p.cos + t * p.sct;
-  const float* s = p.sin + t * p.sst;
-  if (h < p.H) {
-    norm_rope_head<T, PER>(static_cast<const T*>(p.q) + t * p.sqt + h * p.sqh, static_cast<const T*>(p.qw), c, s,
-                           static_cast<T*>(p.qo) + t * p.sot + h * p.soh, p.D, p.eps, lane);
-    return;
-  }
-  const int64_t slot = p.slots[t];
-  if (slot < 0) return;
-  const int64_t page = slot / p.S, off = slot % p.S;
-  if (h < p.H + p.KVH) {
-    const int hk = h - p.H;
-    norm_rope_head<T, PER>(static_cast<const T*>(p.k) + t * p.skt + hk * p.skh, static_cast<const T*>(p.kw), c, s,
-                           static_cast<T*>(p.kc) + page * p.kcp + off * p.kcs + hk * p.kch, p.D, p.eps, lane);
-  } else {
-    const int hv = h - p.H - p.KVH;
-    norm_rope_head<T, PER>(static_cast<const T*>(p.v) + t * p.svt + hv * p.svh, nullptr, nullptr, nullptr,
-                           static_cast<T*>(p.vc) + page * p.vcp + off * p.vcs + hv * p.vch, p.D, p.eps, lane);
-  }
+  if (item >= p.T * (p.H + 2 * p.KVH)) return;
+  qkv_item<T, PER, false>(p, item, threadIdx.x % kWarp);
 }
 
 template <typename T>

@@ -82,27 +82,24 @@ class Attention(nn.Module):
         spec = self.spec
         T = x.shape[0]
         D, KVH = spec.head_dim, self.num_kv_heads
-        k_raw = v_raw = None
-        if hasattr(self, "qkv_proj"):
-            parts = self.qkv_proj(x).split(self.split, dim=-1)
-            q = parts[0].view(T, -1, D)
-            k_raw = parts[1].view(T, KVH, D)
-            v_raw = k_raw if spec.k_eq_v else parts[2].view(T, KVH, D)
-        else:
-            q = self.q_proj(x).view(T, -1, D)
         pool_name = "sliding" if spec.is_sliding else "full"
         pool = ctx.kv[pool_name]
         src = spec.kv_source
         slot = pool.layer_slot[src]
         k_cache, v_cache = pool.k[slot], pool.v[slot]
-        if spec.kv_shared:
-            q = ops.head_norm_rope(q, self.q_norm.weight, eps, cos, sin)
+        if hasattr(self, "qkv_proj"):
+            # the [q|k|v] projection and the q/k norms, RoPE and KV store (one launch where the skinny GEMM takes it)
+            q = ops.linear_qkv_norm_rope_store(x, self.qkv_proj.weight, self.split[0] // D, D, self.q_norm.weight,
+                                               self.k_norm.weight, eps, cos, sin, k_cache, v_cache,
+                                               ctx.slot_mappings[pool_name])
+        elif spec.kv_shared:
+            q = ops.head_norm_rope(self.q_proj(x).view(T, -1, D), self.q_norm.weight, eps, cos, sin)
         else:
-            if k_raw is None:
-                k_raw = self.k_proj(x).view(T, KVH, D)
-                v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
-            q = ops.qkv_norm_rope_store(q, k_raw, v_raw, self.q_norm.weight, self.k_norm.weight, eps, cos, sin,
-                                        k_cache, v_cache, ctx.slot_mappings[pool_name])
+            k_raw = self.k_proj(x).view(T, KVH, D)
+            v_raw = k_raw if spec.k_eq_v else self.v_proj(x).view(T, KVH, D)
+            q = ops.qkv_norm_rope_store(self.q_proj(x).view(T, -1, D), k_raw, v_raw, self.q_norm.weight,
+                                        self.k_norm.weight, eps, cos, sin, k_cache, v_cache,
+                                        ctx.slot_mappings[pool_name])
         o = ops.paged_attention(q, k_cache, v_cache, ctx.page_tables[pool_name], ctx.cu_seqlens_q,
                                 ctx.seq_lens, sliding_window, block_ids, 1.0, zero_out=ctx.zero_attn_out,
                                 mixed=ctx.mixed_attn)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from gemma4rt.ops import _native
 from gemma4rt.ops.activation import gelu_tanh_and_mul, gelu_tanh_mul
 from gemma4rt.ops.norm import norm_add_scale, norm_add_scale_norm
+from gemma4rt.ops.rope import _f32, qkv_norm_rope_store
 
 GEMV_MAX_ROWS = 8
 GEMV_ENABLED = os.environ.get("GEMMA4RT_GEMV", "1") != "0"
@@ -26,6 +27,10 @@ FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "1") != "0"
 # default as one launch whose last CTA does the norms (linear_norm_add_scale); GEMMA4RT_FUSED_GEMV_NORM=0: two.
 # H200, batch-1 TPOT with both fusions on / off: E2B 3.36 / 3.78 ms, E4B 5.05 / 5.28, 12B 8.20 / 8.61.
 FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "1") != "0"
+# GEMMA4RT_FUSED_QKV_ROPE=1: a 1-8-row q/k/v projection runs with the q/k norms, RoPE and the KV store in its last
+# CTA (linear_qkv_norm_rope_store): one launch a layer less at batch 1, the same bits. Off by default until it
+# has run on a GPU (written when the session had no device time left; tests/gpu/test_gemv.py covers it).
+FUSED_QKV_ROPE = os.environ.get("GEMMA4RT_FUSED_QKV_ROPE", "0") == "1"
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 # `kernel | W_STATIC`: w is a weight that no kernel still in flight writes, so the launch loads its first vectors
 # before waiting on the previous kernel (PDL), overlapping their DRAM latency with it; the same bits. The linear*
@@ -111,3 +116,32 @@ def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tens
     if weight2 is None:
         return norm_add_scale(y, residual, weight, scale, eps), None
     return norm_add_scale_norm(y, residual, weight, scale, weight2, eps)
+
+
+def linear_qkv_norm_rope_store(x: torch.Tensor, w_qkv: torch.Tensor, heads: int, head_dim: int,
+                               q_weight: Optional[torch.Tensor], k_weight: Optional[torch.Tensor], eps: float,
+                               cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor) -> torch.Tensor:
+    """A layer's fused q/k/v projection (w_qkv = [q; k; v], or [q; k] when V is K) and then
+    qkv_norm_rope_store: returns the normed, rotated q [T, heads, head_dim] and stores the new k / v in the
+    caches. One native launch for 1-8 rows with FUSED_QKV_ROPE (the bits of the two steps), else both."""
+    T, D, KVH = x.shape[0], head_dim, k_cache.shape[2]
+    k_eq_v = w_qkv.shape[0] == (heads + KVH) * D
+    if (GEMV_ENABLED and FUSED_QKV_ROPE and gemv_ok(x, w_qkv) and _native.has_op("gemv_qkv_norm_rope_store") and
+            D in (256, 512) and cos is not None and sin is not None and k_cache.dtype == v_cache.dtype == x.dtype and
+            k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and
+            (k_eq_v or w_qkv.shape[0] == (heads + 2 * KVH) * D)):
+        counter = gemv_norm_counter(x.device)       # (shared with gemv_norm: a stream's launches run in turn)
+        if counter is not None:
+            y = torch.empty(T, w_qkv.shape[0], dtype=x.dtype, device=x.device)
+            q = torch.empty(T, heads, D, dtype=x.dtype, device=x.device)
+            ws = [None if t is None else t.to(x.dtype).contiguous() for t in (q_weight, k_weight)]
+            torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w_qkv, ws[0], ws[1], float(eps), _f32(cos), _f32(sin),
+                                                        k_cache, v_cache, slot_mapping.to(torch.int64).contiguous(),
+                                                        y, q, counter, W_STATIC)
+            return q
+    y = linear(x, w_qkv)
+    q = y[:, :heads * D].view(T, heads, D)
+    k = y[:, heads * D:(heads + KVH) * D].view(T, KVH, D)
+    v = k if k_eq_v else y[:, (heads + KVH) * D:].view(T, KVH, D)
+    return qkv_norm_rope_store(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping)

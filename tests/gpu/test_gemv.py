@@ -279,3 +279,80 @@ def test_gemv_norm_opcheck_graph_wrapper_and_errors(monkeypatch):
         r7 = torch.randn(2, 1535, device=DEV, dtype=d)
         torch.ops.gemma4rt.gemv_norm(x, w7, r7, w1[:-1], None, None, 1e-6, torch.empty_like(r7),
                                      torch.empty_like(r7), None, counter)
+
+
+def _qkv_case(M, H, KVH, D, k_eq_v, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    d, K, P, S = torch.bfloat16, 1536, 6, 16
+    x = torch.randn(M, K, device=DEV, dtype=d, generator=g)
+    w = torch.randn((H + (1 if k_eq_v else 2) * KVH) * D, K, device=DEV, dtype=d, generator=g) / K ** 0.5
+    qw = 1 + 0.1 * torch.randn(D, device=DEV, dtype=d, generator=g)
+    kw = 1 + 0.1 * torch.randn(D, device=DEV, dtype=d, generator=g)
+    ang = torch.rand(M, D // 2, device=DEV, generator=g) * 6.0
+    slots = torch.randperm(P * S, device=DEV, generator=g)[:M].to(torch.int64)
+    if M > 1:
+        slots[1] = -1                                        # a row whose k / v are not stored
+    caches = torch.randn(2, P, S, KVH, D, device=DEV, dtype=d, generator=g)
+    return x, w, qw, kw, ang.cos(), ang.sin(), slots, caches
+
+
+@pytest.mark.parametrize("M", [1, 3, 8])
+@pytest.mark.parametrize("H,KVH,D,k_eq_v", [(8, 1, 256, False), (16, 8, 256, False), (32, 4, 512, True),
+                                            (4, 2, 512, False)])
+@pytest.mark.parametrize("kern", [lin.CUDA_CORES, lin.TENSOR_CORES, lin.CUDA_CORES | lin.W_STATIC,
+                                  lin.TENSOR_CORES | lin.W_STATIC])
+def test_gemv_qkv_norm_rope_store_equals_the_two_ops(M, H, KVH, D, k_eq_v, kern):
+    """The q/k/v projection with qkv_norm_rope_store in its last CTA: y, q_out and both caches (every slot,
+    stored or not) equal those of gemv then qkv_norm_rope_store bit for bit; shapes of E2B's sliding layers,
+    the 26B-A4B's / 12B's, a full layer whose V is K, and a small one; the counter is left zero."""
+    x, w, qw, kw, cos, sin, slots, caches = _qkv_case(M, H, KVH, D, k_eq_v)
+    N = w.shape[0]
+    eps = 1e-6
+    y_ref = poison(M, N, dtype=x.dtype)
+    torch.ops.gemma4rt.gemv(x, w, y_ref, kern & 3)
+    q_ref = poison(M, H, D, dtype=x.dtype)
+    kc_ref, vc_ref = caches[0].clone(), caches[1].clone()
+    k = y_ref[:, H * D:(H + KVH) * D].view(M, KVH, D)
+    v = k if k_eq_v else y_ref[:, (H + KVH) * D:].view(M, KVH, D)
+    torch.ops.gemma4rt.qkv_norm_rope_store(y_ref[:, :H * D].view(M, H, D), k, v, qw, kw, eps, cos, sin, kc_ref,
+                                           vc_ref, slots, q_ref)
+    kc, vc = caches[0].clone(), caches[1].clone()
+    y, q = poison(M, N, dtype=x.dtype), poison(M, H, D, dtype=x.dtype)
+    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w, qw, kw, eps, cos, sin, kc, vc, slots, y, q, counter, kern)
+    assert torch.equal(y, y_ref) and torch.equal(q, q_ref)
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
+    assert counter.item() == 0
+
+
+def test_linear_qkv_norm_rope_store_wrapper_graph_and_errors(monkeypatch):
+    """ops.linear_qkv_norm_rope_store with GEMMA4RT_FUSED_QKV_ROPE on equals it off (the GEMV, then the
+    separate kernel), inside a replayed CUDA graph with fresh x too; the op refuses a w whose rows fit neither
+    layout."""
+    from gemma4rt import ops
+    H, KVH, D, M = 8, 1, 256, 2
+    x, w, qw, kw, cos, sin, slots, caches = _qkv_case(M, H, KVH, D, False, seed=1)
+
+    def run(fused):
+        monkeypatch.setattr(lin, "FUSED_QKV_ROPE", fused)
+        kc, vc = caches[0].clone(), caches[1].clone()
+        return ops.linear_qkv_norm_rope_store(x, w, H, D, qw, kw, 1e-6, cos, sin, kc, vc, slots), kc, vc
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(lin, "FUSED_QKV_ROPE", True)
+    lin.gemv_norm_counter(x.device)                   # made before the capture, as the CUDA graphs do
+    kc, vc = caches[0].clone(), caches[1].clone()
+    q = graph_replay(lambda: ops.linear_qkv_norm_rope_store(x, w, H, D, qw, kw, 1e-6, cos, sin, kc, vc, slots),
+                     None, lambda: x.copy_(torch.randn_like(x)))
+    monkeypatch.setattr(lin, "FUSED_QKV_ROPE", False)
+    kc2, vc2 = caches[0].clone(), caches[1].clone()
+    q2 = ops.linear_qkv_norm_rope_store(x, w, H, D, qw, kw, 1e-6, cos, sin, kc2, vc2, slots)
+    assert torch.equal(q, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    with pytest.raises(RuntimeError):
+        counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+        torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w[:-8], qw, kw, 1e-6, cos, sin, caches[0].clone(),
+                                                    caches[1].clone(), slots, poison(M, w.shape[0] - 8,
+                                                                                     dtype=x.dtype),
+                                                    poison(M, H, D, dtype=x.dtype), counter, 0)
+

@@ -132,8 +132,9 @@ def test_ple_table_in_host_memory_gives_the_same_logits():
 
 def test_fused_projection_norms_give_the_same_logits(monkeypatch):
     """E2B geometry (bf16, dummy weights): decode with each projection's norms inside its skinny GEMM
-    (GEMMA4RT_FUSED_GEMV_NORM) and the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE)
-    gives the unfused path's logits bit for bit, through the CUDA graphs and with batched requests."""
+    (GEMMA4RT_FUSED_GEMV_NORM), the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE) and
+    the q/k norms, RoPE and KV store in the q/k/v GEMV's last CTA (GEMMA4RT_FUSED_QKV_ROPE) gives the unfused
+    path's logits bit for bit, through the CUDA graphs and with batched requests."""
     if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
         pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
     import importlib
@@ -145,6 +146,7 @@ def test_fused_projection_norms_give_the_same_logits(monkeypatch):
     for fused in (False, True):
         monkeypatch.setattr(lin, "FUSED_GEMV_NORM", fused)
         monkeypatch.setattr(lin, "FUSED_PLE_GATE", fused)
+        monkeypatch.setattr(lin, "FUSED_QKV_ROPE", fused)
         _free()
         r = ModelRunner(EngineConfig(model_path="gemma-4-E2B-it", load_format="dummy", device="cuda",
                                      dtype="bfloat16", cuda_graph_max_bs=8, cuda_graph_max_tokens=0,
