@@ -1,7 +1,9 @@
 // Skinny GEMM for decode: y[m, n] = Σ_k x[m, k] · W[n, k] for 1–8 rows of x (W in the checkpoint's
 // [out, in] layout), optionally with the MLP's gelu_tanh(gate) * up fused (W = [gate; up]), or with
 // gelu_tanh(y) * aux for a given aux [m, n] (the per-layer-input gate of E2B/E4B times its per-layer input).
-// Both epilogues round y (gate, up) to T first, as the unfused ops do, so the bits are theirs. Two kernels:
+// Both epilogues round y (gate, up) to T first, as the unfused ops do, so the bits are theirs. Two more run on
+// the launch's last CTA after every y column is written (GemvNorm): the norms after a projection, and a q/k/v
+// projection's q/k norms, RoPE and KV store. Two kernels:
 // gemv_kernel (CUDA cores): one warp per output column, lanes stream W's row in 16-byte vectors and reuse
 // each for every row of x, a warp reduction at the end; gemv_mma_kernel (tensor cores, CUDA only): below.
 // Both accumulate in fp32; gemv_use_mma() picks one.
@@ -39,11 +41,6 @@ __device__ __forceinline__ Vec16<T> ld16_l2(const T* p) {
 #endif
 }
 
-// The norm epilogue (GemvNorm, launchers.h): every CTA has written its y columns; the last one to count itself
-// normalises each row as norm_kernel (norm.cu, VEC = 16 bytes, ep.nt threads a row, modes 2 and 3) would: each
-// real thread stands in for the virtual threads t, t + blockDim, ... of that kernel, whose per-thread sums,
-// warp trees and in-order sum over warps it repeats, so the bits are the same. y is read through L2 (other
-// CTAs wrote it). Every thread of the CTA calls this.
 // Whether this CTA is the launch's last to finish its y columns (counted in *counter, which the last one resets).
 // Every thread of the CTA calls this; the answer is the CTA's. After a true answer y is read through L2.
 __device__ __forceinline__ bool last_cta(int* counter) {
@@ -75,6 +72,11 @@ __device__ void gemv_qkv_tail(const GemvNorm& ep) {
   }
 }
 
+// The norm epilogue (GemvNorm, launchers.h): every CTA has written its y columns; the last one to count itself
+// normalises each row as norm_kernel (norm.cu, VEC = 16 bytes, ep.nt threads a row, modes 2 and 3) would: each
+// real thread stands in for the virtual threads t, t + blockDim, ... of that kernel, whose per-thread sums,
+// warp trees and in-order sum over warps it repeats, so the bits are the same. y is read through L2 (other
+// CTAs wrote it). Every thread of the CTA calls this.
 template <typename T>
 __device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M, int N) {
   constexpr int V = 16 / sizeof(T);
