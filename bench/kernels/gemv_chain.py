@@ -1,13 +1,14 @@
-"""A model's batch-1 decode projections as one chain of dependent launches in a CUDA graph (each layer: q/k/v,
-o_proj with its norms, gate/up with gelu-and-mul, down_proj with its norms, and E2B/E4B's per-layer-input gate
-and projection), as the decode step runs them through gemma4rt.ops.linear. It times a layer with and without a
+"""A model's batch-1 decode projections as one chain of dependent launches in a CUDA graph (each layer: q/k/v with
+the q/k norms, RoPE and KV store, o_proj with its norms, gate/up with gelu-and-mul, down_proj with its norms, and
+E2B/E4B's per-layer-input gate and projection), as the decode step runs them through gemma4rt.ops.linear. It times a layer with and without a
 launch setting in one process, replaying the two graphs in turns, so that clock drift between processes does
 not enter the comparison (end-to-end figures of one model vary by ~5% from one process to the next).
 
   python -m bench.kernels.gemv_chain [--models gemma-4-E2B-it,gemma-4-E4B-it] [--layers 12] [--rounds 15]
                                      [--env GEMMA4RT_GEMV_PRELOAD=0]
 
---env: the setting of the second graph (environment variables read at launch, so at capture)."""
+--env: the setting of the second graph: environment variables read at launch (so at capture), and the switches
+of gemma4rt/ops/linear.py that are read at import (GEMMA4RT_GEMV, GEMMA4RT_FUSED_*), set for the capture."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,11 @@ from gemma4rt.configs import lookup_builtin_config  # noqa: E402
 from gemma4rt.model_config import parse_model_config  # noqa: E402
 
 lin = importlib.import_module("gemma4rt.ops.linear")
+# linear.py's switches read at import: (attribute, its value for the variable's setting)
+SWITCHES = {"GEMMA4RT_GEMV": ("GEMV_ENABLED", lambda v: v != "0"),
+            "GEMMA4RT_FUSED_PLE_GATE": ("FUSED_PLE_GATE", lambda v: v != "0"),
+            "GEMMA4RT_FUSED_GEMV_NORM": ("FUSED_GEMV_NORM", lambda v: v != "0"),
+            "GEMMA4RT_FUSED_QKV_ROPE": ("FUSED_QKV_ROPE", lambda v: v == "1")}
 
 
 def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
@@ -39,7 +45,11 @@ def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
             w.update(gate=(P, d), proj=(d, P))
         lw = {k: torch.randn(*s, device=dev, dtype=torch.bfloat16) / s[1] ** 0.5 for k, s in w.items()}
         lw.update({k: torch.randn(d, device=dev, dtype=torch.bfloat16) for k in ("n1", "n2", "n3", "n4")})
-        lw["q"] = q
+        D = spec.head_dim
+        lw.update(qn=torch.ones(D, device=dev, dtype=torch.bfloat16), kn=torch.ones(D, device=dev, dtype=torch.bfloat16),
+                  cache=torch.zeros(2, 2, 16, spec.num_kv_heads, D, device=dev, dtype=torch.bfloat16),
+                  cos=torch.ones(1, D // 2, device=dev), sin=torch.zeros(1, D // 2, device=dev),
+                  slot=torch.tensor([3], device=dev), heads=t.num_heads, D=D)
         out.append(lw)
     return out, d
 
@@ -47,8 +57,9 @@ def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
 def chain(weights: list[dict], x: torch.Tensor, ple: torch.Tensor | None) -> torch.Tensor:
     h = x
     for lw in weights:
-        qkv = lin.linear(h, lw["qkv"])
-        a = qkv[:, :lw["q"]]                                      # the attention output's stand-in (a view)
+        q = lin.linear_qkv_norm_rope_store(h, lw["qkv"], lw["heads"], lw["D"], lw["qn"], lw["kn"], 1e-6, lw["cos"],
+                                           lw["sin"], lw["cache"][0], lw["cache"][1], lw["slot"])
+        a = q.view(1, -1)                                         # the attention output's stand-in
         h, u = lin.linear_norm_add_scale(a, lw["o"], h, lw["n1"], None, lw["n2"], 1e-6)
         act = lin.linear_gelu_mul(u, lw["gu"])
         if ple is None:
@@ -62,7 +73,11 @@ def chain(weights: list[dict], x: torch.Tensor, ple: torch.Tensor | None) -> tor
 
 def capture(weights, x, ple, env: dict):
     saved = {k: os.environ.get(k) for k in env}
+    saved_attr = {SWITCHES[k][0]: getattr(lin, SWITCHES[k][0]) for k in env if k in SWITCHES}
     os.environ.update(env)
+    for k, v in env.items():
+        if k in SWITCHES:
+            setattr(lin, SWITCHES[k][0], SWITCHES[k][1](v))
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -74,6 +89,8 @@ def capture(weights, x, ple, env: dict):
             out = chain(weights, x, ple)
         return g, out
     finally:
+        for name, v in saved_attr.items():
+            setattr(lin, name, v)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
