@@ -16,8 +16,9 @@ except ImportError:
 
 # Every native op is an out-variant returning nothing: its fake (meta) kernel does nothing, which
 # lets torch.compile / opcheck trace them.
-OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "norm_add_scale_norm", "head_norm_rope", "qkv_norm_rope_store",
-       "gelu_tanh_and_mul", "gelu_tanh_mul", "gemv", "gemv_gelu_mul", "gemv_gelu_aux", "gemv_norm", "store_kv", "paged_attention", "moe_route",
+OPS = ("rms_norm", "add_rms_norm", "norm_add_scale", "norm_add_scale_norm", "norm_add_scale_norm3", "moe_block_end",
+       "head_norm_rope", "qkv_norm_rope_store", "gelu_tanh_and_mul", "gelu_tanh_mul", "gemv", "gemv_gelu_mul",
+       "gemv_gelu_aux", "gemv_norm", "gemv_qkv_norm_rope_store", "store_kv", "paged_attention", "moe_route",
        "moe_align", "moe_experts", "sample")
 
 # Ops a ROCm build leaves out (their kernels use NVIDIA-only tensor-core / async-copy / cluster

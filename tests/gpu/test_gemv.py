@@ -330,6 +330,8 @@ def test_linear_qkv_norm_rope_store_wrapper_graph_and_errors(monkeypatch):
     separate kernel), inside a replayed CUDA graph with fresh x too; the op refuses a w whose rows fit neither
     layout."""
     from gemma4rt import ops
+    from gemma4rt.ops import _native
+    assert _native.has_op("gemv_qkv_norm_rope_store")         # else both runs below would take the two-op path
     H, KVH, D, M = 8, 1, 256, 2
     x, w, qw, kw, cos, sin, slots, caches = _qkv_case(M, H, KVH, D, False, seed=1)
 

@@ -47,6 +47,17 @@ def test_left_out_kernels_agree():
     assert ops <= set(_native.OPS)
 
 
+def test_every_bound_op_is_listed():
+    """_native.OPS is what gets a fake kernel and what has_op() answers for: an op defined in torch_bindings.cpp
+    but missing there would never be taken by a wrapper that asks has_op() first (so a fused path would silently
+    stay off)."""
+    import re
+    from gemma4rt.ops import _native
+    with open(os.path.join(CSRC, "torch_bindings.cpp")) as f:
+        defined = set(re.findall(r'm\.def\("([a-z0-9_]+)\(', f.read()))
+    assert defined and defined == set(_native.OPS)
+
+
 HIPCC = shutil.which("hipcc")
 
 
