@@ -117,7 +117,8 @@ def build_engine(model_path: str, *, device: str, dtype: str, load_format: str, 
     max_running = max(max_bs, -(-need_pages // win_pages)) + (1 if extra_prompt_len else 0)
     cfg = EngineConfig(
         model_path=model_path, dtype=dtype, device=device, load_format=load_format, seed=seed,
-        context_length=context_length or max(input_len + output_len + 2 * page_size, extra_prompt_len + 2 * page_size, 64),
+        context_length=context_length or max(input_len + output_len + 2 * page_size,
+                                             extra_prompt_len + 2 * page_size, 64),
         cache=CacheConfig(page_size=page_size, max_total_tokens=tokens, disable_radix_cache=True,
                           mem_fraction_static=mem_fraction_static),
         # synchronous steps unless asked (StepTimer then times the launch period)

@@ -12,6 +12,7 @@ from typing import Optional
 from gemma4rt.config import EngineConfig
 from gemma4rt.protocol import AddRequest, SchedulerStats, StepResult, TokenOutputs
 from gemma4rt.scheduler import Scheduler
+from gemma4rt.worker.profiling import StepProfiler, prompt_tokens
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ class Engine:
             self.overlap = False
         self.scheduler.overlap = self.overlap
         self._in_flight = None          # overlap: (plan, launched step) whose result is not processed yet
-        from gemma4rt.worker.profiling import StepProfiler
         self.profiler = StepProfiler.from_env()     # GEMMA4RT_PROFILE_STEPS: a kernel profile of some steps
         self._last_plan = None
 
@@ -166,7 +166,7 @@ class StepLog:
     def record(self, plan, seconds: float, gpu_ms: Optional[float] = None) -> None:
         if not log.isEnabledFor(logging.INFO):
             return                  # nothing to show: no per-row work on the step path
-        prompt = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
+        prompt = prompt_tokens(plan)
         if prompt:
             self.p_steps += 1
             self.p_tokens += prompt

@@ -1,8 +1,9 @@
 """A model's batch-1 decode projections as one chain of dependent launches in a CUDA graph (each layer: q/k/v with
 the q/k norms, RoPE and KV store, o_proj with its norms, gate/up with gelu-and-mul, down_proj with its norms, and
-E2B/E4B's per-layer-input gate and projection), as the decode step runs them through gemma4rt.ops.linear. It times a layer with and without a
-launch setting in one process, replaying the two graphs in turns, so that clock drift between processes does
-not enter the comparison (end-to-end figures of one model vary by ~5% from one process to the next).
+E2B/E4B's per-layer-input gate and projection), as the decode step runs them through gemma4rt.ops.linear. It
+times a layer with and without a launch setting in one process, replaying the two graphs in turns, so that
+clock drift between processes does not enter the comparison (end-to-end figures of one model vary by ~5% from
+one process to the next).
 
   python -m bench.kernels.gemv_chain [--models gemma-4-E2B-it,gemma-4-E4B-it] [--layers 12] [--rounds 15]
                                      [--env GEMMA4RT_GEMV_PRELOAD=0]
@@ -46,7 +47,8 @@ def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
         lw = {k: torch.randn(*s, device=dev, dtype=torch.bfloat16) / s[1] ** 0.5 for k, s in w.items()}
         lw.update({k: torch.randn(d, device=dev, dtype=torch.bfloat16) for k in ("n1", "n2", "n3", "n4")})
         D = spec.head_dim
-        lw.update(qn=torch.ones(D, device=dev, dtype=torch.bfloat16), kn=torch.ones(D, device=dev, dtype=torch.bfloat16),
+        ones = torch.ones(D, device=dev, dtype=torch.bfloat16)
+        lw.update(qn=ones, kn=ones,
                   cache=torch.zeros(2, 2, 16, spec.num_kv_heads, D, device=dev, dtype=torch.bfloat16),
                   cos=torch.ones(1, D // 2, device=dev), sin=torch.zeros(1, D // 2, device=dev),
                   slot=torch.tensor([3], device=dev), heads=t.num_heads, D=D)

@@ -10,6 +10,12 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 
+def prompt_tokens(plan) -> int:
+    """Tokens of a step plan's prompt chunks (a step with any is a prompt step; one token a request, with or
+    without drafts, is decode)."""
+    return sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
+
+
 def kernel_table(prof, steps: int, top: int = 25) -> tuple[list[str], float, float]:
     """(lines of `us/step calls/step us/call kernel` for the `top` kernels by total time, GPU kernel ms per
     step, kernel launches per step) of a finished torch.profiler run over `steps` steps."""
@@ -70,7 +76,7 @@ class StepProfiler:
         if self.prof is None or self.path is None:
             return
         if plan is not None:
-            prompt = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1 + len(s.draft_token_ids))
+            prompt = prompt_tokens(plan)
             if prompt:
                 self.prompt_steps += 1
                 self.prompt_tokens += prompt
@@ -87,11 +93,12 @@ class StepProfiler:
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
         lines, gpu_ms, launches = kernel_table(self.prof, self.count)
+        wall_ms = 1e3 * wall / self.count
         head = (f"engine steps {self.start}-{self.start + self.count - 1}: {self.prompt_steps} with prompt tokens "
                 f"({self.prompt_tokens} tokens), {self.decode_steps} pure decode "
-                f"({self.decode_rows / max(1, self.decode_steps):.1f} rows/step); wall {1e3 * wall / self.count:.3f} "
-                f"ms/step, GPU kernel time {gpu_ms:.3f} ms/step ({100 * gpu_ms / max(1e-9, 1e3 * wall / self.count):.0f}% "
-                f"busy), {launches:.0f} kernels/step")
+                f"({self.decode_rows / max(1, self.decode_steps):.1f} rows/step); wall {wall_ms:.3f} ms/step, GPU "
+                f"kernel time {gpu_ms:.3f} ms/step ({100 * gpu_ms / max(1e-9, wall_ms):.0f}% busy), "
+                f"{launches:.0f} kernels/step")
         try:
             with open(self.path, "w") as f:
                 f.write("\n".join([head] + lines) + "\n")
