@@ -220,17 +220,7 @@ template <typename T, int NT>
 __device__ __forceinline__ void merge_tile_if_last(const AttnParams& p, int q0, int row0, int nrows, int group,
                                                    int kvh) {
   if (p.num_splits == 1 || p.counters == nullptr) return;
-  __shared__ int s_last;
-  __threadfence();   // this thread's partials, before the count says they are there
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* cnt = p.counters + (int64_t)blockIdx.x * p.KVH + kvh;
-    s_last = atomicAdd(cnt, 1) == p.num_splits - 1;
-    if (s_last) *cnt = 0;
-  }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_arrival(p.counters + (int64_t)blockIdx.x * p.KVH + kvh, p.num_splits)) return;
   const int D = p.D, cols = D / 4, S = p.num_splits;
   const int64_t stride = (int64_t)p.T * p.H;
   for (int id = threadIdx.x; id < nrows * cols; id += NT) {

@@ -124,6 +124,24 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Whether this CTA is the last of `arrivals` CTAs to get here for *counter (a zero int32 that the last one
+// resets for the next launch). Every thread of the CTA calls this; the answer is the CTA's. The writes each CTA
+// made before calling are then visible to the last one, which reads them through L2 (__ldcg: L1 is not
+// coherent across SMs).
+__device__ __forceinline__ bool last_arrival(int* counter, int arrivals) {
+  __shared__ int s_last;
+  __threadfence();            // this thread's writes, before the count says they are there
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(counter, 1) == arrivals - 1;
+    if (s_last) *counter = 0;
+  }
+  __syncthreads();
+  if (!s_last) return false;
+  __threadfence();
+  return true;
+}
+
 // Whether launches use PDL: compute capability >= 9 on the current device and GEMMA4RT_PDL != "0".
 // Read once per process (gemma4rt runs one device per process).
 inline bool pdl_enabled() {

@@ -41,28 +41,12 @@ __device__ __forceinline__ Vec16<T> ld16_l2(const T* p) {
 #endif
 }
 
-// Whether this CTA is the launch's last to finish its y columns (counted in *counter, which the last one resets).
-// Every thread of the CTA calls this; the answer is the CTA's. After a true answer y is read through L2.
-__device__ __forceinline__ bool last_cta(int* counter) {
-  __shared__ int s_last;
-  __threadfence();            // this thread's y, before the count says it is there
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    s_last = atomicAdd(counter, 1) == (int)gridDim.x - 1;
-    if (s_last) *counter = 0;
-  }
-  __syncthreads();
-  if (!s_last) return false;
-  __threadfence();
-  return true;
-}
-
 // The q/k/v epilogue (GemvNorm::has_qkv): the last CTA's warps take the (token, head) items of
 // qkv_norm_rope_store_kernel in turn, with the same per-item code (norm_rope.cuh), y read through L2.
 // Head dims 256 and 512 only (the wrapper checks).
 template <typename T>
 __device__ void gemv_qkv_tail(const GemvNorm& ep) {
-  if (!last_cta(ep.counter)) return;
+  if (!last_arrival(ep.counter, (int)gridDim.x)) return;
   const QkvNormRopeStore& p = ep.qkv;
   const int lane = threadIdx.x % kWarp;
   const int64_t items = p.T * (p.H + 2 * p.KVH);
@@ -82,7 +66,7 @@ __device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M
   constexpr int V = 16 / sizeof(T);
   constexpr int RMAX = 1024 / (kWarpsPerCta * kWarp);     // virtual threads a real one: nt <= 1024
   __shared__ float sh[1024 / kWarp];
-  if (!last_cta(ep.counter)) return;
+  if (!last_arrival(ep.counter, (int)gridDim.x)) return;
   const int NT = ep.nt, nb = blockDim.x, lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int R = (NT + nb - 1) / nb, nw = NT / kWarp;
   // the sum over the virtual block of per-virtual-thread values v[r] (as block_sum in the norm kernel)
