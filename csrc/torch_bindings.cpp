@@ -248,6 +248,13 @@ void gemv_gelu_aux_op(const Tensor& x, const Tensor& w, const Tensor& aux, Tenso
   gemv_run(x, w, out, false, kernel, "gemv_gelu_aux", aux.data_ptr(), aux.stride(0));
 }
 
+// The CTA counter of a launch whose last CTA runs an epilogue: int32 on x's device, zero, used by no concurrent
+// launch (the launch leaves it zero).
+void check_counter(const Tensor& counter, const Tensor& x, const char* name) {
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
+              counter.device() == x.device(), name, ": counter, int32 on x's device");
+}
+
 // y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2:
 // a projection and the norms after it in one launch (the bits of gemv then norm_add_scale[_norm]). counter: a
 // zero int32 on x's device that no concurrent launch uses; the launch leaves it zero.
@@ -262,8 +269,7 @@ void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, cons
               "gemv_norm: residual and h [M, N] as y");
   TORCH_CHECK(w1.dim() == 1 && w1.size(0) == N && w1.is_contiguous() && w1.scalar_type() == dt &&
               w1.device() == x.device(), "gemv_norm: w1 [N]");
-  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
-              counter.device() == x.device(), "gemv_norm: counter, int32 on x's device");
+  check_counter(counter, x, "gemv_norm");
   GemvNorm ep;
   ep.res = residual.data_ptr(); ep.sres = residual.stride(0);
   ep.w1 = w1.data_ptr();
@@ -302,8 +308,7 @@ void gemv_qkv_norm_rope_store_op(const Tensor& x, const Tensor& w, const optiona
   TORCH_CHECK(k_eq_v || w.size(0) == (H + 2 * KVH) * D,
               "gemv_qkv_norm_rope_store: w [(H + KVH)·D or (H + 2·KVH)·D, K]");
   TORCH_CHECK(y.size(1) == w.size(0) && y.stride(1) == 1, "gemv_qkv_norm_rope_store: y [M, N], unit column stride");
-  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
-              counter.device() == x.device(), "gemv_qkv_norm_rope_store: counter, int32 on x's device");
+  check_counter(counter, x, "gemv_qkv_norm_rope_store");
   const Tensor q = y.narrow(1, 0, H * D).unflatten(1, {H, D});
   const Tensor k = y.narrow(1, H * D, KVH * D).unflatten(1, {KVH, D});
   const Tensor v = k_eq_v ? k : y.narrow(1, (H + KVH) * D, KVH * D).unflatten(1, {KVH, D});
