@@ -252,31 +252,28 @@ class DecoderLayer(nn.Module):
             return ops.norm_add_scale(y, x, weight, self._scalar(), eps), None
         return ops.norm_add_scale_norm(y, x, weight, self._scalar(), next_norm, eps)
 
+    def _derived(self, key: str, src: torch.Tensor, make) -> torch.Tensor:
+        """make(src), made once and kept (again when src moves to another device): an operand the kernels want
+        in another form than the checkpoint's. Made on each call it would be a torch kernel in every layer of a
+        step (the per-expert scale's conversion: 30 copies a 26B-A4B decode step, between PDL launches)."""
+        t = self.__dict__.get(key)
+        if t is None or t.device != src.device:
+            t = make(src.detach())
+            self.__dict__[key] = t
+        return t
+
     def _scalar(self) -> torch.Tensor:
-        """The layer scalar as a [1] fp32 tensor on its device, converted once."""
-        s = getattr(self, "_scalar_f32", None)
-        if s is None or s.device != self.layer_scalar.device:
-            s = self.layer_scalar.detach().reshape(1).float().contiguous()
-            self._scalar_f32 = s
-        return s
+        """The layer scalar as a [1] fp32 tensor."""
+        return self._derived("_scalar_f32", self.layer_scalar, lambda t: t.reshape(1).float().contiguous())
 
     def _expert_scale(self) -> torch.Tensor:
-        """The router's per-expert scale in fp32 (moe_route's operand), converted once: converting it at each
-        call put a torch copy kernel into every MoE layer of a decode step (26B-A4B: 30 a step, H200 profile)."""
-        p = self.router.per_expert_scale
-        s = getattr(self, "_expert_scale_f32", None)
-        if s is None or s.device != p.device:
-            s = p.detach().float().contiguous()
-            self._expert_scale_f32 = s
-        return s
+        """The router's per-expert scale in fp32 (moe_route's operand)."""
+        return self._derived("_expert_scale_f32", self.router.per_expert_scale, lambda t: t.float().contiguous())
 
     def _router_norm_weight(self) -> torch.Tensor:
-        w = getattr(self, "_router_w", None)
-        if w is None or w.device != self.router.scale.device:
-            w = (self.router.scale.float() * (self.cfg.hidden_size ** -0.5)).to(self.router.scale.dtype)
-            self._router_w = w
-        return w
-
+        """The router's norm weight times d^-½, in the weight's dtype (one weighted norm)."""
+        d = self.cfg.hidden_size
+        return self._derived("_router_w", self.router.scale, lambda t: (t.float() * d ** -0.5).to(t.dtype))
 
 class Gemma4TextModel(nn.Module):
     """Embeddings → decoder layers → final norm. `logits()` applies the tied LM head + soft-cap."""
