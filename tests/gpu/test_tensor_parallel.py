@@ -92,7 +92,7 @@ def test_bf16_two_gpus_with_cuda_graphs(name):
     router's top-8 over 128 experts flips on near-ties in 30 layers, so a rounding change moves the output
     much more than on a dense model. One GPU with 32-token prefill chunks (the longer prompts' attention then
     reads their prefix from the cache: another valid summation order) sets the spread that two GPUs may
-    reach. The decoded continuations of the dense model mostly agree."""
+    reach. The decoded continuations mostly agree."""
     one, g1 = _run_dummy(name, 1)
     two, g2 = _run_dummy(name, 2)
     assert g1 and g2, "CUDA graphs were not captured"
@@ -111,5 +111,4 @@ def test_bf16_two_gpus_with_cuda_graphs(name):
     same = sum(x == y for a, b in zip(one, two) for x, y in zip(a.token_ids, b.token_ids))
     total = sum(len(a.token_ids) for a in one)
     print(f"[tp-{name}] decoded tokens that agree with one GPU: {same}/{total}")
-    if "A4B" not in name:        # (the MoE model's continuations fork after a routing flip: reported only)
-        assert same >= 0.8 * total
+    assert same >= 0.8 * total      # (2 x H200, 23:01: 48 / 48 for both models)
