@@ -250,9 +250,9 @@ void gemv_gelu_aux_op(const Tensor& x, const Tensor& w, const Tensor& aux, Tenso
 
 // The CTA counter of a launch whose last CTA runs an epilogue: int32 on x's device, zero, used by no concurrent
 // launch (the launch leaves it zero).
-void check_counter(const Tensor& counter, const Tensor& x, const char* name) {
-  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= 1 && counter.is_contiguous() &&
-              counter.device() == x.device(), name, ": counter, int32 on x's device");
+void check_counter(const Tensor& counter, const Tensor& x, const char* name, int64_t slots = 1) {
+  TORCH_CHECK(counter.scalar_type() == at::kInt && counter.numel() >= slots && counter.is_contiguous() &&
+              counter.device() == x.device(), name, ": counter, int32 on x's device, with enough slots");
 }
 
 // y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2:
@@ -292,10 +292,10 @@ void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, cons
   gemv_run(x, w, y, false, kernel, "gemv_norm", nullptr, 0, ep);
 }
 
-// y = x·wᵀ for w = [q; k; v] (or [q; k] when V is K: w has (H + KVH)·D rows), then in the launch's last CTA
+// y = x·wᵀ for w = [q; k; v] (or [q; k] when V is K: w has (H + KVH)·D rows), then, by each head's last CTA,
 // qkv_norm_rope_store on y's q / k / v heads (q_out [M, H, D]; the caches' KVH and D): the projection and the
 // q/k norms, RoPE and KV store in one launch, with the bits of gemv then qkv_norm_rope_store. Head dims 256 and
-// 512. counter: as gemv_norm's.
+// 512. counter: as gemv_norm's, a slot for each of y's heads (w.size(0) / D).
 void gemv_qkv_norm_rope_store_op(const Tensor& x, const Tensor& w, const optional<Tensor>& q_weight,
                                  const optional<Tensor>& k_weight, double eps, const Tensor& cos, const Tensor& sin,
                                  Tensor& k_cache, Tensor& v_cache, const Tensor& slot_mapping, Tensor& y,
@@ -308,13 +308,14 @@ void gemv_qkv_norm_rope_store_op(const Tensor& x, const Tensor& w, const optiona
   TORCH_CHECK(k_eq_v || w.size(0) == (H + 2 * KVH) * D,
               "gemv_qkv_norm_rope_store: w [(H + KVH)·D or (H + 2·KVH)·D, K]");
   TORCH_CHECK(y.size(1) == w.size(0) && y.stride(1) == 1, "gemv_qkv_norm_rope_store: y [M, N], unit column stride");
-  check_counter(counter, x, "gemv_qkv_norm_rope_store");
+  check_counter(counter, x, "gemv_qkv_norm_rope_store", w.size(0) / D);
   const Tensor q = y.narrow(1, 0, H * D).unflatten(1, {H, D});
   const Tensor k = y.narrow(1, H * D, KVH * D).unflatten(1, {KVH, D});
   const Tensor v = k_eq_v ? k : y.narrow(1, (H + KVH) * D, KVH * D).unflatten(1, {KVH, D});
   GemvNorm ep;
   ep.qkv = qkv_params(q, k, v, q_weight, k_weight, eps, cos, sin, k_cache, v_cache, slot_mapping, q_out);
   ep.has_qkv = true;
+  ep.qkv_heads = (int)(w.size(0) / D);
   ep.counter = counter.data_ptr<int>();
   gemv_run(x, w, y, false, kernel, "gemv_qkv_norm_rope_store", nullptr, 0, ep);
 }

@@ -85,9 +85,11 @@ struct GemvNorm {
   float eps = 0.f;
   int nt = 0;                     // the norm kernel's threads a row for N (norm_threads): its summation order
   int* counter = nullptr;         // null: no norm (and no qkv)
-  // has_qkv (counter non-null, instead of the norms): y = [q | k | v] rows and qkv's q / k / v point into y; the
-  // last CTA runs launch_qkv_norm_rope_store's work on them (q_out, the k / v cache slots): the same bits.
+  // has_qkv (counter non-null, instead of the norms): y = [q | k | v] columns (qkv_heads heads of D: H + 2·KVH,
+  // or H + KVH when V is K) and qkv's q / k / v point into y; the last CTA of each head runs
+  // launch_qkv_norm_rope_store's work on it (q_out, the k / v cache slots) with counter[head]: the same bits.
   bool has_qkv = false;
+  int qkv_heads = 0;
   QkvNormRopeStore qkv{};
 };
 // threads a row of the norm kernels (norm.cu): 64 to 1024, about two V-element vectors a thread

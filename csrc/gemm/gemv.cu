@@ -1,9 +1,9 @@
 // Skinny GEMM for decode: y[m, n] = Σ_k x[m, k] · W[n, k] for 1–8 rows of x (W in the checkpoint's
 // [out, in] layout), optionally with the MLP's gelu_tanh(gate) * up fused (W = [gate; up]), or with
 // gelu_tanh(y) * aux for a given aux [m, n] (the per-layer-input gate of E2B/E4B times its per-layer input).
-// Both epilogues round y (gate, up) to T first, as the unfused ops do, so the bits are theirs. Two more run on
-// the launch's last CTA after every y column is written (GemvNorm): the norms after a projection, and a q/k/v
-// projection's q/k norms, RoPE and KV store. Two kernels:
+// Both epilogues round y (gate, up) to T first, as the unfused ops do, so the bits are theirs. Two more run after
+// y's columns are written (GemvNorm): the norms after a projection (on the launch's last CTA), and a q/k/v
+// projection's q/k norms, RoPE and KV store (on each head's last CTA). Two kernels:
 // gemv_kernel (CUDA cores): one warp per output column, lanes stream W's row in 16-byte vectors and reuse
 // each for every row of x, a warp reduction at the end; gemv_mma_kernel (tensor cores, CUDA only): below.
 // Both accumulate in fp32; gemv_use_mma() picks one.
@@ -41,18 +41,29 @@ __device__ __forceinline__ Vec16<T> ld16_l2(const T* p) {
 #endif
 }
 
-// The q/k/v epilogue (GemvNorm::has_qkv): the last CTA's warps take the (token, head) items of
-// qkv_norm_rope_store_kernel in turn, with the same per-item code (norm_rope.cuh), y read through L2.
-// Head dims 256 and 512 only (the wrapper checks).
+// The q/k/v epilogue (GemvNorm::has_qkv), per head: y's columns are [q heads | k heads | v heads] (D each, the
+// wrapper checks), and a CTA's `cols` columns from c0 lie in one head (cols divides D). The CTAs of a head count
+// themselves in its own counter slot; the last one runs that head's items of qkv_norm_rope_store_kernel (a q head;
+// a k head, with its v head when V is K; a v head) for every token, a warp an item, with the same per-item code
+// (norm_rope.cuh), y read through L2. So the heads' epilogues run in parallel, each as soon as its own columns
+// are written. H200, bench/kernels/gemv_chain.py, E2B µs a layer: one CTA walking every head after the whole grid
+// 51.7, per head 49.6, the separate launch 48.0 (so it stays off by default). Head dims 256 and 512 only.
 template <typename T>
-__device__ void gemv_qkv_tail(const GemvNorm& ep) {
-  if (!last_arrival(ep.counter, (int)gridDim.x)) return;
+__device__ void gemv_qkv_tail(const GemvNorm& ep, int c0, int cols) {
   const QkvNormRopeStore& p = ep.qkv;
+  const int head = c0 / p.D;
+  if (head >= ep.qkv_heads) return;             // a CTA past the last column (none when cols divides D)
+  if (!last_arrival(ep.counter + head, p.D / cols)) return;
   const int lane = threadIdx.x % kWarp;
-  const int64_t items = p.T * (p.H + 2 * p.KVH);
-  for (int64_t it = threadIdx.x / kWarp; it < items; it += blockDim.x / kWarp) {
-    if (p.D <= 256) rope::qkv_item<T, 4, true>(p, it, lane);
-    else rope::qkv_item<T, 8, true>(p, it, lane);
+  const int HH = p.H + 2 * p.KVH;
+  const bool k_eq_v = ep.qkv_heads == p.H + p.KVH;
+  // this head's items of one token: y head `head` is item h = head, and a k head of a [q; k] layout also v's
+  const int per_token = k_eq_v && head >= p.H ? 2 : 1;
+  for (int j = threadIdx.x / kWarp; j < p.T * per_token; j += blockDim.x / kWarp) {
+    const int64_t t = j / per_token;
+    const int h = head + (j % per_token) * p.KVH;
+    if (p.D <= 256) rope::qkv_item<T, 4, true>(p, t * HH + h, lane);
+    else rope::qkv_item<T, 8, true>(p, t * HH + h, lane);
   }
 }
 
@@ -252,7 +263,7 @@ gemv_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, int64_
   if (n < N) gemv_columns<T, MR, GLU, PRE>(x, sx, w, sw, y, sy, N, K, aux, saux, n, lane, pre);
   if constexpr (!GLU) {
     if (ep.counter) {
-      if (ep.has_qkv) gemv_qkv_tail<T>(ep);
+      if (ep.has_qkv) gemv_qkv_tail<T>(ep, blockIdx.x * kWarpsPerCta, kWarpsPerCta);
       else gemv_norm_tail<T>(ep, y, sy, MR, N);
     }
   }
@@ -432,7 +443,7 @@ gemv_mma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, in
   }
   if constexpr (!GLU) {
     if (ep.counter) {
-      if (ep.has_qkv) gemv_qkv_tail<T>(ep);
+      if (ep.has_qkv) gemv_qkv_tail<T>(ep, blockIdx.x * CG * 8, CG * 8);
       else gemv_norm_tail<T>(ep, y, sy, M, N);
     }
   }
@@ -540,8 +551,9 @@ cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void*
   if (K % 8 != 0 || sx % 8 != 0 || sw % 8 != 0 || !aligned16(x) || !aligned16(w)) return cudaErrorInvalidValue;
   if ((glu && aux) || (norm.counter && (glu || aux))) return cudaErrorInvalidValue;       // one epilogue
   // the norm tail reads y, res and writes h, normed in 16-byte vectors, as the norm kernel's vector path
-  if (norm.has_qkv && (!norm.counter || norm.qkv.D % 2 != 0 || norm.qkv.D > 512 || norm.qkv.D <= 128 ||
-                       norm.qkv.T != M))
+  if (norm.has_qkv && (!norm.counter || norm.qkv.D % 64 != 0 || norm.qkv.D > 512 || norm.qkv.D <= 128 ||
+                       norm.qkv.T != M || N != norm.qkv_heads * norm.qkv.D ||
+                       (norm.qkv_heads != norm.qkv.H + norm.qkv.KVH && norm.qkv_heads != norm.qkv.H + 2 * norm.qkv.KVH)))
     return cudaErrorInvalidValue;
   if (norm.counter && !norm.has_qkv && (N % 8 != 0 || sy % 8 != 0 || norm.sres % 8 != 0 || norm.sh % 8 != 0 ||
                        (norm.w2 && norm.sn % 8 != 0) || !aligned16(y) || !aligned16(norm.res) ||

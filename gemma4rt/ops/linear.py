@@ -27,9 +27,10 @@ FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "1") != "0"
 # default as one launch whose last CTA does the norms (linear_norm_add_scale); GEMMA4RT_FUSED_GEMV_NORM=0: two.
 # H200, batch-1 TPOT with both fusions on / off: E2B 3.36 / 3.78 ms, E4B 5.05 / 5.28, 12B 8.20 / 8.61.
 FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "1") != "0"
-# GEMMA4RT_FUSED_QKV_ROPE=1: a 1-8-row q/k/v projection runs with the q/k norms, RoPE and the KV store in its last
-# CTA (linear_qkv_norm_rope_store): one launch a layer less at batch 1, the same bits. Off by default until it
-# has run on a GPU (written when the session had no device time left; tests/gpu/test_gemv.py covers it).
+# GEMMA4RT_FUSED_QKV_ROPE=1: a 1-8-row q/k/v projection runs with the q/k norms, RoPE and the KV store done by
+# each head's last CTA (linear_qkv_norm_rope_store): one launch a layer less at batch 1, the same bits. Off by
+# default: it is still slower than the separate launch (H200, bench/kernels/gemv_chain.py, µs a layer fused /
+# separate: E2B 49.6 / 48.0, E4B 75.8 / 75.1, 26B-A4B 50.1 / 49.2, 12B 142.1 / 141.2).
 FUSED_QKV_ROPE = os.environ.get("GEMMA4RT_FUSED_QKV_ROPE", "0") == "1"
 CUDA_CORES, TENSOR_CORES = 1, 2          # the gemv ops' `kernel` argument (0: by the row count)
 # `kernel | W_STATIC`: w is a weight that no kernel still in flight writes, so the launch loads its first vectors
@@ -85,10 +86,14 @@ def linear_gelu_aux(x: torch.Tensor, w: torch.Tensor, aux: torch.Tensor) -> torc
     return gelu_tanh_mul(linear(x, w), aux)
 
 
+GEMV_COUNTER_SLOTS = 256     # gemv_norm counts in slot 0, gemv_qkv_norm_rope_store in one slot a head
+
+
 def gemv_norm_counter(device) -> Optional[torch.Tensor]:
-    """The device's counter for gemv_norm launches (one int32; the launches of a stream run one after another).
-    Call before capturing CUDA graphs; None when first asked for during a capture (the unfused ops run then)."""
-    return _native.zero_counters("gemv_norm", 1, device)
+    """The device's CTA counters for gemv_norm and gemv_qkv_norm_rope_store launches (the launches of a stream
+    run one after another, so they share them). Call before capturing CUDA graphs; None when first asked for
+    during a capture (the unfused ops run then)."""
+    return _native.zero_counters("gemv_norm", GEMV_COUNTER_SLOTS, device)
 
 
 def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -130,7 +135,7 @@ def linear_qkv_norm_rope_store(x: torch.Tensor, w_qkv: torch.Tensor, heads: int,
     if (GEMV_ENABLED and FUSED_QKV_ROPE and gemv_ok(x, w_qkv) and _native.has_op("gemv_qkv_norm_rope_store") and
             D in (256, 512) and cos is not None and sin is not None and k_cache.dtype == v_cache.dtype == x.dtype and
             k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and
-            (k_eq_v or w_qkv.shape[0] == (heads + 2 * KVH) * D)):
+            (k_eq_v or w_qkv.shape[0] == (heads + 2 * KVH) * D) and w_qkv.shape[0] // D <= GEMV_COUNTER_SLOTS):
         counter = gemv_norm_counter(x.device)       # (shared with gemv_norm: a stream's launches run in turn)
         if counter is not None:
             y = torch.empty(T, w_qkv.shape[0], dtype=x.dtype, device=x.device)

@@ -302,9 +302,9 @@ def _qkv_case(M, H, KVH, D, k_eq_v, seed=0):
 @pytest.mark.parametrize("kern", [lin.CUDA_CORES, lin.TENSOR_CORES, lin.CUDA_CORES | lin.W_STATIC,
                                   lin.TENSOR_CORES | lin.W_STATIC])
 def test_gemv_qkv_norm_rope_store_equals_the_two_ops(M, H, KVH, D, k_eq_v, kern):
-    """The q/k/v projection with qkv_norm_rope_store in its last CTA: y, q_out and both caches (every slot,
-    stored or not) equal those of gemv then qkv_norm_rope_store bit for bit; shapes of E2B's sliding layers,
-    the 26B-A4B's / 12B's, a full layer whose V is K, and a small one; the counter is left zero."""
+    """The q/k/v projection with qkv_norm_rope_store run by each head's last CTA: y, q_out and both caches (every
+    slot, stored or not) equal those of gemv then qkv_norm_rope_store bit for bit; shapes of E2B's sliding layers,
+    the 26B-A4B's / 12B's, a full layer whose V is K, and a small one; every head's counter slot is left zero."""
     x, w, qw, kw, cos, sin, slots, caches = _qkv_case(M, H, KVH, D, k_eq_v)
     N = w.shape[0]
     eps = 1e-6
@@ -318,17 +318,17 @@ def test_gemv_qkv_norm_rope_store_equals_the_two_ops(M, H, KVH, D, k_eq_v, kern)
                                            vc_ref, slots, q_ref)
     kc, vc = caches[0].clone(), caches[1].clone()
     y, q = poison(M, N, dtype=x.dtype), poison(M, H, D, dtype=x.dtype)
-    counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+    counter = torch.zeros(N // D, dtype=torch.int32, device=DEV)      # a slot a head of y
     torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w, qw, kw, eps, cos, sin, kc, vc, slots, y, q, counter, kern)
     assert torch.equal(y, y_ref) and torch.equal(q, q_ref)
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)
-    assert counter.item() == 0
+    assert torch.count_nonzero(counter) == 0
 
 
 def test_linear_qkv_norm_rope_store_wrapper_graph_and_errors(monkeypatch):
     """ops.linear_qkv_norm_rope_store with GEMMA4RT_FUSED_QKV_ROPE on equals it off (the GEMV, then the
-    separate kernel), inside a replayed CUDA graph with fresh x too; the op refuses a w whose rows fit neither
-    layout."""
+    separate kernel), inside a replayed CUDA graph with fresh x too; the op refuses a counter with fewer slots
+    than y has heads, and a w whose rows fit neither layout (a RuntimeError, not a crash)."""
     from gemma4rt import ops
     from gemma4rt.ops import _native
     assert _native.has_op("gemv_qkv_norm_rope_store")         # else both runs below would take the two-op path
@@ -351,8 +351,13 @@ def test_linear_qkv_norm_rope_store_wrapper_graph_and_errors(monkeypatch):
     kc2, vc2 = caches[0].clone(), caches[1].clone()
     q2 = ops.linear_qkv_norm_rope_store(x, w, H, D, qw, kw, 1e-6, cos, sin, kc2, vc2, slots)
     assert torch.equal(q, q2) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    with pytest.raises(RuntimeError, match="slots"):      # a counter slot short of y's heads
+        torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w, qw, kw, 1e-6, cos, sin, caches[0].clone(),
+                                                    caches[1].clone(), slots, poison(M, w.shape[0], dtype=x.dtype),
+                                                    poison(M, H, D, dtype=x.dtype),
+                                                    torch.zeros(H + 2 * KVH - 1, dtype=torch.int32, device=DEV), 0)
     with pytest.raises(RuntimeError):
-        counter = torch.zeros(1, dtype=torch.int32, device=DEV)
+        counter = torch.zeros(H + 2 * KVH, dtype=torch.int32, device=DEV)
         torch.ops.gemma4rt.gemv_qkv_norm_rope_store(x, w[:-8], qw, kw, 1e-6, cos, sin, caches[0].clone(),
                                                     caches[1].clone(), slots, poison(M, w.shape[0] - 8,
                                                                                      dtype=x.dtype),

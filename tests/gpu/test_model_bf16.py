@@ -133,8 +133,8 @@ def test_ple_table_in_host_memory_gives_the_same_logits():
 def test_fused_projection_norms_give_the_same_logits(monkeypatch):
     """E2B geometry (bf16, dummy weights): decode with each projection's norms inside its skinny GEMM
     (GEMMA4RT_FUSED_GEMV_NORM), the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE) and
-    the q/k norms, RoPE and KV store in the q/k/v GEMV's last CTA (GEMMA4RT_FUSED_QKV_ROPE) gives the unfused
-    path's logits bit for bit, through the CUDA graphs and with batched requests."""
+    the q/k norms, RoPE and KV store in the q/k/v GEMV, by each head's last CTA (GEMMA4RT_FUSED_QKV_ROPE), gives
+    the unfused path's logits bit for bit, through the CUDA graphs and with batched requests."""
     if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
         pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
     import importlib
