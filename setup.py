@@ -52,10 +52,11 @@ def _ext_modules():
                 f"{a}.{b}a" if (a, b) == (9, 0) else f"{a}.{b}" for a, b in sorted(caps))
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0a"
-    nvcc = ["-O3", "--use_fast_math", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-    cxx = ["-O3", "-std=c++17"]
+    # C++20, as torch's own extension builder and headers (torch >= 2.10) use
+    nvcc = ["-O3", "--use_fast_math", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+    cxx = ["-O3", "-std=c++20"]
     if is_rocm:
-        nvcc = ["-O3", "-std=c++17", "-DUSE_ROCM=1"]
+        nvcc = ["-O3", "-std=c++20", "-DUSE_ROCM=1"]
         cxx = cxx + ["-DUSE_ROCM=1"]
     ext = ce.CUDAExtension(
         name="gemma4rt._C",

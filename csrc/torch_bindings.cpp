@@ -21,7 +21,7 @@ using c10::optional;
 void check_weight(const optional<Tensor>& w, const Tensor& x, int64_t n) {
   if (!w) return;
   TORCH_CHECK(w->is_cuda() && w->is_contiguous() && w->numel() == n && w->scalar_type() == x.scalar_type(),
-              "weight must be a contiguous CUDA tensor of x's dtype with ", n, " elements");
+              "weight must be a contiguous CUDA tensor of x's dtype, one element a channel");
 }
 
 void rms_norm_op(const Tensor& x, const optional<Tensor>& weight, double eps, Tensor& out) {

@@ -1,4 +1,7 @@
 // Torch-side glue shared by the bindings: dtype mapping, checks, current stream. Host code only.
+// TORCH_CHECK messages here and in the bindings are built from strings only: on the GPU machine's torch 2.11 a
+// failed check whose message streamed an integer crashed the process instead of raising
+// (tests/ops/test_csrc_messages.py keeps it so).
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,7 +16,7 @@ inline int dtype_code(const at::Tensor& t) {
     case at::kFloat: return kF32;
     case at::kHalf: return kF16;
     case at::kBFloat16: return kBF16;
-    default: TORCH_CHECK(false, "gemma4rt: unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "gemma4rt: unsupported dtype ", c10::toString(t.scalar_type()));
   }
   return -1;
 }

@@ -31,7 +31,7 @@ def _cuda_include():
 
 CUDA_INC = _cuda_include()
 # the same flags setup.py gives nvcc, for the Hopper target
-NVCC_FLAGS = ["-c", "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+NVCC_FLAGS = ["-c", "-std=c++20", "-O3", "--use_fast_math", "--expt-relaxed-constexpr",
               "-gencode=arch=compute_90a,code=sm_90a", "-I", CSRC, "-o", os.devnull]
 
 
@@ -70,7 +70,7 @@ def test_torch_glue_compiles():
         pytest.skip("not run: no C++ compiler")
     import sysconfig
     tinc = os.path.join(os.path.dirname(torch.__file__), "include")
-    flags = ["-std=c++17", "-fsyntax-only", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I", tinc,
+    flags = ["-std=c++20", "-fsyntax-only", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I", tinc,
              "-I", os.path.join(tinc, "torch", "csrc", "api", "include"), "-I", CUDA_INC, "-I", CSRC,
              "-I", sysconfig.get_paths()["include"]]
     files = _cpp_files()

@@ -94,7 +94,7 @@ def test_portable_kernels_compile_for_rocm():
         env = dict(os.environ, HIP_PLATFORM="amd")
         failures = []
         for h in hips:
-            p = subprocess.run([HIPCC, "--offload-arch=gfx90a", "-std=c++17", "-O2", "-DUSE_ROCM=1",
+            p = subprocess.run([HIPCC, "--offload-arch=gfx90a", "-std=c++20", "-O2", "-DUSE_ROCM=1",
                                 "-D__HIP_PLATFORM_AMD__", *inc, "-c", h, "-o", os.devnull],
                                capture_output=True, text=True, env=env, timeout=600)
             if p.returncode != 0:
