@@ -39,6 +39,21 @@ def test_rms_norm(dtype, rows, n, strided):
         assert_close(norm.rms_norm(x, weight, 1e-6), ref.rms_norm(x, weight, 1e-6), dtype, "rms_norm wrapper")
 
 
+def test_norm_refuses_bad_arguments_with_an_error():
+    """A weight of the wrong size and an unsupported dtype raise a RuntimeError naming the problem, and the
+    process goes on (on the device's torch 2.11 a check message that streamed a number crashed it instead:
+    tests/ops/test_csrc_messages.py)."""
+    x = torch.randn(3, 256, device=DEV, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.gemma4rt.rms_norm(x, torch.ones(255, device=DEV, dtype=x.dtype), 1e-6, torch.empty_like(x))
+    x64 = x.double()
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.gemma4rt.rms_norm(x64, None, 1e-6, torch.empty_like(x64))
+    out = torch.empty_like(x)                       # and the op still works
+    torch.ops.gemma4rt.rms_norm(x, None, 1e-6, out)
+    assert_close(out, ref.rms_norm(x, None, 1e-6), x.dtype, "rms_norm after the errors")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n", SIZES)
 def test_add_rms_norm(dtype, rows, n):
