@@ -11,7 +11,8 @@
 #     kernels  bench/kernels/run_all.py (each kernel's fraction of the copy / matmul limit; $KERNELS_ONLY: e.g. gemm,moe)
 #     chain    bench/kernels/gemv_chain.py: a model's batch-1 projections as one CUDA graph, µs a layer with the
 #              defaults against $CHAIN_ENV (default GEMMA4RT_GEMV_PRELOAD=0) in one process ($CHAIN_MODELS)
-#     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for E2B),
+#     targets  batch-1 TPOT at ~1k context for $TARGET_MODELS (default: all five; transformers' for
+#              $REFERENCE_MODELS, default E2B, "all" for every row),
 #              with a kernel profile of 8 decode steps each (profile_<model>.txt); COMPARE_ENV="VAR=value ..."
 #              runs each row again under those settings (e.g. GEMMA4RT_PDL=0, GEMMA4RT_GEMV=0); OVERLAP=1 runs each
 #              row again with overlap scheduling (the server's default); SPEC=1 runs each row again with the
@@ -100,7 +101,7 @@ if has targets && [ "$(left)" -gt 90 ]; then
   echo "== batch-1 TPOT (ours, dummy weights, CUDA graphs)"
   for m in ${TARGET_MODELS:-gemma-4-E2B-it gemma-4-26B-A4B-it gemma-4-E4B-it gemma-4-12B-it gemma-4-31B-it}; do
     [ "$(left)" -gt 60 ] || { echo "skip $m: time"; continue; }
-    REF=""; [ "$m" = gemma-4-E2B-it ] && REF="--reference"
+    REF=""; case " ${REFERENCE_MODELS:-gemma-4-E2B-it} " in *" $m "*|*" all "*) REF="--reference";; esac
     timeout $(( $(left) - 30 )) $PY -m bench.one_batch --model-path "$m" --load-format dummy --batch-size 1 \
       --input-len 1024 --output-len 32 $REF --output-file "$OUT/one_batch.jsonl" --profile "$OUT/profile_$m.txt" \
       >"$OUT/one_batch_$m.log" 2>&1
