@@ -255,12 +255,15 @@ void check_counter(const Tensor& counter, const Tensor& x, const char* name, int
               counter.device() == x.device(), name, ": counter, int32 on x's device, with enough slots");
 }
 
-// y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2:
-// a projection and the norms after it in one launch (the bits of gemv then norm_add_scale[_norm]). counter: a
-// zero int32 on x's device that no concurrent launch uses; the launch leaves it zero.
+// y = x·wᵀ, then in the launch's last CTA h = (residual + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2
+// (with w3 / w4 also normed3 / normed4): a projection and the norms after it in one launch (the bits of gemv then
+// norm_add_scale[_norm | _norm3]). counter: a zero int32 on x's device that no concurrent launch uses; the launch
+// leaves it zero.
 void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, const Tensor& w1,
                   const c10::optional<Tensor>& scale, const c10::optional<Tensor>& w2, double eps, Tensor& y, Tensor& h,
-                  const c10::optional<Tensor>& normed, Tensor& counter, int64_t kernel) {
+                  const c10::optional<Tensor>& normed, Tensor& counter, int64_t kernel,
+                  const c10::optional<Tensor>& w3, const c10::optional<Tensor>& w4,
+                  const c10::optional<Tensor>& normed3, const c10::optional<Tensor>& normed4) {
   G4_CHECK_LAST(residual); G4_CHECK_LAST(h);
   const int64_t N = w.size(0);
   const auto dt = x.scalar_type();
@@ -284,6 +287,21 @@ void gemv_norm_op(const Tensor& x, const Tensor& w, const Tensor& residual, cons
                 w2->device() == x.device() && normed->sizes() == y.sizes() && normed->scalar_type() == dt &&
                 normed->stride(-1) == 1 && normed->device() == x.device(), "gemv_norm: w2 [N], normed [M, N]");
     ep.w2 = w2->data_ptr(); ep.normed = normed->data_ptr(); ep.sn = normed->stride(0);
+  }
+  // w3 / w4: more norms of h into normed3 / normed4 (normed's shape, dtype and row stride), as norm_add_scale_norm3
+  TORCH_CHECK(w3.has_value() == normed3.has_value() && w4.has_value() == normed4.has_value() &&
+              (!w3 || w2) && (!w4 || w3), "gemv_norm: w3 with normed3 after w2, w4 with normed4 after w3");
+  const c10::optional<Tensor>* more[2][2] = {{&w3, &normed3}, {&w4, &normed4}};
+  for (int k = 0; k < 2; ++k) {
+    const c10::optional<Tensor>& wk = *more[k][0];
+    const c10::optional<Tensor>& nk = *more[k][1];
+    if (!wk) continue;
+    TORCH_CHECK(wk->dim() == 1 && wk->size(0) == N && wk->is_contiguous() && wk->scalar_type() == dt &&
+                wk->device() == x.device() && nk->sizes() == y.sizes() && nk->scalar_type() == dt &&
+                nk->stride(-1) == 1 && nk->stride(0) == ep.sn && nk->device() == x.device(),
+                "gemv_norm: w3 / w4 [N], normed3 / normed4 [M, N] with normed's row stride");
+    (k == 0 ? ep.w3 : ep.w4) = wk->data_ptr();
+    (k == 0 ? ep.normed3 : ep.normed4) = nk->data_ptr();
   }
   ep.h = h.data_ptr(); ep.sh = h.stride(0);
   ep.eps = (float)eps;
@@ -486,7 +504,8 @@ TORCH_LIBRARY(gemma4rt, m) {
         "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor(c!) y, Tensor(d!) q_out, "
         "Tensor(e!) counter, int kernel=0) -> ()");
   m.def("gemv_norm(Tensor x, Tensor w, Tensor residual, Tensor w1, Tensor? scale, Tensor? w2, float eps, "
-        "Tensor(a!) y, Tensor(b!) h, Tensor(c!)? normed, Tensor(d!) counter, int kernel=0) -> ()");
+        "Tensor(a!) y, Tensor(b!) h, Tensor(c!)? normed, Tensor(d!) counter, int kernel=0, Tensor? w3=None, "
+        "Tensor? w4=None, Tensor(e!)? normed3=None, Tensor(f!)? normed4=None) -> ()");
   m.def("store_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
 #ifndef USE_ROCM
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor cu_seqlens_q, "

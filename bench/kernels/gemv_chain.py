@@ -1,6 +1,7 @@
 """A model's batch-1 decode projections as one chain of dependent launches in a CUDA graph (each layer: q/k/v with
-the q/k norms, RoPE and KV store, o_proj with its norms, gate/up with gelu-and-mul, down_proj with its norms, and
-E2B/E4B's per-layer-input gate and projection), as the decode step runs them through gemma4rt.ops.linear. It
+the q/k norms, RoPE and KV store, o_proj with its norms (a MoE layer's: the three that open its MoE block), gate/up
+with gelu-and-mul, down_proj with its norms, and E2B/E4B's per-layer-input gate and projection; not the MoE
+experts), as the decode step runs them through gemma4rt.ops.linear. It
 times a layer with and without a launch setting in one process, replaying the two graphs in turns, so that
 clock drift between processes does not enter the comparison (end-to-end figures of one model vary by ~5% from
 one process to the next).
@@ -30,7 +31,8 @@ lin = importlib.import_module("gemma4rt.ops.linear")
 SWITCHES = {"GEMMA4RT_GEMV": ("GEMV_ENABLED", lambda v: v != "0"),
             "GEMMA4RT_FUSED_PLE_GATE": ("FUSED_PLE_GATE", lambda v: v != "0"),
             "GEMMA4RT_FUSED_GEMV_NORM": ("FUSED_GEMV_NORM", lambda v: v != "0"),
-            "GEMMA4RT_FUSED_QKV_ROPE": ("FUSED_QKV_ROPE", lambda v: v == "1")}
+            "GEMMA4RT_FUSED_QKV_ROPE": ("FUSED_QKV_ROPE", lambda v: v == "1"),
+            "GEMMA4RT_FUSED_GEMV_NORM3": ("FUSED_GEMV_NORM3", lambda v: v == "1")}
 
 
 def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
@@ -45,7 +47,8 @@ def layer_weights(name: str, layers: int, dev) -> tuple[list[dict], int]:
         if P:
             w.update(gate=(P, d), proj=(d, P))
         lw = {k: torch.randn(*s, device=dev, dtype=torch.bfloat16) / s[1] ** 0.5 for k, s in w.items()}
-        lw.update({k: torch.randn(d, device=dev, dtype=torch.bfloat16) for k in ("n1", "n2", "n3", "n4")})
+        norms = ("n1", "n2", "n3", "n4") + (("n5", "n6") if t.enable_moe_block else ())   # n5, n6: router's, experts'
+        lw.update({k: torch.randn(d, device=dev, dtype=torch.bfloat16) for k in norms})
         D = spec.head_dim
         ones = torch.ones(D, device=dev, dtype=torch.bfloat16)
         lw.update(qn=ones, kn=ones,
@@ -62,7 +65,11 @@ def chain(weights: list[dict], x: torch.Tensor, ple: torch.Tensor | None) -> tor
         q = lin.linear_qkv_norm_rope_store(h, lw["qkv"], lw["heads"], lw["D"], lw["qn"], lw["kn"], 1e-6, lw["cos"],
                                            lw["sin"], lw["cache"][0], lw["cache"][1], lw["slot"])
         a = q.view(1, -1)                                         # the attention output's stand-in
-        h, u = lin.linear_norm_add_scale(a, lw["o"], h, lw["n1"], None, lw["n2"], 1e-6)
+        if "n5" in lw:          # a MoE layer: o_proj and its block's three opening norms (the experts not run here)
+            h, u, _, _ = lin.linear_norm_add_scale_norm3(a, lw["o"], h, lw["n1"], None, lw["n2"], lw["n5"], lw["n6"],
+                                                         1e-6)
+        else:
+            h, u = lin.linear_norm_add_scale(a, lw["o"], h, lw["n1"], None, lw["n2"], 1e-6)
         act = lin.linear_gelu_mul(u, lw["gu"])
         if ple is None:
             h, _ = lin.linear_norm_add_scale(act, lw["down"], h, lw["n3"], None, None, 1e-6)

@@ -71,17 +71,22 @@ cudaError_t launch_gelu_tanh_mul(int dtype, const void* gate, int64_t sg, const 
 // aux (not with glu): y[m, n] = gelu_tanh(x·w[n]) · aux[m·saux + n] (E2B/E4B's per-layer-input gate).
 // norm (not with glu or aux; counter non-null): after y is written, the launch's last CTA (counted in *counter,
 // a zero int32 it leaves zero) computes h = (res + rms(y)·w1) · scale and, with w2, normed = rms(h)·w2 for each
-// row, as launch_norm_add_scale_norm (mode 2 without w2) would with nt threads a row: the same bits.
+// row, as launch_norm_add_scale_norm (mode 2 without w2) would with nt threads a row: the same bits; with w3 / w4
+// (and w2) also normed3 = rms(h)·w3, normed4 = rms(h)·w4, as launch_norm_add_scale_norm3.
 struct GemvNorm {
   const void* res = nullptr;
   int64_t sres = 0;
   const void* w1 = nullptr;
   const float* scale = nullptr;   // fp32 [1] or null
   const void* w2 = nullptr;       // null: no second norm
+  const void* w3 = nullptr;       // null: no normed3 (w2 is then given)
+  const void* w4 = nullptr;       // null: no normed4 (w2 and w3 are then given)
   void* h = nullptr;
   int64_t sh = 0;
   void* normed = nullptr;
-  int64_t sn = 0;
+  void* normed3 = nullptr;
+  void* normed4 = nullptr;
+  int64_t sn = 0;                 // the row stride of normed, normed3 and normed4
   float eps = 0.f;
   int nt = 0;                     // the norm kernel's threads a row for N (norm_threads): its summation order
   int* counter = nullptr;         // null: no norm (and no qkv)

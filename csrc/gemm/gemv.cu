@@ -141,17 +141,23 @@ __device__ void gemv_norm_tail(const GemvNorm& ep, const T* y, int64_t sy, int M
     }
     if (ep.w2 == nullptr) continue;
     const float inv2 = rsqrtf(vsum(ss2) / N + ep.eps);
-    T* nr = static_cast<T*>(ep.normed) + m * ep.sn;
+    // the norms of h: normed (w2), and normed3 / normed4 (w3 / w4) when given, as the norm kernel's third pass
+    const T* wn[3] = {w2, static_cast<const T*>(ep.w3), static_cast<const T*>(ep.w4)};
+    T* const outs[3] = {static_cast<T*>(ep.normed), static_cast<T*>(ep.normed3), static_cast<T*>(ep.normed4)};
 #pragma unroll
     for (int r = 0; r < RMAX; ++r) {
       const int vt = threadIdx.x + r * nb;
       if (r >= R || vt >= NT) break;
       for (int i = vt * V; i < N; i += NT * V) {     // this thread's own h elements
         const Vec16<T> hv = ld16(hr + i);
-        Vec16<T> o;
 #pragma unroll
-        for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(hv.v[j]) * inv2 * to_f(w2[i + j]));
-        st16(nr + i, o);
+        for (int k = 0; k < 3; ++k) {
+          if (!wn[k]) break;
+          Vec16<T> o;
+#pragma unroll
+          for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(to_f(hv.v[j]) * inv2 * to_f(wn[k][i + j]));
+          st16(outs[k] + m * ep.sn + i, o);
+        }
       }
     }
   }
@@ -559,6 +565,11 @@ cudaError_t launch_gemv(int dtype, int M, const void* x, int64_t sx, const void*
                        (norm.w2 && norm.sn % 8 != 0) || !aligned16(y) || !aligned16(norm.res) ||
                        !aligned16(norm.h) || (norm.w2 && !aligned16(norm.normed)) || norm.nt < 32 || norm.nt > 1024 ||
                        norm.nt != norm_threads(N, true, 8)))
+    return cudaErrorInvalidValue;
+  // normed3 / normed4 come with their weights, after normed's (w2) and in order, 16-byte aligned as normed
+  if (norm.counter && ((!norm.w3 != !norm.normed3) || (!norm.w4 != !norm.normed4) || (norm.w3 && !norm.w2) ||
+                       (norm.w4 && !norm.w3) || (norm.normed3 && !aligned16(norm.normed3)) ||
+                       (norm.normed4 && !aligned16(norm.normed4))))
     return cudaErrorInvalidValue;
   G4_DISPATCH_HALF(dtype, T, return dispatch<T>(M, x, sx, w, sw, y, sy, N, K, glu, kernel, aux, saux, norm, st));
   return cudaSuccess;

@@ -191,13 +191,20 @@ class DecoderLayer(nn.Module):
         # the native skinny GEMM takes it); with --tp the projection's all-reduce sits between them
         one = self.tp.size == 1
         sw_ids = block_ids if self.spec.is_sliding else None
-        if one and not fused:
+        if one:
             o = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids, project=False)
-            x, u = ops.linear_norm_add_scale(o, self.self_attn.o_proj.weight, x, self.post_attention_layernorm.weight,
-                                             None, self.pre_feedforward_layernorm.weight, eps)
+            if fused:       # o_proj and the MoE block's three opening norms (below), one launch where it can
+                x, u, z, v = ops.linear_norm_add_scale_norm3(
+                    o, self.self_attn.o_proj.weight, x, self.post_attention_layernorm.weight, None,
+                    self.pre_feedforward_layernorm.weight, self._router_norm_weight(),
+                    self.pre_feedforward_layernorm_2.weight, eps)
+            else:
+                x, u = ops.linear_norm_add_scale(o, self.self_attn.o_proj.weight, x,
+                                                 self.post_attention_layernorm.weight, None,
+                                                 self.pre_feedforward_layernorm.weight, eps)
         else:
             a = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids)
-        if fused:
+        if fused and not one:
             # the MoE block's three opening norms of the new residual stream in the same launch: the shared
             # MLP's, the router's (weightless norm × scale × d^-½, as one weighted norm) and the experts'
             x, u, z, v = ops.norm_add_scale_norm3(a, x, self.post_attention_layernorm.weight, None,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from gemma4rt.ops import _native
 from gemma4rt.ops.activation import gelu_tanh_and_mul, gelu_tanh_mul
-from gemma4rt.ops.norm import norm_add_scale, norm_add_scale_norm
+from gemma4rt.ops.norm import norm_add_scale, norm_add_scale_norm, norm_add_scale_norm3
 from gemma4rt.ops.rope import _f32, qkv_norm_rope_store
 
 GEMV_MAX_ROWS = 8
@@ -27,6 +27,10 @@ FUSED_PLE_GATE = os.environ.get("GEMMA4RT_FUSED_PLE_GATE", "1") != "0"
 # default as one launch whose last CTA does the norms (linear_norm_add_scale); GEMMA4RT_FUSED_GEMV_NORM=0: two.
 # H200, batch-1 TPOT with both fusions on / off: E2B 3.36 / 3.78 ms, E4B 5.05 / 5.28, 12B 8.20 / 8.61.
 FUSED_GEMV_NORM = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM", "1") != "0"
+# GEMMA4RT_FUSED_GEMV_NORM3=1: a MoE layer's 1-8-row o_proj runs with the three norms that open its MoE block in
+# its last CTA (linear_norm_add_scale_norm3; one launch a 26B-A4B layer less at batch 1, the same bits). Off by
+# default until it has run on a GPU (written when the session had no device time left).
+FUSED_GEMV_NORM3 = os.environ.get("GEMMA4RT_FUSED_GEMV_NORM3", "0") == "1"
 # GEMMA4RT_FUSED_QKV_ROPE=1: a 1-8-row q/k/v projection runs with the q/k norms, RoPE and the KV store done by
 # each head's last CTA (linear_qkv_norm_rope_store): one launch a layer less at batch 1, the same bits. Off by
 # default: it is still slower than the separate launch (H200, bench/kernels/gemv_chain.py, µs a layer fused /
@@ -96,31 +100,59 @@ def gemv_norm_counter(device) -> Optional[torch.Tensor]:
     return _native.zero_counters("gemv_norm", GEMV_COUNTER_SLOTS, device)
 
 
+def _gemv_norm(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+               scale: Optional[torch.Tensor], norms: tuple, eps: float) -> Optional[tuple]:
+    """(h, *rms_norm(h, n) for n in norms) with h = norm_add_scale(x · wᵀ, residual, weight, scale) from one
+    gemv_norm launch (norms: up to three weights, the first may be None for none), or None when the launch
+    cannot take these operands."""
+    N = w.shape[0]
+    if not (GEMV_ENABLED and gemv_ok(x, w) and _native.has_op("gemv_norm") and N % 8 == 0 and
+            residual.dim() == 2 and residual.shape == (x.shape[0], N) and residual.dtype == x.dtype and
+            residual.device == x.device and residual.stride(-1) == 1 and residual.stride(0) % 8 == 0 and
+            residual.data_ptr() % 16 == 0 and weight is not None):
+        return None
+    counter = gemv_norm_counter(x.device)
+    if counter is None:
+        return None
+    y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y)
+    ws = [t.to(x.dtype).contiguous() for t in norms if t is not None]
+    outs = [torch.empty_like(y) for _ in ws]
+    more = []                        # w3, w4, normed3, normed4 (the op's trailing optional arguments)
+    if len(ws) > 1:
+        more = [ws[1], ws[2] if len(ws) > 2 else None, outs[1], outs[2] if len(ws) > 2 else None]
+    sc = None if scale is None else scale.reshape(-1)[:1].float().contiguous()
+    torch.ops.gemma4rt.gemv_norm(x, w, residual, weight.to(x.dtype).contiguous(), sc, ws[0] if ws else None,
+                                 float(eps), y, h, outs[0] if outs else None, counter, W_STATIC, *more)
+    return (h, *outs)
+
+
 def linear_norm_add_scale(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                           scale: Optional[torch.Tensor], weight2: Optional[torch.Tensor],
                           eps: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(h, rms_norm(h, weight2) or None) with h = norm_add_scale(x · wᵀ, residual, weight, scale): a projection
     and the norms after it. One native launch for 1–8 rows with FUSED_GEMV_NORM (the bits of the unfused ops),
     else linear then norm_add_scale[_norm]."""
-    N = w.shape[0]
-    if (GEMV_ENABLED and FUSED_GEMV_NORM and gemv_ok(x, w) and _native.has_op("gemv_norm") and N % 8 == 0 and
-            residual.dim() == 2 and residual.shape == (x.shape[0], N) and residual.dtype == x.dtype and
-            residual.device == x.device and residual.stride(-1) == 1 and residual.stride(0) % 8 == 0 and
-            residual.data_ptr() % 16 == 0 and weight is not None):
-        counter = gemv_norm_counter(x.device)
-        if counter is not None:
-            y = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
-            h = torch.empty_like(y)
-            normed = None if weight2 is None else torch.empty_like(y)
-            sc = None if scale is None else scale.reshape(-1)[:1].float().contiguous()
-            torch.ops.gemma4rt.gemv_norm(x, w, residual, weight.to(x.dtype).contiguous(), sc,
-                                         None if weight2 is None else weight2.to(x.dtype).contiguous(), float(eps),
-                                         y, h, normed, counter, W_STATIC)
-            return h, normed
+    got = _gemv_norm(x, w, residual, weight, scale, (weight2,), eps) if FUSED_GEMV_NORM else None
+    if got is not None:
+        return got[0], (got[1] if weight2 is not None else None)
     y = linear(x, w)
     if weight2 is None:
         return norm_add_scale(y, residual, weight, scale, eps), None
     return norm_add_scale_norm(y, residual, weight, scale, weight2, eps)
+
+
+def linear_norm_add_scale_norm3(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                scale: Optional[torch.Tensor], weight2: torch.Tensor, weight3: torch.Tensor,
+                                weight4: torch.Tensor, eps: float) -> tuple[torch.Tensor, ...]:
+    """(h, rms_norm(h, weight2), rms_norm(h, weight3), rms_norm(h, weight4)) with h = norm_add_scale(x · wᵀ,
+    residual, weight, scale): a MoE layer's o_proj and the three norms that open its MoE block. One native launch
+    for 1–8 rows with FUSED_GEMV_NORM3 (the bits of the unfused ops), else linear then norm_add_scale_norm3."""
+    got = (_gemv_norm(x, w, residual, weight, scale, (weight2, weight3, weight4), eps)
+           if FUSED_GEMV_NORM3 else None)
+    if got is not None:
+        return got
+    return norm_add_scale_norm3(linear(x, w), residual, weight, scale, weight2, weight3, weight4, eps)
 
 
 def linear_qkv_norm_rope_store(x: torch.Tensor, w_qkv: torch.Tensor, heads: int, head_dim: int,

@@ -220,34 +220,38 @@ def test_gemv_gelu_aux_opcheck_graph_and_fallback(monkeypatch):
 
 @pytest.mark.parametrize("M", [1, 2, 3, 8])
 @pytest.mark.parametrize("N,K", [(1536, 2048), (2560, 264), (3840, 4096), (5376, 1536), (8, 8)])
-@pytest.mark.parametrize("scale,second", [(True, True), (False, False), (True, False)])
-def test_gemv_norm_equals_the_unfused_ops(kernel, M, N, K, scale, second):
-    """A projection and the norms after it in one launch (the last CTA normalises): y, h and the next norm are
-    bit for bit those of gemv then norm_add_scale[_norm], for each kernel and the norm kernel's thread counts
-    (N = 1536: 128 threads a row, 2560 / 3840: 256, 5376: 512); strided x and residual rows; the counter is
-    left zero, so back-to-back launches work."""
+@pytest.mark.parametrize("scale,norms", [(True, 1), (False, 0), (True, 0), (False, 3), (True, 3)])
+def test_gemv_norm_equals_the_unfused_ops(kernel, M, N, K, scale, norms):
+    """A projection and the norms after it in one launch (the last CTA normalises): y, h and the next norm(s) are
+    bit for bit those of gemv then norm_add_scale[_norm | _norm3] (norms: 0, 1 or the MoE block's 3 norms of h),
+    for each kernel and the norm kernel's thread counts (N = 1536: 128 threads a row, 2560 / 3840: 256, 5376:
+    512); strided x and residual rows; the counter is left zero, so back-to-back launches work."""
     from gemma4rt import ops
     d = torch.bfloat16
     x = torch.randn(M, K + 8, device=DEV, dtype=d)[:, :K]
     w = torch.randn(N, K, device=DEV, dtype=d) / K ** 0.5
     res = torch.randn(M, N + 16, device=DEV, dtype=d)[:, 8:8 + N]
     w1 = torch.randn(N, device=DEV, dtype=d)
-    w2 = torch.randn(N, device=DEV, dtype=d) if second else None
+    wn = [torch.randn(N, device=DEV, dtype=d) for _ in range(norms)]
     sc = torch.tensor([0.7], device=DEV) if scale else None
     counter = torch.zeros(1, dtype=torch.int32, device=DEV)
     for _ in range(2):
         y, h = poison(M, N, dtype=d), poison(M, N, dtype=d)
-        normed = poison(M, N, dtype=d) if second else None
-        torch.ops.gemma4rt.gemv_norm(x, w, res, w1, sc, w2, 1e-6, y, h, normed, counter)
+        outs = [poison(M, N, dtype=d) for _ in wn]
+        more = (wn[1], wn[2], outs[1], outs[2]) if norms == 3 else ()
+        torch.ops.gemma4rt.gemv_norm(x, w, res, w1, sc, wn[0] if wn else None, 1e-6, y, h,
+                                     outs[0] if outs else None, counter, 0, *more)
         assert int(counter.item()) == 0
         want_y = lin.gemv(x, w)
         assert torch.equal(y, want_y)
-        if second:
-            want_h, want_n = ops.norm_add_scale_norm(want_y, res, w1, sc, w2, 1e-6)
-            assert torch.equal(normed, want_n)
+        if norms == 3:
+            want_h, *want = ops.norm_add_scale_norm3(want_y, res, w1, sc, *wn, 1e-6)
+        elif norms == 1:
+            want_h, *want = ops.norm_add_scale_norm(want_y, res, w1, sc, wn[0], 1e-6)
         else:
-            want_h = ops.norm_add_scale(want_y, res, w1, sc, 1e-6)
+            want_h, want = ops.norm_add_scale(want_y, res, w1, sc, 1e-6), []
         assert torch.equal(h, want_h)
+        assert len(outs) == len(want) and all(torch.equal(a, b) for a, b in zip(outs, want))
 
 
 def test_gemv_norm_opcheck_graph_wrapper_and_errors(monkeypatch):
@@ -274,6 +278,18 @@ def test_gemv_norm_opcheck_graph_wrapper_and_errors(monkeypatch):
     got = lin.linear_norm_add_scale(x9, w, r9, w1, sc, w2, 1e-6)
     want = ops.norm_add_scale_norm(torch.nn.functional.linear(x9, w), r9, w1, sc, w2, 1e-6)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # the MoE block's three norms (GEMMA4RT_FUSED_GEMV_NORM3) through the wrapper, in a graph, against the unfused ops
+    w3, w4 = torch.randn(1536, device=DEV, dtype=d), torch.randn(1536, device=DEV, dtype=d)
+    args3 = args + (0, w3, w4, torch.empty_like(res), torch.empty_like(res))
+    torch.library.opcheck(torch.ops.gemma4rt.gemv_norm.default, args3)
+    monkeypatch.setattr(lin, "FUSED_GEMV_NORM3", True)
+    got3 = graph_replay(lambda: lin.linear_norm_add_scale_norm3(x, w, res, w1, None, w2, w3, w4, 1e-6), None,
+                        lambda: x.copy_(torch.randn_like(x)))
+    want3 = ops.norm_add_scale_norm3(lin.gemv(x, w), res, w1, None, w2, w3, w4, 1e-6)
+    assert len(got3) == 4 and all(torch.equal(a, b) for a, b in zip(got3, want3))
+    with pytest.raises(RuntimeError, match="w3"):      # a third norm without its output
+        torch.ops.gemma4rt.gemv_norm(x, w, res, w1, None, w2, 1e-6, torch.empty_like(res), torch.empty_like(res),
+                                     torch.empty_like(res), counter, 0, w3, None, None, None)
     with pytest.raises(RuntimeError):                  # N not a multiple of 8: refused, not miscomputed
         w7 = torch.randn(1535, 512, device=DEV, dtype=d)
         r7 = torch.randn(2, 1535, device=DEV, dtype=d)

@@ -130,11 +130,13 @@ def test_ple_table_in_host_memory_gives_the_same_logits():
     assert res[True][1] == res[False][1]
 
 
-def test_fused_projection_norms_give_the_same_logits(monkeypatch):
-    """E2B geometry (bf16, dummy weights): decode with each projection's norms inside its skinny GEMM
-    (GEMMA4RT_FUSED_GEMV_NORM), the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE) and
-    the q/k norms, RoPE and KV store in the q/k/v GEMV, by each head's last CTA (GEMMA4RT_FUSED_QKV_ROPE), gives
-    the unfused path's logits bit for bit, through the CUDA graphs and with batched requests."""
+@pytest.mark.parametrize("model", ["gemma-4-E2B-it", "gemma-4-26B-A4B-it"])
+def test_fused_projection_norms_give_the_same_logits(model, monkeypatch):
+    """E2B and 26B-A4B geometries (bf16, dummy weights): decode with each projection's norms inside its skinny
+    GEMM (GEMMA4RT_FUSED_GEMV_NORM; a MoE layer's o_proj with its block's three norms, GEMMA4RT_FUSED_GEMV_NORM3),
+    the per-layer-input gate's product in its epilogue (GEMMA4RT_FUSED_PLE_GATE) and the q/k norms, RoPE and KV
+    store in the q/k/v GEMV, by each head's last CTA (GEMMA4RT_FUSED_QKV_ROPE), gives the unfused path's logits
+    bit for bit, through the CUDA graphs and with batched requests."""
     if os.environ.get("GEMMA4RT_SKIP_LARGE_GPU_TESTS") == "1":
         pytest.skip("not run: GEMMA4RT_SKIP_LARGE_GPU_TESTS=1")
     import importlib
@@ -147,8 +149,9 @@ def test_fused_projection_norms_give_the_same_logits(monkeypatch):
         monkeypatch.setattr(lin, "FUSED_GEMV_NORM", fused)
         monkeypatch.setattr(lin, "FUSED_PLE_GATE", fused)
         monkeypatch.setattr(lin, "FUSED_QKV_ROPE", fused)
+        monkeypatch.setattr(lin, "FUSED_GEMV_NORM3", fused)
         _free()
-        r = ModelRunner(EngineConfig(model_path="gemma-4-E2B-it", load_format="dummy", device="cuda",
+        r = ModelRunner(EngineConfig(model_path=model, load_format="dummy", device="cuda",
                                      dtype="bfloat16", cuda_graph_max_bs=8, cuda_graph_max_tokens=0,
                                      cache=CacheConfig(max_total_tokens=1 << 14),
                                      scheduler=SchedulerConfig(max_running_requests=8)))

@@ -72,6 +72,23 @@ def test_linear_norm_add_scale_is_gemm_then_the_norms():
     assert none is None and torch.allclose(h1, ref.norm_add_scale(y, res, w1, None, 1e-6), atol=1e-5)
 
 
+def test_linear_norm_add_scale_norm3_is_gemm_then_the_three_norms(monkeypatch):
+    """ops.linear_norm_add_scale_norm3 (a MoE layer's o_proj and its block's three opening norms) on the CPU, with
+    its switch on and off: the projection, then norm_add_scale_norm3."""
+    import importlib
+    lin = importlib.import_module("gemma4rt.ops.linear")        # (gemma4rt.ops.linear is also a function)
+    torch.manual_seed(1)
+    d = torch.bfloat16
+    x, w, res = torch.randn(2, 64, dtype=d), torch.randn(48, 64, dtype=d), torch.randn(2, 48, dtype=d)
+    w1, w2, w3, w4 = (torch.randn(48, dtype=d) for _ in range(4))
+    want = ops.norm_add_scale_norm3(ops.linear(x, w), res, w1, None, w2, w3, w4, 1e-6)
+    for on in (False, True):
+        monkeypatch.setattr(lin, "FUSED_GEMV_NORM3", on)
+        got = ops.linear_norm_add_scale_norm3(x, w, res, w1, None, w2, w3, w4, 1e-6)
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not torch.equal(want[1], want[2])          # three different norms came back
+
+
 def test_linear_gelu_aux_is_gemm_then_gelu_mul():
     torch.manual_seed(0)
     x, w = torch.randn(3, 64), torch.randn(40, 64)
