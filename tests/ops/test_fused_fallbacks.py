@@ -95,3 +95,48 @@ def test_linear_gelu_aux_is_gemm_then_gelu_mul():
     aux = torch.randn(3, 2, 40)[:, 1]                       # a strided slice, as the per-layer inputs
     want = torch.nn.functional.gelu(x @ w.t(), approximate="tanh") * aux
     assert torch.allclose(ops.linear_gelu_aux(x, w, aux), want, atol=1e-5)
+
+
+def test_the_gemv_norm_wrappers_pass_the_op_its_arguments_in_schema_order(monkeypatch):
+    """ops.linear_norm_add_scale and ops.linear_norm_add_scale_norm3 as they call the native gemv_norm (one, none
+    or three norms), on the CPU through a stand-in with the op's schema (csrc/torch_bindings.cpp: x, w, residual,
+    w1, scale, w2, eps, y, h, normed, counter, kernel=0, w3=None, w4=None, normed3=None, normed4=None) that
+    computes with the reference ops: the wrappers give what their unfused fallbacks give."""
+    import importlib
+    import types
+    lin = importlib.import_module("gemma4rt.ops.linear")
+    calls = []
+
+    def gemv_norm(x, w, residual, w1, scale, w2, eps, y, h, normed, counter, kernel=0, w3=None, w4=None,
+                  normed3=None, normed4=None):
+        assert counter.dtype == torch.int32 and kernel == lin.W_STATIC
+        assert (w3 is None) == (normed3 is None) and (w4 is None) == (normed4 is None)
+        calls.append(sum(t is not None for t in (w2, w3, w4)))
+        y.copy_(x @ w.t())
+        h.copy_(ref.norm_add_scale(y, residual, w1, scale, eps))
+        for wn, out in ((w2, normed), (w3, normed3), (w4, normed4)):
+            if wn is not None:
+                out.copy_(ref.rms_norm(h, wn, eps))
+
+    monkeypatch.setattr(torch.ops, "gemma4rt", types.SimpleNamespace(gemv_norm=gemv_norm), raising=False)
+    monkeypatch.setattr(lin._native, "has_op", lambda name: name == "gemv_norm")
+    monkeypatch.setattr(lin, "gemv_ok", lambda x, w: True)
+    monkeypatch.setattr(lin, "gemv_norm_counter", lambda device: torch.zeros(lin.GEMV_COUNTER_SLOTS, dtype=torch.int32))
+    monkeypatch.setattr(lin, "FUSED_GEMV_NORM", True)
+    monkeypatch.setattr(lin, "FUSED_GEMV_NORM3", True)
+    torch.manual_seed(2)
+    x, w, res = torch.randn(2, 64), torch.randn(48, 64), torch.randn(2, 48)
+    w1, w2, w3, w4 = (torch.randn(48) for _ in range(4))
+    sc = torch.tensor([0.5])
+    y = x @ w.t()
+    h, n = lin.linear_norm_add_scale(x, w, res, w1, sc, w2, 1e-6)
+    want_h = ref.norm_add_scale(y, res, w1, sc, 1e-6)
+    want_n = ref.rms_norm(want_h, w2, 1e-6)
+    assert torch.equal(h, want_h) and torch.equal(n, want_n)
+    h0, none = lin.linear_norm_add_scale(x, w, res, w1, None, None, 1e-6)
+    assert none is None and torch.equal(h0, ref.norm_add_scale(y, res, w1, None, 1e-6))
+    got = lin.linear_norm_add_scale_norm3(x, w, res, w1, None, w2, w3, w4, 1e-6)
+    h3 = ref.norm_add_scale(y, res, w1, None, 1e-6)
+    assert len(got) == 4 and torch.equal(got[0], h3)
+    assert all(torch.equal(a, ref.rms_norm(h3, wn, 1e-6)) for a, wn in zip(got[1:], (w2, w3, w4)))
+    assert calls == [1, 0, 3]                       # each went through the stand-in, with its norms
