@@ -37,36 +37,28 @@ class IncrementalDetokenizer:
                 for t in prefix_ids:
                     self._stream.step(self._backend, t)
 
+    def _stream_step(self, t: int, n: int) -> Optional[str]:
+        """Token t, the sequence then n ids long, through the stream: its text, or None while a character is
+        unfinished; past MAX_HELD held tokens they are invalid bytes, not an unfinished character, so they are
+        let out as they decode and the stream restarts."""
+        piece = self._stream.step(self._backend, t)
+        if piece is None and n - self.read_offset > MAX_HELD:
+            piece = self.tok.decode(self.ids[self.read_offset:n], skip_special_tokens=self.skip)
+            self._stream = _DecodeStream(skip_special_tokens=self.skip)
+        if piece is not None:
+            self.read_offset = n
+        return piece
+
     def add(self, new_ids: list[int]) -> str:
-        stream = self._stream
-        if stream is not None and len(new_ids) == 1:
-            # one token a step (every decode step): the loop below without its list and join
-            t = new_ids[0]
+        if self._stream is not None:
             ids = self.ids
-            ids.append(t)
-            piece = stream.step(self._backend, t)
-            if piece is None:
-                if len(ids) - self.read_offset <= MAX_HELD:
-                    return ""
-                piece = self.tok.decode(ids[self.read_offset:], skip_special_tokens=self.skip)
-                self._stream = _DecodeStream(skip_special_tokens=self.skip)
-            self.read_offset = len(ids)
-            return piece
-        if stream is not None:
-            base = len(self.ids)
-            self.ids.extend(new_ids)
-            out = []
-            be = self._backend
-            for j, t in enumerate(new_ids):
-                piece = self._stream.step(be, t)
-                if piece is None and base + j + 1 - self.read_offset > MAX_HELD:
-                    # invalid bytes, not an unfinished character: let them out, restart the stream
-                    piece = self.tok.decode(self.ids[self.read_offset:base + j + 1], skip_special_tokens=self.skip)
-                    self._stream = _DecodeStream(skip_special_tokens=self.skip)
-                if piece is not None:
-                    out.append(piece)
-                    self.read_offset = base + j + 1
-            return "".join(out)
+            if len(new_ids) == 1:                 # one token a step (every decode step): no list, no join
+                ids.append(new_ids[0])
+                return self._stream_step(new_ids[0], len(ids)) or ""
+            base = len(ids)
+            ids.extend(new_ids)
+            pieces = (self._stream_step(t, base + j + 1) for j, t in enumerate(new_ids))
+            return "".join(p for p in pieces if p is not None)
         self.ids.extend(new_ids)
         dec = self.tok.decode
         prefix = dec(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)

@@ -43,6 +43,13 @@ def test_detok_releases_a_run_of_invalid_bytes(tok, fast):
     assert all(p == "" for p in pieces[:MAX_HELD])           # held while it might still complete
     assert sum(1 for p in pieces[:3 * MAX_HELD] if p) >= 2   # then let out, not kept to the end
     assert "".join(pieces) == tok.decode([bad] * (3 * MAX_HELD) + tail)
+    # the same ids in chunks of three (steps with several tokens: speculative decoding, a prompt echo)
+    ids = [bad] * (3 * MAX_HELD) + tail
+    d = IncrementalDetokenizer(tok, skip_special_tokens=True)
+    if not fast:
+        d._stream = None
+    chunks = [d.add(ids[i:i + 3]) for i in range(0, len(ids), 3)] + [d.flush()]
+    assert sum(1 for p in chunks[:MAX_HELD] if p) >= 1 and "".join(chunks) == "".join(pieces)
 
 
 def test_stop_strings_across_chunks():
