@@ -193,7 +193,7 @@ class DecoderLayer(nn.Module):
         sw_ids = block_ids if self.spec.is_sliding else None
         if one:
             o = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids, project=False)
-            if fused:       # o_proj and the MoE block's three opening norms (below), one launch where it can
+            if fused:       # o_proj and the MoE block's three opening norms (as below), one launch where it can
                 x, u, z, v = ops.linear_norm_add_scale_norm3(
                     o, self.self_attn.o_proj.weight, x, self.post_attention_layernorm.weight, None,
                     self.pre_feedforward_layernorm.weight, self._router_norm_weight(),
@@ -204,15 +204,16 @@ class DecoderLayer(nn.Module):
                                                  self.pre_feedforward_layernorm.weight, eps)
         else:
             a = self.self_attn(a, ctx, cos, sin, eps, window, sw_ids)
-        if fused and not one:
-            # the MoE block's three opening norms of the new residual stream in the same launch: the shared
-            # MLP's, the router's (weightless norm × scale × d^-½, as one weighted norm) and the experts'
-            x, u, z, v = ops.norm_add_scale_norm3(a, x, self.post_attention_layernorm.weight, None,
-                                                  self.pre_feedforward_layernorm.weight, self._router_norm_weight(),
-                                                  self.pre_feedforward_layernorm_2.weight, eps)
-        elif not one:
-            x, u = ops.norm_add_scale_norm(a, x, self.post_attention_layernorm.weight, None,
-                                           self.pre_feedforward_layernorm.weight, eps)
+            if fused:
+                # the MoE block's three opening norms of the new residual stream in the same launch: the shared
+                # MLP's, the router's (weightless norm × scale × d^-½, as one weighted norm) and the experts'
+                x, u, z, v = ops.norm_add_scale_norm3(a, x, self.post_attention_layernorm.weight, None,
+                                                      self.pre_feedforward_layernorm.weight,
+                                                      self._router_norm_weight(),
+                                                      self.pre_feedforward_layernorm_2.weight, eps)
+            else:
+                x, u = ops.norm_add_scale_norm(a, x, self.post_attention_layernorm.weight, None,
+                                               self.pre_feedforward_layernorm.weight, eps)
         if one and not cfg.enable_moe_block:
             return self._dense_end(self.mlp(u, project=False), x, ple, next_norm)
         m = self.mlp(u)
